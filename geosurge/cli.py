@@ -1,0 +1,45 @@
+"""``geosurge``: the workstation toolkit command line.
+
+Each command group lives in its own module under ``geosurge.commands`` and registers itself here; heavy imports
+(torch, onnx) happen inside the handlers, so ``geosurge --help`` and ``geosurge cells`` stay fast.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import GeosurgeError
+
+COMMAND_MODULES = ("cells", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    p = argparse.ArgumentParser(prog="geosurge", description="GeoSURGE edge toolkit: cells, model, export, parity.")
+    p.add_argument("--version", action="version", version=f"geosurge {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"geosurge.commands.{name}").register(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except GeosurgeError as e:
+        print(f"geosurge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("geosurge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Geodesic metrics used across training, parity and evaluation (numpy only)."""
+from __future__ import annotations
+
+import numpy as np
+
+EARTH_RADIUS_KM = 6371.0088
+ACCURACY_THRESHOLDS_KM = (1.0, 25.0, 200.0, 750.0, 2500.0)
+GEOSCORE_SCALE_KM = 1492.7
+
+
+def haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:
+    """Great-circle distance in km on the sphere of mean Earth radius (numpy-broadcast)."""
+    p1, p2 = np.radians(np.asarray(lat1, dtype=np.float64)), np.radians(np.asarray(lat2, dtype=np.float64))
+    dphi = p2 - p1
+    dlmb = np.radians(np.asarray(lon2, dtype=np.float64) - np.asarray(lon1, dtype=np.float64))
+    a = np.sin(dphi / 2) ** 2 + np.cos(p1) * np.cos(p2) * np.sin(dlmb / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
+def accuracy_within(distances_km, thresholds_km=ACCURACY_THRESHOLDS_KM) -> dict[float, float]:
+    """Fraction of predictions within each threshold (km)."""
+    d = np.asarray(distances_km, dtype=np.float64)
+    if d.size == 0:
+        raise ValueError("accuracy_within needs at least one distance")
+    return {float(t): float(np.mean(d <= t)) for t in thresholds_km}
+
+
+def median_error_km(distances_km) -> float:
+    return float(np.median(np.asarray(distances_km, dtype=np.float64)))
+
+
+def geoscore(distances_km) -> np.ndarray:
+    """GeoGuessr-style score per prediction: 5000 * exp(-d / 1492.7)."""
+    return 5000.0 * np.exp(-np.asarray(distances_km, dtype=np.float64) / GEOSCORE_SCALE_KM)
+
+
+def summarize(distances_km, thresholds_km=ACCURACY_THRESHOLDS_KM) -> dict:
+    d = np.asarray(distances_km, dtype=np.float64)
+    return {
+        "n": int(d.size),
+        "accuracy": {f"{t:g}km": v for t, v in accuracy_within(d, thresholds_km).items()},
+        "median_km": median_error_km(d),
+        "mean_geoscore": float(np.mean(geoscore(d))),
+    }
