@@ -11,7 +11,7 @@ import sys
 from . import __version__
 from .errors import GeosurgeError
 
-COMMAND_MODULES = ("cells", "demo")
+COMMAND_MODULES = ("cells", "model", "train", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

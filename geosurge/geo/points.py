@@ -40,6 +40,16 @@ def read_points_csv(path) -> tuple[np.ndarray, np.ndarray]:
 
     Raises :class:`InputFileError` naming the file and the 1-based row for any problem.
     """
+    cols = read_coordinate_csv(path)
+    return cols["lat"], cols["lon"]
+
+
+def read_coordinate_csv(path, text_columns: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Read lat/lon (validated) plus the named text columns (e.g. ``path``) from a CSV with a header.
+
+    Returns ``{"lat": float64, "lon": float64, name: object array, ..., "row": 1-based row numbers}``.
+    Raises :class:`InputFileError` naming the file and the row for any problem.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"{path}: file not found")
@@ -56,11 +66,13 @@ def read_points_csv(path) -> tuple[np.ndarray, np.ndarray]:
         except (csv.Error, UnicodeDecodeError) as e:
             raise InputFileError(f"{path}: row 1: not a readable CSV ({e})") from None
         ilat, ilon = _column(header, LAT_NAMES), _column(header, LON_NAMES)
-        missing = [n for n, i in (("lat", ilat), ("lon", ilon)) if i is None]
+        itext = {name: _column(header, (name,)) for name in text_columns}
+        missing = [n for n, i in (("lat", ilat), ("lon", ilon), *itext.items()) if i is None]
         if missing:
             raise InputFileError(f"{path}: row 1: missing column(s) {', '.join(missing)} "
                                  f"(header is {', '.join(h.strip() for h in header)})")
-        lats, lons = [], []
+        lats, lons, rows = [], [], []
+        texts = {name: [] for name in text_columns}
         try:
             for row in reader:
                 rowno = reader.line_num
@@ -68,6 +80,7 @@ def read_points_csv(path) -> tuple[np.ndarray, np.ndarray]:
                     continue
                 try:
                     la, lo = float(row[ilat]), float(row[ilon])
+                    vals = {name: row[i].strip() for name, i in itext.items()}
                 except IndexError:
                     raise InputFileError(f"{path}: row {rowno}: too few fields") from None
                 except ValueError:
@@ -77,13 +90,20 @@ def read_points_csv(path) -> tuple[np.ndarray, np.ndarray]:
                     raise InputFileError(f"{path}: row {rowno}: latitude {la} out of range [-90, 90]")
                 if not (np.isfinite(lo) and -180.0 <= lo <= 180.0):
                     raise InputFileError(f"{path}: row {rowno}: longitude {lo} out of range [-180, 180]")
+                for name, v in vals.items():
+                    if not v:
+                        raise InputFileError(f"{path}: row {rowno}: empty {name}")
+                    texts[name].append(v)
                 lats.append(la)
                 lons.append(lo)
+                rows.append(rowno)
         except (csv.Error, UnicodeDecodeError) as e:
             raise InputFileError(f"{path}: row {reader.line_num}: not a readable CSV ({e})") from None
     if not lats:
         raise InputFileError(f"{path}: no data rows after the header")
-    return np.asarray(lats), np.asarray(lons)
+    out = {"lat": np.asarray(lats), "lon": np.asarray(lons), "row": np.asarray(rows)}
+    out.update({name: np.asarray(v, dtype=object) for name, v in texts.items()})
+    return out
 
 
 def default_points() -> tuple[np.ndarray, np.ndarray, str]:

@@ -1,0 +1,146 @@
+"""GeoSURGE: appearance backbone + semantic branch -> latent cross-attention fusion -> cell hierarchy head."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import GeosurgeError
+from ..geo import CellHierarchy, load_hierarchy
+from .backbone import build_backbone
+from .config import GeoSurgeConfig
+from .fusion import SemanticFusion
+from .head import CellHead
+from .segmentation import SemanticTokenizer, build_segmenter
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+HIERARCHY_FILE = "cells.npz"
+
+
+class GeoSurge(nn.Module):
+    def __init__(self, config: GeoSurgeConfig, hierarchy: CellHierarchy):
+        super().__init__()
+        self.config = config
+        self.hierarchy = hierarchy
+        self.backbone = build_backbone(config.backbone)
+        self.segmenter = build_segmenter(config.segmenter, self.backbone.out_channels,
+                                         config.preprocess.mean, config.preprocess.std)
+        self.semantic = SemanticTokenizer(config.segmenter.num_classes, config.fusion.dim, self.backbone.grid,
+                                          config.fusion.latent_grid)
+        self.fusion = SemanticFusion(config.fusion, self.backbone.out_channels, config.head.embed_dim)
+        self.head = CellHead(hierarchy, config.head.embed_dim, config.head.temperature_init)
+        if config.head.init_from_geoclip:
+            self.head.init_from_geoclip(hierarchy)
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> dict:
+        """images: (B, 3, S, S) preprocessed per ``config.preprocess``. Returns the L2-normalised ``embedding``,
+        the segmenter's ``seg_logits`` and the per-level cell ``level_logits``."""
+        feats = self.backbone(images)
+        seg_logits = self.segmenter(images, feats.feature_map)
+        embedding = self.fusion(feats.tokens, feats.global_token, self.semantic(seg_logits))
+        return {"embedding": embedding, "seg_logits": seg_logits, "level_logits": self.head.level_logits(embedding)}
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(images)
+        seg_logits = self.segmenter(images, feats.feature_map)
+        return self.fusion(feats.tokens, feats.global_token, self.semantic(seg_logits))
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, top_k: int = 5, crops_per_image: int = 1) -> dict:
+        """Top-k finest cells by hierarchical product. ``crops_per_image`` > 1 averages per-level probabilities
+        over consecutive crops of one image (TenCrop: 10; see ``geosurge.preprocess.ten_crop``)."""
+        logps = self.head.level_log_probs(self.embed(images))
+        if crops_per_image > 1:
+            b = images.shape[0] // crops_per_image
+            logps = [lp.view(b, crops_per_image, -1).exp().mean(1).log() for lp in logps]
+        scores = self.head.hierarchical_scores(logps)
+        val, idx = scores.topk(min(top_k, scores.shape[1]), dim=-1)
+        return {"cell": idx, "log_score": val, "latlon": self.head.rep_latlon[idx]}
+
+    # ---- parts (for reports) ---------------------------------------------------------------------------------
+    def parts(self) -> dict[str, nn.Module]:
+        return {"backbone": self.backbone, "segmenter": nn.ModuleList([self.segmenter, self.semantic]),
+                "fusion": self.fusion, "cell_tables": self.head}
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def save_pretrained(self, directory, extra: dict | None = None) -> Path:
+        """``config.json`` + ``model.safetensors`` + ``cells.npz``, written to a temp dir then renamed into place."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "geosurge": __version__})
+            self.hierarchy.save(tmp / HIERARCHY_FILE)
+            meta = {"geosurge_version": __version__, "config": self.config.to_dict(),
+                    "hierarchy": {"file": HIERARCHY_FILE, "digest": self.hierarchy.digest(),
+                                  "sizes": self.hierarchy.sizes}, **(extra or {})}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            _replace_dir(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location: str = "cpu") -> "GeoSurge":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path = directory / CONFIG_FILE
+        if not cfg_path.is_file():
+            raise GeosurgeError(f"{directory}: not a geosurge checkpoint (no {CONFIG_FILE})")
+        try:
+            meta = json.loads(cfg_path.read_text())
+            config = GeoSurgeConfig.from_dict(meta["config"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise GeosurgeError(f"{cfg_path}: invalid checkpoint config ({e})") from None
+        hierarchy = load_hierarchy(directory / meta["hierarchy"]["file"])
+        if hierarchy.digest() != meta["hierarchy"]["digest"]:
+            raise GeosurgeError(f"{directory}: cells.npz does not match the hierarchy the model was trained on")
+        # weights come from the checkpoint: skip pretrained loading and GeoCLIP init while building
+        build_cfg = replace(config, backbone=replace(config.backbone, pretrained=None),
+                            segmenter=replace(config.segmenter, pretrained=None),
+                            head=replace(config.head, init_from_geoclip=False))
+        model = cls(build_cfg, hierarchy)
+        model.config = config
+        try:
+            state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
+        except (OSError, Exception) as e:  # safetensors raises its own error types
+            raise GeosurgeError(f"{directory / WEIGHTS_FILE}: cannot read weights ({e})") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise GeosurgeError(f"{directory}: weights do not fit the config (missing {missing[:5]}, "
+                                f"unexpected {unexpected[:5]})")
+        return model
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished temp dir into place; an existing checkpoint is swapped out only after the new one is whole."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def build_model(name_or_config, hierarchy: CellHierarchy | None = None) -> GeoSurge:
+    """A model from a config name (``paper``/``edge``/``tiny``) or a GeoSurgeConfig; default hierarchy if none."""
+    from ..geo import build_default_hierarchy
+    from .config import get_config
+
+    config = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    return GeoSurge(config, hierarchy if hierarchy is not None else build_default_hierarchy())
