@@ -109,3 +109,20 @@ def preprocess(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB image, got {rgb.dtype} {rgb.shape}")
     return normalize(resize_and_crop(rgb, spec), spec)
+
+
+def ten_crop(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """TenCrop (the paper's test-time averaging): the shorter side resized to ``resize_size``, the 4 corner and
+    centre ``size`` crops, and their horizontal flips -> (10, 3, size, size) float32."""
+    cv2 = _cv2()
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 RGB image, got {rgb.dtype} {rgb.shape}")
+    h, w = rgb.shape[:2]
+    scale = spec.resize_size / min(h, w)
+    nh, nw = max(spec.size, round(h * scale)), max(spec.size, round(w * scale))
+    img = cv2.resize(rgb, (nw, nh), interpolation=_interp(spec.interpolation, scale < 1))
+    s = spec.size
+    origins = [(0, 0), (0, nw - s), (nh - s, 0), (nh - s, nw - s), ((nh - s) // 2, (nw - s) // 2)]
+    crops = [img[t:t + s, l:l + s] for t, l in origins]
+    crops += [np.ascontiguousarray(c[:, ::-1]) for c in crops]
+    return np.stack([normalize(c, spec) for c in crops])

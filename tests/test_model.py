@@ -176,3 +176,22 @@ def test_config_json_roundtrip():
 def test_build_model_by_name(small_hierarchy):
     m = build_model("tiny", small_hierarchy)
     assert m.config.name == "tiny" and m.head.sizes == small_hierarchy.sizes
+
+
+def test_tencrop_prediction_averages_crop_probabilities(small_hierarchy):
+    import skimage.data
+
+    from geosurge.preprocess import preprocess, ten_crop
+
+    model = GeoSurge(get_config("tiny"), small_hierarchy).eval()
+    img = skimage.data.chelsea()
+    crops = torch.from_numpy(ten_crop(img, model.config.preprocess))
+    assert crops.shape == (10, 3, 64, 64)
+    # the centre crop equals the ordinary preprocessing; crop 5 + i is crop i mirrored
+    np.testing.assert_allclose(crops[4].numpy(), preprocess(img, model.config.preprocess), atol=1e-6)
+    torch.testing.assert_close(crops[5], crops[0].flip(-1))
+    pred = model.predict(crops, top_k=3, crops_per_image=10)
+    with torch.no_grad():
+        logps = model.head.level_log_probs(model.embed(crops))
+    manual = model.head.hierarchical_scores([lp.exp().mean(0, keepdim=True).log() for lp in logps])
+    torch.testing.assert_close(pred["log_score"], manual.topk(3).values)
