@@ -11,7 +11,7 @@ import sys
 from . import __version__
 from .errors import GeosurgeError
 
-COMMAND_MODULES = ("cells", "model", "train", "demo")
+COMMAND_MODULES = ("cells", "model", "train", "export", "parity", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

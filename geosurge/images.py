@@ -1,11 +1,16 @@
 """Decoding images to RGB uint8 with OpenCV (torch-free; shared by the toolkit and the runtime)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputFileError
+
+#: Decompression-bomb guard: OpenCV refuses to decode an image whose header claims more pixels than this, before
+#: allocating it. Set before cv2 is first imported (OpenCV reads it once); override with the same variable.
+MAX_IMAGE_PIXELS = int(os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(100_000_000)))
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jp2", ".pgm", ".ppm")
 
@@ -44,6 +49,9 @@ def decode_image_bytes(data: bytes, name: str = "<bytes>") -> np.ndarray:
     try:
         bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # IMREAD_COLOR honours EXIF orientation, always 3-channel 8-bit
     except cv2.error as e:
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(e):
+            raise ImageDecodeError(f"{name}: image too large (more than {MAX_IMAGE_PIXELS:,} pixels; refused "
+                                   "before decoding as a possible decompression bomb)") from None
         raise ImageDecodeError(f"{name}: cannot decode image ({str(e).strip().splitlines()[-1]})") from None
     if bgr is None:
         raise ImageDecodeError(f"{name}: not a decodable image (truncated, corrupt or unsupported format)")

@@ -16,7 +16,7 @@ def _fmt(v: Any) -> str:
             return f"{v:.3g}"
         if abs(v) >= 100:
             return f"{v:,.0f}"
-        return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}".rstrip("0").rstrip(".")
+        return f"{v:.1f}" if abs(v) >= 10 else f"{v:.4f}"
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     if isinstance(v, (list, tuple)):

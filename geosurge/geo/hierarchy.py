@@ -19,14 +19,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputFileError
+from ..fsutil import atomic_write_bytes
 from . import s2
 
 SCHEMA = "geosurge.hierarchy"
@@ -224,20 +223,6 @@ class CellHierarchy:
             sizes.append(int(keep.sum()))
         merged = {name: np.concatenate(v) for name, v in arrays.items()}
         return CellHierarchy(merged, np.concatenate([[0], np.cumsum(sizes)]), {**self.meta, **(meta_update or {})})
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_hierarchy(path) -> CellHierarchy:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import replace
@@ -13,6 +12,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import GeosurgeError
+from ..fsutil import replace_dir
 from ..geo import CellHierarchy, load_hierarchy
 from .backbone import build_backbone
 from .config import GeoSurgeConfig
@@ -87,7 +87,7 @@ class GeoSurge(nn.Module):
                     "hierarchy": {"file": HIERARCHY_FILE, "digest": self.hierarchy.digest(),
                                   "sizes": self.hierarchy.sizes}, **(extra or {})}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            _replace_dir(tmp, directory)
+            replace_dir(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -124,17 +124,6 @@ class GeoSurge(nn.Module):
             raise GeosurgeError(f"{directory}: weights do not fit the config (missing {missing[:5]}, "
                                 f"unexpected {unexpected[:5]})")
         return model
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished temp dir into place; an existing checkpoint is swapped out only after the new one is whole."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def build_model(name_or_config, hierarchy: CellHierarchy | None = None) -> GeoSurge:

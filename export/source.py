@@ -1,0 +1,42 @@
+"""Which torch model a bundle came from: a checkpoint directory, or a named config built from a fixed seed
+(recorded in the manifest's ``source``, so ``geosurge parity`` rebuilds exactly the same FP32 model)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from geosurge.errors import GeosurgeError
+
+
+def load_model(model: str | None = None, checkpoint: str | None = None, seed: int = 0, hierarchy=None):
+    """Returns (model, source dict)."""
+    from geosurge.models import GeoSurge, build_model
+
+    if checkpoint:
+        m = GeoSurge.from_pretrained(checkpoint)
+        return m.eval(), {"checkpoint": str(Path(checkpoint).resolve()), "config": m.config.name, "seed": None}
+    if not model:
+        raise GeosurgeError("give --model NAME or --checkpoint DIR")
+    torch.manual_seed(seed)
+    m = build_model(model, hierarchy)
+    return m.eval(), {"checkpoint": None, "config": model, "seed": seed}
+
+
+def load_source_model(bundle, checkpoint: str | None = None):
+    """The FP32 torch model behind a bundle (``checkpoint`` overrides the manifest's record)."""
+    from geosurge.geo import load_hierarchy
+
+    src = bundle.manifest.get("source", {})
+    ck = checkpoint or src.get("checkpoint")
+    if ck:
+        if not Path(ck).is_dir():
+            raise GeosurgeError(f"{ck}: the bundle's source checkpoint is not here; pass --checkpoint DIR")
+        model, _ = load_model(checkpoint=ck)
+    else:
+        model, _ = load_model(model=src.get("config"), seed=src.get("seed", 0),
+                              hierarchy=load_hierarchy(bundle.path("cells")))
+    if model.hierarchy.digest() != bundle.manifest["hierarchy"]["digest"]:
+        raise GeosurgeError(f"{bundle.root}: the torch model's hierarchy differs from the bundle's "
+                            "(a pruned bundle is compared through its own golden outputs: geosurge-run verify)")
+    return model

@@ -1,0 +1,133 @@
+"""Cell scoring in numpy: per-level cosine logits / temperature, log-softmax, the hierarchical product over all
+levels, top-k (brute force or beam), and an uncertainty radius from the finest-level distribution."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from geosurge.errors import GeosurgeError
+from geosurge.geo import CellHierarchy, haversine_km, load_hierarchy
+
+
+def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    m = x.max(axis=axis, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True)))
+
+
+def save_cell_table(path, tables: list[np.ndarray], temperatures: np.ndarray, dtype: str = "float16",
+                    meta: dict | None = None) -> None:
+    """The bundle's cell table: per-level L2-normalised embeddings (fp16 by default) + per-level temperatures."""
+    arrays = {f"emb_{k}": np.asarray(t, dtype=dtype) for k, t in enumerate(tables)}
+    header = {"levels": len(tables), "dtype": dtype, **(meta or {})}
+    np.savez(path, temperature=np.asarray(temperatures, np.float32),
+             meta=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
+
+
+class CellScorer:
+    """Scores embeddings against a bundle's cell table and hierarchy."""
+
+    def __init__(self, hierarchy: CellHierarchy, tables: list[np.ndarray], temperatures: np.ndarray):
+        if len(tables) != hierarchy.num_levels:
+            raise GeosurgeError(f"cell table has {len(tables)} levels, hierarchy {hierarchy.num_levels}")
+        for k, (t, n) in enumerate(zip(tables, hierarchy.sizes)):
+            if t.shape[0] != n:
+                raise GeosurgeError(f"cell table level {k} has {t.shape[0]} rows, hierarchy {n} cells")
+        self.hierarchy = hierarchy
+        self.tables = [np.asarray(t, np.float32) for t in tables]  # fp32 accumulation
+        self.temperatures = np.asarray(temperatures, np.float32)
+        self.ancestors = hierarchy.ancestors()
+        fin = hierarchy.level(-1)
+        self.rep_lat, self.rep_lon = fin.rep_lat, fin.rep_lon
+        self.tokens = fin.tokens
+        # children lists (CSR) per level, for the beam search
+        self._children = []
+        for k in range(1, hierarchy.num_levels):
+            par = hierarchy.level(k).parent
+            order = np.argsort(par, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(np.bincount(par, minlength=hierarchy.sizes[k - 1]))])
+            self._children.append((order, starts))
+
+    @classmethod
+    def load(cls, cells_path, table_path) -> "CellScorer":
+        h = load_hierarchy(cells_path)
+        try:
+            with np.load(table_path, allow_pickle=False) as z:
+                meta = json.loads(bytes(z["meta"]).decode())
+                tables = [z[f"emb_{k}"] for k in range(meta["levels"])]
+                temps = z["temperature"]
+        except (OSError, KeyError, ValueError) as e:
+            raise GeosurgeError(f"{table_path}: not a geosurge cell table ({e})") from None
+        return cls(h, tables, temps)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.tables)
+
+    def level_logits(self, emb: np.ndarray) -> list[np.ndarray]:
+        z = np.asarray(emb, np.float32)
+        z = z / np.linalg.norm(z, axis=-1, keepdims=True)
+        return [z @ t.T / self.temperatures[k] for k, t in enumerate(self.tables)]
+
+    def level_log_probs(self, emb: np.ndarray) -> list[np.ndarray]:
+        return [log_softmax(lg) for lg in self.level_logits(emb)]
+
+    def hierarchical_scores(self, level_log_probs: list[np.ndarray]) -> np.ndarray:
+        """(N, n_finest): each finest cell's log-prob plus its ancestors' (brute force over all finest cells)."""
+        score = level_log_probs[-1].copy()
+        for k in range(self.num_levels - 1):
+            score += level_log_probs[k][:, self.ancestors[:, k]]
+        return score
+
+    def candidates(self, emb: np.ndarray, beam: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """For one embedding: (finest cell indices, their hierarchical log scores).
+
+        Without ``beam`` every finest cell is scored (brute force). With ``beam``, only the ``beam`` best partial
+        paths per level are kept and only their children scored, so the work is bounded by beam x branching
+        instead of the table size. The ranking equals the brute-force one whenever the best paths survive each
+        cut (always when ``beam`` >= the widest level). Each level's softmax is then taken over the cells scored
+        at that level, so the scores are those of the searched sub-tree.
+        """
+        z = np.asarray(emb, np.float32).reshape(-1)
+        z = z / np.linalg.norm(z)
+        if beam is None:
+            scores = self.hierarchical_scores([lp[None] for lp in
+                                               (log_softmax(t @ z / self.temperatures[k])
+                                                for k, t in enumerate(self.tables))])[0]
+            return np.arange(scores.size), scores
+        cand = np.arange(self.tables[0].shape[0])
+        cum = np.zeros(cand.size)
+        for lvl in range(self.num_levels):
+            if lvl > 0:
+                order, starts = self._children[lvl - 1]
+                counts = starts[cand + 1] - starts[cand]
+                cand = order[np.concatenate([np.arange(starts[c], starts[c + 1]) for c in cand])]
+                cum = np.repeat(cum, counts)
+            cum = cum + log_softmax(self.tables[lvl][cand] @ z / self.temperatures[lvl])
+            if lvl < self.num_levels - 1 and cand.size > beam:
+                keep = np.argpartition(-cum, beam - 1)[:beam]
+                cand, cum = cand[keep], cum[keep]
+        return cand, cum
+
+    def topk(self, emb: np.ndarray, k: int = 5, beam: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k finest cells (indices, log scores) for each embedding (N, D), best first."""
+        out_idx, out_val = [], []
+        for row in np.atleast_2d(np.asarray(emb, np.float32)):
+            cand, score = self.candidates(row, beam)
+            kk = min(k, score.size)
+            best = np.argpartition(-score, kk - 1)[:kk]
+            best = best[np.argsort(-score[best], kind="stable")]
+            out_idx.append(cand[best])
+            out_val.append(score[best])
+        return np.stack(out_idx), np.stack(out_val)
+
+    def uncertainty_km(self, probs: np.ndarray, lat: float, lon: float, cells: np.ndarray | None = None,
+                       mass: float = 0.68) -> float:
+        """Radius around (lat, lon) holding ``mass`` of the finest-level probability ``probs`` over ``cells``
+        (default: all finest cells), each cell at its representative point."""
+        cells = np.arange(self.rep_lat.size) if cells is None else cells
+        d = haversine_km(lat, lon, self.rep_lat[cells], self.rep_lon[cells])
+        order = np.argsort(d)
+        cum = np.cumsum(probs[order])
+        return float(d[order][min(np.searchsorted(cum, mass), d.size - 1)])

@@ -1,0 +1,96 @@
+"""``Localizer``: a bundle + one backend -> predictions for images (no torch)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from geosurge.images import read_image
+from geosurge.preprocess import preprocess
+
+from .backends import get_backend
+from .bundle import open_bundle
+from .cells import CellScorer, log_softmax
+from .places import Places
+
+
+class Localizer:
+    """Locate photos with a bundle: ``Localizer(bundle_dir).locate("photo.jpg")``.
+
+    The bundle's checksums are verified on load (``verify=False`` skips it); ``beam`` bounds the cell search work
+    for very large tables (see :meth:`CellScorer.topk`).
+    """
+
+    def __init__(self, bundle_dir, backend: str = "onnxruntime", threads: int | None = None, verify: bool = True,
+                 beam: int | None = None):
+        self.bundle = open_bundle(bundle_dir, verify=verify, backend=backend)
+        self.spec = self.bundle.preprocess
+        self.backend = get_backend(backend)(self.bundle.path("model"), threads=threads)
+        self.scorer = CellScorer.load(self.bundle.path("cells"), self.bundle.path("cell_table"))
+        self.places = Places.load(self.bundle.path("places")) if self.bundle.has("places") else None
+        self.output = self.bundle.manifest["io"]["outputs"][0]["name"]
+        self.static_batch = self.bundle.manifest["io"]["inputs"][0]["shape"][0]
+        self.beam = beam
+
+    # ---- stages ----------------------------------------------------------------------------------------------
+    def preprocess(self, image) -> np.ndarray:
+        return preprocess(read_image(image), self.spec)
+
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        """(N, 3, S, S) preprocessed -> (N, D) embeddings; a static-batch model runs one image at a time."""
+        x = np.asarray(x, np.float32)
+        if isinstance(self.static_batch, int) and self.static_batch > 0 and len(x) != self.static_batch:
+            return np.concatenate([self.backend.run(x[i:i + 1])[self.output] for i in range(len(x))])
+        return self.backend.run(x)[self.output]
+
+    def predict_embedding(self, emb: np.ndarray, top_k: int = 5) -> dict:
+        """One embedding -> prediction: the hierarchical product over the finest cells (or the beam's), the best
+        cell's representative point, its probability (renormalised over the finest level) as confidence, the
+        radius holding 68% of the probability, the nearest place, and the top-k cells."""
+        cells, score = self.scorer.candidates(emb, self.beam)
+        probs = np.exp(log_softmax(score))
+        kk = min(top_k, score.size)
+        top = np.argpartition(-score, kk - 1)[:kk]
+        top = top[np.argsort(-score[top], kind="stable")]
+        best = int(cells[top[0]])
+        lat, lon = float(self.scorer.rep_lat[best]), float(self.scorer.rep_lon[best])
+        return {
+            "lat": round(lat, 6), "lon": round(lon, 6),
+            "confidence": round(float(probs[top[0]]), 6),
+            "uncertainty_km": round(self.scorer.uncertainty_km(probs, lat, lon, cells), 1),
+            "place": self.places.nearest(lat, lon) if self.places is not None else None,
+            "top_k": [{"cell": self.scorer.tokens[cells[i]], "index": int(cells[i]),
+                       "lat": round(float(self.scorer.rep_lat[cells[i]]), 6),
+                       "lon": round(float(self.scorer.rep_lon[cells[i]]), 6), "prob": round(float(probs[i]), 6)}
+                      for i in top],
+        }
+
+    def locate(self, image, top_k: int = 5) -> dict:
+        """A path, encoded bytes or an RGB array -> prediction dict (lat, lon, confidence, uncertainty_km, place,
+        top_k, timing_ms). Raises ImageDecodeError for an unreadable image."""
+        t0 = time.perf_counter()
+        rgb = read_image(image)
+        t1 = time.perf_counter()
+        x = preprocess(rgb, self.spec)[None]
+        t2 = time.perf_counter()
+        emb = self.embed(x)
+        t3 = time.perf_counter()
+        pred = self.predict_embedding(emb[0], top_k)
+        t4 = time.perf_counter()
+        pred["timing_ms"] = {"decode": round((t1 - t0) * 1e3, 2), "preprocess": round((t2 - t1) * 1e3, 2),
+                             "inference": round((t3 - t2) * 1e3, 2), "cell_search": round((t4 - t3) * 1e3, 2)}
+        return pred
+
+
+def expand_inputs(paths) -> list[Path]:
+    """Files as given; folders expand (recursively, sorted) to the image files they hold."""
+    from geosurge.images import IMAGE_EXTENSIONS
+
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            out.append(p)
+    return out
