@@ -73,8 +73,9 @@ def _cv2():
 
 def _interp(name: str, shrinking: bool):
     cv2 = _cv2()
-    if name == "area" or (shrinking and name == "bilinear"):
-        # INTER_AREA anti-aliases when shrinking; bilinear without it aliases badly on large photos
+    if name == "area" or shrinking:
+        # shrinking: INTER_AREA anti-aliases (as PIL/torchvision's antialiased resize does); plain bilinear or
+        # bicubic sampling aliases badly on large photos
         return cv2.INTER_AREA
     return {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}[name]
 
@@ -85,11 +86,22 @@ def resize_and_crop(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     h, w = rgb.shape[:2]
     if spec.resize == "stretch":
         return cv2.resize(rgb, (spec.size, spec.size), interpolation=_interp(spec.interpolation, h * w > spec.size ** 2))
-    scale = spec.resize_size / min(h, w)
-    nh, nw = max(spec.size, round(h * scale)), max(spec.size, round(w * scale))
-    out = cv2.resize(rgb, (nw, nh), interpolation=_interp(spec.interpolation, scale < 1))
-    top, left = (nh - spec.size) // 2, (nw - spec.size) // 2
+    nh, nw = _shorter_side_size(h, w, spec.resize_size)
+    out = cv2.resize(rgb, (nw, nh), interpolation=_interp(spec.interpolation, nh < h))
+    top, left = _center_offsets(nh, nw, spec.size)
     return out[top:top + spec.size, left:left + spec.size]
+
+
+def _shorter_side_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """torchvision's rule (what torch training pipelines use): the long side is truncated, not rounded."""
+    if h <= w:
+        return short, max(short, int(short * w / h))
+    return max(short, int(short * h / w)), short
+
+
+def _center_offsets(h: int, w: int, size: int) -> tuple[int, int]:
+    """torchvision CenterCrop's offsets: round((dim - size) / 2)."""
+    return int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
 
 
 def normalize(rgb_square: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -118,11 +130,10 @@ def ten_crop(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB image, got {rgb.dtype} {rgb.shape}")
     h, w = rgb.shape[:2]
-    scale = spec.resize_size / min(h, w)
-    nh, nw = max(spec.size, round(h * scale)), max(spec.size, round(w * scale))
-    img = cv2.resize(rgb, (nw, nh), interpolation=_interp(spec.interpolation, scale < 1))
+    nh, nw = _shorter_side_size(h, w, spec.resize_size)
+    img = cv2.resize(rgb, (nw, nh), interpolation=_interp(spec.interpolation, nh < h))
     s = spec.size
-    origins = [(0, 0), (0, nw - s), (nh - s, 0), (nh - s, nw - s), ((nh - s) // 2, (nw - s) // 2)]
+    origins = [(0, 0), (0, nw - s), (nh - s, 0), (nh - s, nw - s), _center_offsets(nh, nw, s)]
     crops = [img[t:t + s, l:l + s] for t, l in origins]
     crops += [np.ascontiguousarray(c[:, ::-1]) for c in crops]
     return np.stack([normalize(c, spec) for c in crops])

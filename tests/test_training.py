@@ -74,14 +74,16 @@ def test_torchrun_two_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("done:") == 1  # only rank 0 reports and writes
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]
+    log = r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("done:") == 1, log  # only rank 0 reports and writes
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint"], (list(out.iterdir()), log)
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
-    assert state["world_size"] == 2 and state["epoch"] == 2
+    info = {k: state.get(k) for k in ("world_size", "epoch", "step", "rank_param_checksums")}
+    assert state["world_size"] == 2 and state["epoch"] == 2, info
     sums = state["rank_param_checksums"]
-    assert len(sums) == 2 and sums[0] == sums[1]  # ranks stayed in sync
+    assert len(sums) == 2 and sums[0] == sums[1], info  # ranks stayed in sync
     # each rank saw half the data per epoch: 24 images / (2 ranks x batch 4) = 3 steps per epoch
-    assert state["step"] == 6
+    assert state["step"] == 6, info
     GeoSurge.from_pretrained(out / "checkpoint")
 
 
