@@ -151,9 +151,20 @@ def _percentile(v, q):
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux: VmHWM (getrusage's ru_maxrss survives exec, so a child started
+    from a large parent would report the parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
+    import sys as _sys
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if _sys.platform == "darwin" else peak / 1024.0
 
 
 def golden_jpegs(bundle) -> list[bytes]:
