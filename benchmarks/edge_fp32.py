@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from geosurge.export.bundle import write_bundle
-from geosurge.export.compare import torch_vs_bundle
+from geosurge.export.compare import time_torch_vs_runtime, torch_vs_bundle
 from geosurge.export.source import load_model, load_source_model
 from geosurge.parity import format_parity
 from geosurge.report import format_table, write_json
@@ -41,23 +39,7 @@ def main() -> int:
     loc = Localizer(bundle, threads=args.threads)
     model = load_source_model(loc.bundle)
     x = np.stack([loc.preprocess(p) for p in sample_photo_paths()[:1]])
-    xt = torch.from_numpy(x)
-    t_torch, t_ort = [], []
-    with torch.inference_mode():
-        for i in range(args.iters + 5):  # interleaved: both see the same machine state
-            t0 = time.perf_counter()
-            model.embed(xt)
-            t1 = time.perf_counter()
-            loc.embed(x)
-            t2 = time.perf_counter()
-            if i >= 5:
-                t_torch.append((t1 - t0) * 1e3)
-                t_ort.append((t2 - t1) * 1e3)
-
-    def stats(name, t):
-        return {"engine": name, "p50_ms": statistics.median(t), "p95_ms": float(np.percentile(t, 95))}
-
-    rows = [stats("torch eager FP32", t_torch), stats("onnxruntime FP32", t_ort)]
+    rows = time_torch_vs_runtime(model, loc, x, iters=args.iters)
     bench = subprocess.run([str(Path(sys.executable).parent / "geosurge-run"), "bench", str(bundle), "--threads",
                             str(args.threads), "--iters", "30", "--json", str(bundle.parent / "bench.json")],
                            capture_output=True, text=True, check=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,3 +44,25 @@ def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: 
             "precision": loc.bundle.manifest["model"]["precision"], "metrics": metrics, "gates": rows,
             "passed": gates_passed(rows),
             "seconds": {"torch_fp32": round(t1 - t0, 3), "deployed": round(t2 - t1, 3)}}
+
+
+def time_torch_vs_runtime(model, loc, x: np.ndarray, iters: int = 50, warmup: int = 5) -> list[dict]:
+    """Batch latency of torch eager ``model.embed`` and the runtime's backend on the same input, interleaved run
+    by run so both see the same machine state. Returns one row per engine (p50/p95 in ms)."""
+    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    t_torch, t_rt = [], []
+    with torch.inference_mode():
+        for i in range(warmup + iters):
+            t0 = time.perf_counter()
+            model.embed(xt)
+            t1 = time.perf_counter()
+            loc.embed(x)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                t_torch.append((t1 - t0) * 1e3)
+                t_rt.append((t2 - t1) * 1e3)
+    precision = loc.bundle.manifest["model"]["precision"].upper()
+    return [{"engine": "torch eager FP32", "p50_ms": float(np.median(t_torch)),
+             "p95_ms": float(np.percentile(t_torch, 95))},
+            {"engine": f"{loc.backend.name} {precision}", "p50_ms": float(np.median(t_rt)),
+             "p95_ms": float(np.percentile(t_rt, 95))}]

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from . import __version__
-from .errors import GeosurgeError
+from .errors import run_command
 
 COMMAND_MODULES = ("cells", "model", "train", "export", "parity", "demo")
 
@@ -26,19 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    try:
-        return int(args.func(args) or 0)
-    except GeosurgeError as e:
-        print(f"geosurge: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("geosurge: interrupted", file=sys.stderr)
-        return 130
+    return run_command(build_parser(), argv, "geosurge")
 
 
 if __name__ == "__main__":

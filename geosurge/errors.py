@@ -7,3 +7,22 @@ class GeosurgeError(Exception):
 
 class InputFileError(GeosurgeError):
     """A file a user handed us is missing or malformed; the message names the file (and row)."""
+
+
+def run_command(parser, argv, prog: str) -> int:
+    """Parse, dispatch to ``args.func`` and turn a GeosurgeError into one line on stderr with exit code 2
+    (shared by the ``geosurge`` and ``geosurge-run`` command lines)."""
+    import sys
+
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except GeosurgeError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -3,7 +3,6 @@ levels, top-k (brute force or beam), and an uncertainty radius from the finest-l
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 

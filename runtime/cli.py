@@ -5,10 +5,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from geosurge import __version__
-from geosurge.errors import GeosurgeError
+from geosurge.errors import GeosurgeError, run_command
 
 BACKENDS = ["onnxruntime"]
 
@@ -48,18 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    try:
-        return int(args.func(args) or 0)
-    except GeosurgeError as e:
-        print(f"geosurge-run: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser(), argv, "geosurge-run")
 
 
 # ---- locate --------------------------------------------------------------------------------------------------

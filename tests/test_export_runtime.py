@@ -3,13 +3,11 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 
-from geosurge.errors import GeosurgeError
 from geosurge.export.bundle import write_bundle
 from geosurge.export.source import load_model
 from geosurge.runtime import BundleError, Localizer, open_bundle

@@ -25,7 +25,7 @@ def cmd_demo(args) -> int:
     import torch
 
     from ..export.bundle import write_bundle
-    from ..export.compare import torch_vs_bundle
+    from ..export.compare import time_torch_vs_runtime, torch_vs_bundle
     from ..export.source import load_model
     from ..geo import build_default_hierarchy
     from ..parity import format_parity
@@ -82,26 +82,13 @@ def cmd_demo(args) -> int:
     print(format_table(rows))
 
     # timings: torch eager FP32 vs onnxruntime, batch 1, same input, side by side
-    x = np.load(bundle / "golden.npz")["inputs"][:1]
-    xt = torch.from_numpy(x)
-    t_torch, t_ort = [], []
-    with torch.inference_mode():
-        for i in range(25):
-            t0 = time.perf_counter()
-            model.embed(xt)
-            t1 = time.perf_counter()
-            loc.embed(x)
-            t2 = time.perf_counter()
-            if i >= 5:
-                t_torch.append((t1 - t0) * 1e3)
-                t_ort.append((t2 - t1) * 1e3)
+    timing = time_torch_vs_runtime(model, loc, np.load(bundle / "golden.npz")["inputs"][:1], iters=20)
     b = bench_bundle(bundle, threads=args.threads, iters=30, warmup=3)
-    timing = [{"engine": "torch eager FP32", "p50_ms": float(np.median(t_torch))},
-              {"engine": "onnxruntime FP32", "p50_ms": float(np.median(t_ort))}]
     print(format_table(timing, title=f"\ninference latency, batch 1, {args.threads} threads (speed-up "
                                      f"{timing[0]['p50_ms'] / timing[1]['p50_ms']:.1f}x)"))
     print(format_table(b["stages"], title=f"\nruntime end to end per stage (throughput {b['throughput_img_s']:.1f} "
-                                          f"img/s, peak RSS {b['peak_rss_mb']:.0f} MB)"))
+                                          f"img/s; peak RSS of this torch-loaded process {b['peak_rss_mb']:.0f} MB — `geosurge-run bench` measures the "
+                                          "runtime alone)"))
     size = sum(f.stat().st_size for f in bundle.iterdir()) / 1e6
     summary = {"bundle": str(bundle), "bundle_mb": size, "verify": ver["passed"], "parity": par["passed"],
                "parity_metrics": par["metrics"], "latency_ms": timing, "runtime_stages": b["stages"],
