@@ -5,7 +5,7 @@ Where the paper is silent (fusion latents, heads, widths), the value is a config
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from ..preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
@@ -178,4 +178,4 @@ def get_config(name: str) -> GeoSurgeConfig:
 
 
 __all__ = ["BackboneConfig", "SegmenterConfig", "FusionConfig", "HeadConfig", "GeoSurgeConfig", "CONFIGS",
-           "get_config", "paper_config", "edge_config", "tiny_config", "asdict"]
+           "get_config", "paper_config", "edge_config", "tiny_config"]
