@@ -1,0 +1,174 @@
+"""Calibration sets for quantizers: selection, preprocessing per the bundle's spec, an on-disk cache, and feeders for
+onnxruntime's ``CalibrationDataReader`` and modelopt's numpy calibration input.
+
+Selection is deterministic (a seed). With coordinates (a manifest) and a hierarchy, it is geographically stratified:
+images are dealt round-robin over the hierarchy's level-0 cells, so a set of N covers as many regions as it can
+instead of following the photo density. Images that fail to decode are skipped, counted and replaced.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from geosurge.errors import GeosurgeError, InputFileError
+from geosurge.fsutil import atomic_write_bytes
+from geosurge.images import IMAGE_EXTENSIONS, read_image
+from geosurge.preprocess import PreprocessSpec, preprocess
+
+DEFAULT_SIZE = 256
+RECOMMENDED_MIN = 100
+CACHE_VERSION = 1
+
+
+@dataclass
+class CalibrationSet:
+    inputs: np.ndarray  # (N, 3, S, S) float32, preprocessed per the spec
+    names: list[str]
+    digest: str  # content hash: spec + selection + every selected file's bytes
+    stratified: bool
+    skipped: list[dict] = field(default_factory=list)
+    from_cache: bool = False
+
+    def __len__(self) -> int:
+        return int(len(self.inputs))
+
+    def summary(self) -> dict:
+        """What goes into a bundle manifest."""
+        return {"size": len(self), "digest": self.digest, "stratified": self.stratified,
+                "skipped_undecodable": len(self.skipped)}
+
+    def split(self, holdout: float = 0.25, seed: int = 0) -> tuple["CalibrationSet", "CalibrationSet"]:
+        """(calibration, held-out) parts, e.g. for checking parity gates on images the quantizer did not see."""
+        perm = np.random.default_rng(seed).permutation(len(self))
+        n_hold = max(1, int(round(len(self) * holdout)))
+        parts = []
+        for idx in (np.sort(perm[n_hold:]), np.sort(perm[:n_hold])):
+            parts.append(CalibrationSet(self.inputs[idx], [self.names[i] for i in idx],
+                                        f"{self.digest}:{seed}:{holdout}", self.stratified))
+        return parts[0], parts[1]
+
+    def ort_reader(self, input_name: str = "image", batch_size: int = 1):
+        """An ``onnxruntime.quantization.CalibrationDataReader`` over the set."""
+        return make_ort_reader(self.inputs, input_name, batch_size)
+
+    def modelopt_input(self) -> np.ndarray:
+        """modelopt's ONNX PTQ takes the calibration data as one numpy array (N, 3, S, S)."""
+        return np.ascontiguousarray(self.inputs, np.float32)
+
+
+def make_ort_reader(inputs: np.ndarray, input_name: str = "image", batch_size: int = 1):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self):
+            self.i = 0
+
+        def get_next(self):
+            if self.i >= len(inputs):
+                return None
+            batch = inputs[self.i:self.i + batch_size]
+            self.i += batch_size
+            return {input_name: np.ascontiguousarray(batch, np.float32)}
+
+        def rewind(self):
+            self.i = 0
+
+    return _Reader()
+
+
+def _candidates(source) -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return files, None, None
+    if source.is_file() and source.suffix.lower() == ".csv":
+        from geosurge.training.data import read_manifest
+
+        m = read_manifest(source)
+        return m.paths, m.lat, m.lon
+    raise InputFileError(f"{source}: calibration source must be an image folder or a CSV manifest (path, lat, lon)")
+
+
+def selection_order(n_items: int, seed: int, strata: np.ndarray | None = None) -> np.ndarray:
+    """Deterministic order in which candidates are taken. With ``strata`` (a group id per item, -1 = none), items
+    are dealt round-robin over the groups (groups in seeded order, items within a group shuffled), so any prefix is
+    as evenly spread over the groups as it can be."""
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        return rng.permutation(n_items)
+    groups = [rng.permutation(np.flatnonzero(strata == g)) for g in rng.permutation(np.unique(strata))]
+    order = []
+    depth = 0
+    while len(order) < n_items:
+        order += [int(g[depth]) for g in groups if depth < len(g)]
+        depth += 1
+    return np.asarray(order, dtype=np.int64)
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
+
+
+def build_calibration_set(source, spec: PreprocessSpec, size: int = DEFAULT_SIZE, seed: int = 0, hierarchy=None,
+                          cache_dir=None, batch_size: int = 1, log=print) -> CalibrationSet:
+    """Select, decode and preprocess ``size`` images from a folder or manifest (cached by content hash)."""
+    files, lat, lon = _candidates(source)
+    if not files:
+        raise InputFileError(f"{source}: no images found")
+    strata = None
+    if lat is not None and hierarchy is not None:
+        strata = hierarchy.locate(lat, lon, strict=False)[:, 0]
+    order = selection_order(len(files), seed, strata)
+    key_src = {"v": CACHE_VERSION, "spec": spec.to_dict(), "size": size, "seed": seed,
+               "stratified": strata is not None,
+               "files": [(files[i].name, _file_digest(files[i])) for i in order]}
+    digest = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()
+    cache = Path(cache_dir) / f"calib-{digest[:20]}.npz" if cache_dir else None
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            cs = CalibrationSet(z["inputs"], [str(s) for s in z["names"]], digest, strata is not None,
+                                json.loads(bytes(z["skipped"]).decode()), from_cache=True)
+        log(f"calibration: {len(cs)} images from cache {cache}")
+        return _check_size(cs, size, batch_size, source)
+    xs, names, skipped = [], [], []
+    for i in order:
+        if len(xs) >= size:
+            break
+        try:
+            xs.append(preprocess(read_image(files[i]), spec))
+            names.append(str(files[i]))
+        except InputFileError as e:
+            skipped.append({"input": str(files[i]), "error": str(e)})
+    if skipped:
+        log(f"calibration: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]['error']}")
+    inputs = np.stack(xs).astype(np.float32) if xs else np.zeros((0, 3, spec.size, spec.size), np.float32)
+    cs = CalibrationSet(inputs, names, digest, strata is not None, skipped)
+    _check_size(cs, size, batch_size, source)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, inputs=inputs, names=np.asarray(names, dtype=str),
+                 skipped=np.frombuffer(json.dumps(skipped).encode(), np.uint8))
+        atomic_write_bytes(cache, buf.getvalue())
+    log(f"calibration: {len(cs)} images ({'stratified over level-0 cells' if cs.stratified else 'seeded sample'}), "
+        f"digest {digest[:12]}")
+    return cs
+
+
+def _check_size(cs: CalibrationSet, size: int, batch_size: int, source) -> CalibrationSet:
+    if len(cs) < batch_size:
+        raise GeosurgeError(f"{source}: only {len(cs)} readable calibration image(s), fewer than the batch size "
+                            f"{batch_size}")
+    if len(cs) < RECOMMENDED_MIN:
+        warnings.warn(f"{source}: {len(cs)} calibration images; at least {RECOMMENDED_MIN} are recommended",
+                      stacklevel=3)
+    return cs
