@@ -91,9 +91,7 @@ class CellScorer:
         z = np.asarray(emb, np.float32).reshape(-1)
         z = z / np.linalg.norm(z)
         if beam is None:
-            scores = self.hierarchical_scores([lp[None] for lp in
-                                               (log_softmax(t @ z / self.temperatures[k])
-                                                for k, t in enumerate(self.tables))])[0]
+            scores = self.hierarchical_scores(self.level_log_probs(z[None]))[0]
             return np.arange(scores.size), scores
         cand = np.arange(self.tables[0].shape[0])
         cum = np.zeros(cand.size)
