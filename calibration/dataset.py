@@ -34,6 +34,9 @@ class CalibrationSet:
     stratified: bool
     skipped: list[dict] = field(default_factory=list)
     from_cache: bool = False
+    #: source image per item when several items come from one image (augmented views): the held-out split then
+    #: holds out whole images, so no scene is on both sides
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(len(self.inputs))
@@ -45,12 +48,21 @@ class CalibrationSet:
 
     def split(self, holdout: float = 0.25, seed: int = 0) -> tuple["CalibrationSet", "CalibrationSet"]:
         """(calibration, held-out) parts, e.g. for checking parity gates on images the quantizer did not see."""
-        perm = np.random.default_rng(seed).permutation(len(self))
-        n_hold = max(1, int(round(len(self) * holdout)))
+        rng = np.random.default_rng(seed)
+        if self.groups is not None and len(np.unique(self.groups)) > 1:
+            g = rng.permutation(np.unique(self.groups))
+            g_hold = g[:min(len(g) - 1, max(1, int(round(len(g) * holdout))))]
+            held = np.isin(self.groups, g_hold)
+            perm = np.concatenate([np.flatnonzero(held), np.flatnonzero(~held)])
+            n_hold = int(held.sum())
+        else:
+            perm = rng.permutation(len(self))
+            n_hold = max(1, int(round(len(self) * holdout)))
         parts = []
         for idx in (np.sort(perm[n_hold:]), np.sort(perm[:n_hold])):
             parts.append(CalibrationSet(self.inputs[idx], [self.names[i] for i in idx],
-                                        f"{self.digest}:{seed}:{holdout}", self.stratified))
+                                        f"{self.digest}:{seed}:{holdout}", self.stratified,
+                                        groups=None if self.groups is None else self.groups[idx]))
         return parts[0], parts[1]
 
     def ort_reader(self, input_name: str = "image", batch_size: int = 1):
@@ -172,3 +184,38 @@ def _check_size(cs: CalibrationSet, size: int, batch_size: int, source) -> Calib
         warnings.warn(f"{source}: {len(cs)} calibration images; at least {RECOMMENDED_MIN} are recommended",
                       stacklevel=3)
     return cs
+
+
+def sample_views_set(spec: PreprocessSpec, size: int = DEFAULT_SIZE, seed: int = 0, photos=None,
+                     log=print) -> CalibrationSet:
+    """A calibration set when the user has none: ``size`` augmented views (random crops of 35-100% of the area,
+    aspect 3:4-4:3, horizontal flips, brightness x0.7-1.3) of the packaged real sample photos. Real pixels, but few
+    scenes: a set from the deployment's own images (``--calib``) calibrates better."""
+    from geosurge.samples import sample_photo_paths
+
+    photos = [Path(p) for p in (photos or sample_photo_paths())]
+    key = {"v": CACHE_VERSION, "views": size, "seed": seed, "spec": spec.to_dict(),
+           "photos": [(p.name, _file_digest(p)) for p in photos]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    rgbs = [read_image(p) for p in photos]
+    rng = np.random.default_rng(seed)
+    xs, names, groups = [], [], []
+    for i in range(size):
+        j = i % len(rgbs)
+        groups.append(j)
+        rgb = rgbs[j]
+        h, w = rgb.shape[:2]
+        area = rng.uniform(0.35, 1.0) * h * w
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = min(w, int(round(np.sqrt(area * aspect)))), min(h, int(round(np.sqrt(area / aspect))))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        view = rgb[y0:y0 + ch, x0:x0 + cw]
+        if rng.random() < 0.5:
+            view = view[:, ::-1]
+        view = np.clip(view.astype(np.float32) * rng.uniform(0.7, 1.3), 0, 255).astype(np.uint8)
+        xs.append(preprocess(np.ascontiguousarray(view), spec))
+        names.append(f"{photos[j].name}#view{i}")
+    log(f"calibration: {size} augmented views of {len(photos)} sample photos (pass your own images for a "
+        f"better set), digest {digest[:12]}")
+    return CalibrationSet(np.stack(xs).astype(np.float32), names, digest, stratified=False,
+                          groups=np.asarray(groups))

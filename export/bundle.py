@@ -2,9 +2,10 @@
 
     manifest.json   schema, model config, preprocessing spec, I/O, precision, hierarchy summary, provenance,
                     parity gates, sha256 + size of every other file
-    model.onnx      the exported graph (image -> embedding)
+    model.onnx      the exported graph (image -> embedding) at the bundle's precision (fp32, fp16, int8 QDQ,
+                    int8 dynamic; or modelopt's QDQ for the TensorRT target)
     cells.npz       the hierarchy (geosurge.geo.load_hierarchy)
-    cell_table.npz  per-level L2-normalised cell embeddings (fp16) and temperatures
+    cell_table.npz  per-level L2-normalised cell embeddings (fp16, or int8 with per-row scales) and temperatures
     places.npz      offline place names over the hierarchy's area
     golden.npz      golden probe inputs (real photos, preprocessed) and their FP32 torch embeddings
 """
@@ -27,7 +28,7 @@ from geosurge.images import read_image
 from geosurge.parity import DEFAULT_GATES
 from geosurge.preprocess import preprocess
 from geosurge.runtime.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, manifest_digest, sha256_file
-from geosurge.runtime.cells import save_cell_table
+from geosurge.runtime.cells import CellScorer, save_cell_table
 
 from .onnx import export_onnx
 from .places import write_places
@@ -58,48 +59,112 @@ def golden_inputs(model, photos: list[Path]) -> tuple[np.ndarray, np.ndarray, li
     return x, emb, names
 
 
+def _latency_vs_fp32(fp32: Path, deployed: Path, facts: dict, threads: int, iters: int = 20) -> dict:
+    """p50 of the FP32 and the deployed ONNX on onnxruntime CPU, interleaved run by run (same machine state)."""
+    from .quantize import session
+
+    x = np.zeros((1, 3, *facts["input_hw"]), np.float32)
+    a, b = session(fp32, threads), session(deployed, threads)
+    ta, tb = [], []
+    for i in range(iters + 3):
+        t0 = time.perf_counter()
+        a.run(None, {"image": x})
+        t1 = time.perf_counter()
+        b.run(None, {"image": x})
+        t2 = time.perf_counter()
+        if i >= 3:
+            ta.append(t1 - t0)
+            tb.append(t2 - t1)
+    pa, pb = float(np.median(ta)) * 1e3, float(np.median(tb)) * 1e3
+    return {"fp32_p50_ms": round(pa, 2), "p50_ms": round(pb, 2), "speedup": round(pa / pb, 3), "threads": threads,
+            "note": "onnxruntime CPU, batch 1, interleaved; a zero image"}
+
+
 def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], *, precision: str = "fp32",
-                 opset: int = 17, dynamic_batch: bool = False, with_logits: bool = False, log=print) -> Path:
-    """Export ``model`` into a bundle at ``out_dir`` (replaced atomically if it exists)."""
+                 opset: int = 17, dynamic_batch: bool = False, with_logits: bool = False, quant=None,
+                 calibration=None, target: str = "onnxruntime", table_dtype: str = "float16", threads: int = 2,
+                 check_set=None, log=print) -> Path:
+    """Export ``model`` into a bundle at ``out_dir`` (replaced atomically if it exists).
+
+    ``quant`` (a :class:`geosurge.export.quantize.QuantConfig`) and ``calibration`` (a CalibrationSet) choose the
+    precision; ``target="tensorrt"`` writes modelopt's QDQ ONNX and a TensorRT-readiness report instead.
+    ``check_set``: images for the parity check of non-int8 precisions (default: 64 augmented sample views)."""
+    from .quantize import QuantConfig, apply_precision
+
+    quant = quant or QuantConfig(precision=precision)
+    precision = quant.precision
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    work = tmp / ".work"
+    work.mkdir()
     t_start = time.perf_counter()
     try:
         model = model.eval()
-        log(f"[1/5] export ONNX ({model.config.name}, {precision}) ...")
-        facts = export_onnx(model, tmp / PARTS["model"], opset=opset, dynamic_batch=dynamic_batch,
-                            with_logits=with_logits, log=lambda m: log("      " + m))
-        log("[2/5] cell hierarchy and table (fp16 embeddings, fp32 temperatures) ...")
+        log(f"[1/6] export ONNX ({model.config.name}, FP32 graph) ...")
+        fp32 = work / "model-fp32.onnx"
+        facts = export_onnx(model, fp32, opset=opset, dynamic_batch=dynamic_batch, with_logits=with_logits,
+                            log=lambda m: log("      " + m))
+        log(f"[2/6] cell hierarchy and table ({table_dtype} embeddings, fp32 temperatures) ...")
         h = model.hierarchy
         h.save(tmp / PARTS["cells"])
         with torch.no_grad():
             tables = [torch.nn.functional.normalize(t.detach().float(), dim=-1).numpy() for t in model.head.tables]
             temps = model.head.temperatures().detach().numpy()
-        save_cell_table(tmp / PARTS["cell_table"], tables, temps, dtype="float16",
+        save_cell_table(tmp / PARTS["cell_table"], tables, temps, dtype=table_dtype,
                         meta={"embed_dim": model.config.head.embed_dim, "hierarchy_digest": h.digest()})
-        log("[3/5] offline place names (GeoNames) ...")
+        log(f"[3/6] precision: {target} {precision} ...")
+        if target == "tensorrt":
+            from .tensorrt import apply_tensorrt_precision
+
+            qrecord = apply_tensorrt_precision(fp32, tmp / PARTS["model"], quant, work, calibration,
+                                               log=lambda m: log("      " + m))
+        else:
+            scorer = CellScorer.load(tmp / PARTS["cells"], tmp / PARTS["cell_table"])
+            if check_set is None and precision != "fp32" and not quant.needs_calibration:
+                from geosurge.calibration import sample_views_set
+
+                check_set = sample_views_set(model.config.preprocess, 64, seed=1, log=lambda m: None)
+            qrecord = apply_precision(fp32, tmp / PARTS["model"], quant, work, calibration, scorer,
+                                      threads=threads, check_set=check_set, log=lambda m: log("      " + m))
+            if precision != "fp32":
+                qrecord["latency_vs_fp32"] = lat = _latency_vs_fp32(fp32, tmp / PARTS["model"], facts, threads)
+                log(f"      onnxruntime CPU, batch 1, {threads} threads: fp32 p50 {lat['fp32_p50_ms']:.1f} ms, "
+                    f"{precision} p50 {lat['p50_ms']:.1f} ms (x{lat['speedup']:.2f})"
+                    + ("  -- NOT faster than FP32 on this CPU" if lat["speedup"] < 1.0 else ""))
+                chk = qrecord.get("check")
+                if chk:
+                    m = chk["metrics"]
+                    log(f"      parity vs FP32 on {chk['images']} image(s) not used to calibrate: cosine mean "
+                        f"{m['cosine_mean']:.4f} min {m['cosine_min']:.4f}, level agreement "
+                        f"{m['level_top1_agreement_min']:.3f}, top-1 in top-5 {m['top1_in_top5']:.3f} -> "
+                        f"{'PASS' if chk['passed'] else 'FAIL'}")
+        shutil.rmtree(work)
+        log("[4/6] offline place names (GeoNames) ...")
         places = write_places(tmp / PARTS["places"], h)
         log(f"      {places['places']:,} places")
-        log(f"[4/5] golden probes: {min(GOLDEN_COUNT, len(golden_photos))} real photos with FP32 torch outputs ...")
+        log(f"[5/6] golden probes: {min(GOLDEN_COUNT, len(golden_photos))} real photos with FP32 torch outputs ...")
         gx, gemb, gnames = golden_inputs(model, golden_photos[:GOLDEN_COUNT])
         np.savez_compressed(tmp / PARTS["golden"], inputs=gx, embedding=gemb, names=np.asarray(gnames, dtype=str))
-        log("[5/5] manifest with sha256 of every file ...")
+        log("[6/6] manifest with sha256 of every file ...")
         size = model.config.preprocess.size
         files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                  for name in sorted(PARTS.values())}
         manifest = {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": {"format": "onnx", "precision": precision, "config": model.config.to_dict(),
-                      "opset": facts["opset"], "layernorm_ops": facts["layernorm_ops"]},
+            "model": {"format": "onnx", "precision": precision, "target": target,
+                      "config": model.config.to_dict(), "opset": facts["opset"],
+                      "layernorm_ops": facts["layernorm_ops"]},
+            "quantization": qrecord,
+            "calibration": calibration.summary() if calibration is not None and quant.needs_calibration else None,
             "preprocess": model.config.preprocess.to_dict(),
             "io": {"inputs": [{"name": "image", "shape": ["batch" if dynamic_batch else 1, 3, size, size],
                                "dtype": "float32", "layout": "NCHW"}],
                    "outputs": [{"name": n, "dtype": "float32"} for n in facts["outputs"]]},
             "hierarchy": {"levels": h.num_levels, "sizes": h.sizes, "digest": h.digest(),
                           "tau_max": h.meta.get("tau_max"), "tau_min": h.meta.get("tau_min")},
-            "cell_table": {"dtype": "float16", "embed_dim": model.config.head.embed_dim},
+            "cell_table": {"dtype": table_dtype, "embed_dim": model.config.head.embed_dim},
             "places": places,
             "golden": {"count": int(len(gx)), "names": gnames},
             "parity_gates": {k: list(v) for k, v in DEFAULT_GATES.items()},

@@ -63,7 +63,8 @@ def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, dynamic_batch: bo
     n_ln_modules = sum(isinstance(m, nn.LayerNorm) for m in model.modules())
     facts = {"opset": opset, "ops": dict(ops.most_common()), "layernorm_modules": n_ln_modules,
              "layernorm_ops": ops.get("LayerNormalization", 0), "export_seconds": round(dt, 2),
-             "bytes": path.stat().st_size, "dynamic_batch": dynamic_batch, "outputs": names}
+             "bytes": path.stat().st_size, "dynamic_batch": dynamic_batch, "outputs": names,
+             "input_hw": [size, size]}
     if facts["layernorm_ops"] < n_ln_modules:
         raise GeosurgeError(f"{path}: {n_ln_modules} LayerNorm modules but only {facts['layernorm_ops']} "
                             "LayerNormalization ops (split LayerNorm overflows in FP16 on TensorRT)")

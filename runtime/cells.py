@@ -15,10 +15,29 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x - (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True)))
 
 
+TABLE_DTYPES = ("float32", "float16", "int8")
+
+
+def quantize_rows(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8: ``t ~= q * scale[:, None]``."""
+    t = np.asarray(t, np.float32)
+    scale = np.abs(t).max(axis=1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return np.clip(np.rint(t / scale[:, None]), -127, 127).astype(np.int8), scale
+
+
 def save_cell_table(path, tables: list[np.ndarray], temperatures: np.ndarray, dtype: str = "float16",
                     meta: dict | None = None) -> None:
-    """The bundle's cell table: per-level L2-normalised embeddings (fp16 by default) + per-level temperatures."""
-    arrays = {f"emb_{k}": np.asarray(t, dtype=dtype) for k, t in enumerate(tables)}
+    """The bundle's cell table: per-level L2-normalised embeddings + per-level temperatures. ``dtype`` float16
+    (default), float32, or int8 (per-row scales; scored in float32)."""
+    if dtype not in TABLE_DTYPES:
+        raise GeosurgeError(f"cell table dtype must be one of {', '.join(TABLE_DTYPES)}, not {dtype!r}")
+    arrays = {}
+    for k, t in enumerate(tables):
+        if dtype == "int8":
+            arrays[f"emb_{k}"], arrays[f"scale_{k}"] = quantize_rows(t)
+        else:
+            arrays[f"emb_{k}"] = np.asarray(t, dtype=dtype)
     header = {"levels": len(tables), "dtype": dtype, **(meta or {})}
     np.savez(path, temperature=np.asarray(temperatures, np.float32),
              meta=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
@@ -55,6 +74,8 @@ class CellScorer:
             with np.load(table_path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
                 tables = [z[f"emb_{k}"] for k in range(meta["levels"])]
+                if meta.get("dtype") == "int8":
+                    tables = [t.astype(np.float32) * z[f"scale_{k}"][:, None] for k, t in enumerate(tables)]
                 temps = z["temperature"]
         except (OSError, KeyError, ValueError) as e:
             raise GeosurgeError(f"{table_path}: not a geosurge cell table ({e})") from None

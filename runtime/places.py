@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from geosurge.errors import GeosurgeError
-from geosurge.geo import haversine_km
+from geosurge.geo import haversine_km, unit_vectors
 
 
 def save_places(path, lat, lon, name, admin1, country, meta: dict | None = None) -> None:
@@ -21,6 +21,7 @@ class Places:
         self.lat, self.lon = np.asarray(lat, np.float64), np.asarray(lon, np.float64)
         self.name, self.admin1, self.country = name, admin1, country
         self.meta = meta or {}
+        self._xyz = unit_vectors(self.lat, self.lon)
 
     @classmethod
     def load(cls, path) -> "Places":
@@ -37,7 +38,7 @@ class Places:
     def nearest(self, lat: float, lon: float) -> dict | None:
         if not len(self):
             return None
-        d = haversine_km(lat, lon, self.lat, self.lon)
-        i = int(np.argmin(d))
+        i = int(np.argmax(self._xyz @ unit_vectors(lat, lon)))
+        d = float(haversine_km(lat, lon, self.lat[i], self.lon[i]))
         return {"name": str(self.name[i]), "admin1": str(self.admin1[i]), "country": str(self.country[i]),
-                "distance_km": round(float(d[i]), 1)}
+                "distance_km": round(d, 1)}

@@ -1,8 +1,12 @@
-"""``geosurge export``: a GeoSURGE model -> a bundle (ONNX FP32 for now)."""
+"""``geosurge export``: a GeoSURGE model -> a bundle (ONNX at fp32 / fp16 / int8 / int8-dynamic for onnxruntime, or
+the TensorRT-bound ONNX with ``--target tensorrt``)."""
 from __future__ import annotations
 
 
 def register(sub) -> None:
+    from ..export.quantize import CALIBRATION_METHODS, PRECISIONS
+    from ..runtime.cells import TABLE_DTYPES
+
     p = sub.add_parser("export", help="export a model into a bundle")
     p.add_argument("--model", choices=["paper", "edge", "tiny"], help="config to build (with --seed) when no "
                    "--checkpoint is given; without a trained checkpoint predictions are not meaningful")
@@ -10,7 +14,20 @@ def register(sub) -> None:
     p.add_argument("--cells", help="hierarchy for --model (default: the default hierarchy)")
     p.add_argument("--seed", type=int, default=0, help="init seed for --model (recorded for parity)")
     p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--precision", default="fp32", choices=["fp32"])
+    p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="onnxruntime (CPU path) or tensorrt (modelopt QDQ ONNX + readiness report; the engine is "
+                        "built on the device)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--precision-search", choices=["auto"], help="int8: exclude the nodes with the worst measured "
+                   "error, group by group, until the parity gates pass on held-out calibration images")
+    p.add_argument("--calib", metavar="DIR|CSV", help="calibration images: a folder or a manifest (path,lat,lon; "
+                   "stratified over the hierarchy). Default: augmented views of the sample photos")
+    p.add_argument("--calib-size", type=int, default=256)
+    p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS)
+    p.add_argument("--calib-cache", metavar="DIR", default=None, help="cache preprocessed calibration sets here")
+    p.add_argument("--exclude-nodes", nargs="+", default=[], metavar="NODE", help="ONNX node names kept in float")
+    p.add_argument("--table", default="float16", choices=TABLE_DTYPES, help="cell table storage")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis (default static batch 1)")
     p.add_argument("--with-logits", action="store_true", help="also output per-level logits in-graph")
@@ -19,16 +36,43 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def load_calibration(args, spec, hierarchy, log=print):
+    from ..calibration import build_calibration_set, sample_views_set
+
+    if args.calib:
+        return build_calibration_set(args.calib, spec, size=args.calib_size, hierarchy=hierarchy,
+                                     cache_dir=args.calib_cache, log=log)
+    return sample_views_set(spec, size=args.calib_size, log=log)
+
+
 def cmd_export(args) -> int:
+    import json
+    import sys
+
+    import torch
+
     from ..export.bundle import write_bundle
+    from ..export.quantize import QuantConfig
     from ..export.source import load_model
     from ..geo import load_hierarchy
     from ..runtime.localizer import expand_inputs
     from ..samples import sample_photo_paths
 
+    torch.set_num_threads(args.threads)
+    cfg = QuantConfig(precision=args.precision, calibrate_method=args.calib_method,
+                      nodes_to_exclude=list(args.exclude_nodes), search=args.precision_search)
     hierarchy = load_hierarchy(args.cells) if args.cells else None
     model, source = load_model(args.model, args.checkpoint, args.seed, hierarchy)
     photos = expand_inputs([args.golden]) if args.golden else sample_photo_paths()
-    write_bundle(args.output, model, source, photos, precision=args.precision, opset=args.opset,
-                 dynamic_batch=args.dynamic_batch, with_logits=args.with_logits)
+    calib = load_calibration(args, model.config.preprocess, model.hierarchy) if cfg.needs_calibration else None
+    out = write_bundle(args.output, model, source, photos, quant=cfg, calibration=calib, target=args.target,
+                       table_dtype=args.table, opset=args.opset, dynamic_batch=args.dynamic_batch,
+                       with_logits=args.with_logits, threads=args.threads)
+    check = json.loads((out / "manifest.json").read_text()).get("quantization", {}).get("check")
+    if check and not check["passed"]:
+        failed = ", ".join(g["gate"] for g in check["gates"] if g["pass"] != "PASS")
+        print(f"export: the {args.precision} model FAILS the parity gates on held-out images ({failed}); the "
+              "bundle is written for inspection. Try --precision-search auto, --exclude-nodes or another precision.",
+              file=sys.stderr)
+        return 1
     return 0

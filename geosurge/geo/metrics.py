@@ -17,6 +17,12 @@ def haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:
     return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
 
 
+def unit_vectors(lat, lon) -> np.ndarray:
+    """(N, 3) points on the unit sphere: the nearest of many points to a query is the largest dot product."""
+    la, lo = np.radians(np.asarray(lat, np.float64)), np.radians(np.asarray(lon, np.float64))
+    return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=-1)
+
+
 def accuracy_within(distances_km, thresholds_km=ACCURACY_THRESHOLDS_KM) -> dict[float, float]:
     """Fraction of predictions within each threshold (km)."""
     d = np.asarray(distances_km, dtype=np.float64)
