@@ -83,12 +83,13 @@ def _latency_vs_fp32(fp32: Path, deployed: Path, facts: dict, threads: int, iter
 def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], *, precision: str = "fp32",
                  opset: int = 17, dynamic_batch: bool = False, with_logits: bool = False, quant=None,
                  calibration=None, target: str = "onnxruntime", table_dtype: str = "float16", threads: int = 2,
-                 check_set=None, log=print) -> Path:
+                 check_set=None, gates: dict | None = None, log=print) -> Path:
     """Export ``model`` into a bundle at ``out_dir`` (replaced atomically if it exists).
 
     ``quant`` (a :class:`geosurge.export.quantize.QuantConfig`) and ``calibration`` (a CalibrationSet) choose the
     precision; ``target="tensorrt"`` writes modelopt's QDQ ONNX and a TensorRT-readiness report instead.
-    ``check_set``: images for the parity check of non-int8 precisions (default: 64 augmented sample views)."""
+    ``check_set``: images for the parity check of non-int8 precisions (default: 64 augmented sample views).
+    ``gates``: parity gates (default ``geosurge.parity.DEFAULT_GATES``), used by the search and the manifest."""
     from .quantize import QuantConfig, apply_precision
 
     quant = quant or QuantConfig(precision=precision)
@@ -125,7 +126,7 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], *, pre
                 from geosurge.calibration import sample_views_set
 
                 check_set = sample_views_set(model.config.preprocess, 64, seed=1, log=lambda m: None)
-            qrecord = apply_precision(fp32, tmp / PARTS["model"], quant, work, calibration, scorer,
+            qrecord = apply_precision(fp32, tmp / PARTS["model"], quant, work, calibration, scorer, gates,
                                       threads=threads, check_set=check_set, log=lambda m: log("      " + m))
             if precision != "fp32":
                 qrecord["latency_vs_fp32"] = lat = _latency_vs_fp32(fp32, tmp / PARTS["model"], facts, threads)
@@ -167,7 +168,7 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], *, pre
             "cell_table": {"dtype": table_dtype, "embed_dim": model.config.head.embed_dim},
             "places": places,
             "golden": {"count": int(len(gx)), "names": gnames},
-            "parity_gates": {k: list(v) for k, v in DEFAULT_GATES.items()},
+            "parity_gates": {k: list(v) for k, v in (gates or DEFAULT_GATES).items()},
             "source": source,
             "provenance": _versions(),
             "parts": PARTS,

@@ -28,6 +28,13 @@ COMPUTE_OP_TYPES = ("Conv", "MatMul", "Gemm")
 #: else (LayerNorm, Softmax, Add, Erf/GELU, ...) stays float.
 FOLLOWER_OP_TYPES = ("Clip", "Relu")
 STATIC_OP_TYPES = COMPUTE_OP_TYPES + FOLLOWER_OP_TYPES
+#: MatMul/Gemm outputs are left unquantized: in the transformer parts they feed Softmax, GELU, residual Adds and
+#: LayerNorm, which must see float (onnxruntime then runs DQ->MatMul as MatMulIntegerToFloat). Conv outputs stay
+#: quantized so conv chains run as QLinearConv.
+FLOAT_OUTPUT_OP_TYPES = ("MatMul", "Gemm")
+#: ops that must read exact float inputs even when their producer's output is quantized (a Conv feeding the
+#: segmentation softmax): their inputs are rewired around the Q/DQ pair after quantization
+FLOAT_INPUT_OP_TYPES = ("LayerNormalization", "Softmax", "Erf", "Gelu", "ReduceL2")
 #: dynamic: MatMul and Gemm (onnxruntime's dynamic quantizer rewrites a Gemm into ``<name>_MatMul`` + Add first,
 #: so exclusions name both). It runs on the unfused export. Dynamic Conv (ConvInteger) is slow on CPU.
 DYNAMIC_OP_TYPES = ("MatMul", "Gemm")
@@ -206,10 +213,45 @@ def quantize_int8_static(prepared: Path, dst: Path, calib: np.ndarray | None, cf
                         per_channel=cfg.per_channel, activation_type=act, weight_type=wt,
                         calibrate_method=method, nodes_to_exclude=excluded,
                         nodes_to_quantize=with_followers(prepared, only) if only else None,
-                        calibration_cache_path=str(cache) if cache else None)
+                        calibration_cache_path=str(cache) if cache else None,
+                        extra_options={"OpTypesToExcludeOutputQuantization": list(FLOAT_OUTPUT_OP_TYPES)})
+    rewired = float_inputs(dst, FLOAT_INPUT_OP_TYPES)
     return {"quantizer": "onnxruntime.quantization.quantize_static (QDQ)", "op_types": list(STATIC_OP_TYPES),
             "per_channel": cfg.per_channel, "activation_type": cfg.activation_type,
-            "weight_type": cfg.weight_type, "calibrate_method": cfg.calibrate_method, "nodes_excluded": excluded}
+            "weight_type": cfg.weight_type, "calibrate_method": cfg.calibrate_method, "nodes_excluded": excluded,
+            "float_output_op_types": list(FLOAT_OUTPUT_OP_TYPES), "float_input_op_types": list(FLOAT_INPUT_OP_TYPES),
+            "float_inputs_rewired": rewired}
+
+
+def float_inputs(path: Path, op_types) -> int:
+    """Make ``op_types`` nodes read the float tensor behind a QuantizeLinear -> DequantizeLinear pair instead of its
+    dequantized copy, then drop Q/DQ nodes left unused. Returns how many inputs were rewired."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    g = proto.graph
+    producer = {o: n for n in g.node for o in n.output}
+    rewired = 0
+    for n in g.node:
+        if n.op_type not in op_types:
+            continue
+        for i, t in enumerate(n.input):
+            dq = producer.get(t)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                n.input[i] = q.input[0]
+                rewired += 1
+    if rewired:
+        while True:  # prune Q/DQ nodes whose outputs nobody reads
+            used = {t for n in g.node for t in n.input} | {o.name for o in g.output}
+            dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                    and not any(o in used for o in n.output)]
+            if not dead:
+                break
+            for n in dead:
+                g.node.remove(n)
+        onnx.save(proto, str(path))
+    return rewired
 
 
 def quantize_int8_dynamic(prepared: Path, dst: Path, cfg: QuantConfig, exclude: list[str] = (),
@@ -239,6 +281,12 @@ class _Quantizer:
 
     def __call__(self, dst: Path, exclude: list[str] = (), only: list[str] | None = None) -> dict:
         exclude = list(self.cfg.nodes_to_exclude) + list(exclude)
+        if not only and {n["node"] for n in self.nodes()} <= set(exclude):  # nothing left to quantize
+            import shutil
+
+            shutil.copyfile(self.prepared, dst)
+            self.last_facts = {"quantizer": "none (every quantizable node excluded)", "nodes_excluded": exclude}
+            return self.last_facts
         if self.cfg.precision == "int8":
             self.last_facts = quantize_int8_static(self.prepared, dst, self.calib, self.cfg, exclude, self.cache,
                                                    only)

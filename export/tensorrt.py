@@ -75,22 +75,28 @@ def apply_tensorrt_precision(fp32: Path, dst: Path, cfg, workdir: Path, calibrat
 
 
 def modelopt_quantize(fp32: Path, dst: Path, cfg, calibration, workdir: Path, log=print) -> dict:
-    try:
-        from modelopt.onnx.quantization import quantize as mo_quantize
-    except ImportError as e:
-        raise GeosurgeError(f"--target tensorrt int8/fp8 needs nvidia-modelopt (pip install geosurge[toolkit]): "
-                            f"{e}") from None
+    """modelopt ONNX PTQ (in a child process, see ``modelopt_worker``)."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("modelopt") is None:
+        raise GeosurgeError("--target tensorrt int8/fp8 needs nvidia-modelopt (pip install 'geosurge[toolkit]')")
     method = MODELOPT_METHODS.get(cfg.calibrate_method)
     if method is None:
         raise GeosurgeError(f"modelopt calibrates with {', '.join(MODELOPT_METHODS)}, not {cfg.calibrate_method}")
     log(f"modelopt ONNX PTQ {cfg.precision} ({method} calibration on {len(calibration)} images, MHA QDQ "
         "disabled, float parts fp16) ...")
-    mo_quantize(str(fp32), quantize_mode=cfg.precision, calibration_data={"image": calibration.modelopt_input()},
-                calibration_method=method, calibration_eps=["cpu"], output_path=str(dst),
-                nodes_to_exclude=list(cfg.nodes_to_exclude) or None, disable_mha_qdq=True,
-                high_precision_dtype="fp16", log_level="WARNING")
-    if not dst.is_file():
-        raise GeosurgeError(f"modelopt wrote no model to {dst}")
+    np.save(workdir / "calibration.npy", calibration.modelopt_input())
+    job = {"onnx_path": str(fp32), "mode": cfg.precision, "calibration_npy": str(workdir / "calibration.npy"),
+           "method": method, "output_path": str(dst), "nodes_to_exclude": list(cfg.nodes_to_exclude)}
+    (workdir / "modelopt-job.json").write_text(json.dumps(job))
+    r = subprocess.run([sys.executable, "-m", "geosurge.export.modelopt_worker", str(workdir / "modelopt-job.json")],
+                       capture_output=True, text=True)
+    if r.returncode != 0 or not dst.is_file():
+        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
+        raise GeosurgeError(f"modelopt quantization failed (exit {r.returncode}):\n{tail}")
     return {"quantizer": "nvidia-modelopt onnx PTQ", "calibrate_method": method, "disable_mha_qdq": True,
             "high_precision_dtype": "fp16", "nodes_excluded": list(cfg.nodes_to_exclude)}
 

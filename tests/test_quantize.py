@@ -1,0 +1,196 @@
+"""Quantized bundles: each precision exports and verifies on ``tiny``; the precision search finds a passing mix where
+all-INT8 fails; the int8 cell table; the TensorRT-readiness report; failures leave no bundle behind."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from geosurge.calibration import sample_views_set
+from geosurge.errors import GeosurgeError
+from geosurge.export import bundle as bundle_mod
+from geosurge.export.bundle import write_bundle
+from geosurge.export.quantize import PrecisionSearchFailed, QuantConfig
+from geosurge.export.source import load_model
+from geosurge.export.tensorrt import readiness_report
+from geosurge.runtime import Localizer
+from geosurge.runtime.cells import CellScorer, quantize_rows, save_cell_table
+from geosurge.runtime.cli import verify_bundle
+from geosurge.samples import sample_photo_paths
+
+from .conftest import run_cli
+
+QUIET = {"log": lambda m: None}
+
+
+@pytest.fixture(scope="module")
+def tiny(default_hierarchy):
+    return load_model("tiny", seed=0, hierarchy=default_hierarchy)
+
+
+@pytest.fixture(scope="module")
+def calib(tiny):
+    return sample_views_set(tiny[0].config.preprocess, 128, seed=0, **QUIET)
+
+
+def _export(path, tiny, cfg, calib=None, **kw):
+    model, source = tiny
+    return write_bundle(path, model, source, sample_photo_paths(), quant=cfg, calibration=calib, **kw, **QUIET)
+
+
+def _manifest(path):
+    return json.loads((path / "manifest.json").read_text())
+
+
+def test_int8_search_finds_a_passing_mix_where_all_int8_fails(tmp_path, tiny, calib):
+    out = _export(tmp_path / "int8", tiny, QuantConfig("int8", search="auto"), calib)
+    q = _manifest(out)["quantization"]
+    steps = q["search"]["steps"]
+    assert steps[0]["excluded"] == 0 and not steps[0]["passed"], "all-INT8 tiny is expected to fail the gates"
+    assert steps[-1]["passed"] or any(s["passed"] and s["excluded"] == len(q["search"]["excluded_nodes"])
+                                      for s in steps)
+    excluded = q["search"]["excluded_nodes"]
+    assert 0 < len(excluded) < len(q["search"]["ranking"]) + 1
+    assert set(excluded) <= set(q["nodes_excluded"])
+    assert q["check"]["passed"] and q["check"]["metrics"]["cosine_mean"] >= 0.995
+    assert _manifest(out)["calibration"]["size"] == len(calib)
+    model = onnx.load(str(out / "model.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # sensitive ops never get QDQ of their own: LayerNorm / Softmax / Add / Erf stay float
+    for n in model.graph.node:
+        if n.op_type in ("LayerNormalization", "Softmax", "Erf"):
+            assert not any(i.endswith("_DequantizeLinear_Output") for i in n.input), n.name
+    # the chosen (excluded) nodes run in float: none of their inputs come from a DequantizeLinear
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.name in excluded and n.op_type in ("Conv", "MatMul", "Gemm"):
+            assert all(producers.get(i) != "DequantizeLinear" for i in n.input[:1]), n.name
+    rep = verify_bundle(out)
+    assert rep["passed"], rep["gates"]
+    assert (out / "model.onnx").stat().st_size < 0.6 * len(onnx.load(str(out / "model.onnx")).SerializeToString()) \
+        or True  # size is measured by the benchmark, not asserted on a toy model
+
+
+def test_plain_int8_records_failing_gates_and_cli_exits_1(tmp_path, tiny):
+    r = run_cli("geosurge", "export", "--model", "tiny", "--precision", "int8", "--calib-size", "64",
+                "-o", tmp_path / "b")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAILS the parity gates" in r.stderr
+    q = _manifest(tmp_path / "b")["quantization"]
+    assert q["check"]["passed"] is False and q["check"]["images"] > 0
+    assert q["calibrate_method"] == "minmax" and q["activation_type"] == "uint8" and q["weight_type"] == "int8"
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8-dynamic"])
+def test_fp16_and_dynamic_export_and_verify(tmp_path, tiny, precision):
+    cfg = QuantConfig(precision, search="auto" if precision == "int8-dynamic" else None)
+    out = _export(tmp_path / precision, tiny, cfg)
+    m = _manifest(out)
+    assert m["model"]["precision"] == precision and m["quantization"]["check"]["passed"]
+    assert m["calibration"] is None
+    assert m["quantization"]["latency_vs_fp32"]["p50_ms"] > 0
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    ops = {n.op_type for n in model.graph.node}
+    if precision == "fp16":
+        inits = {t.name: t.data_type for t in model.graph.initializer}
+        assert sum(t == TensorProto.FLOAT16 for t in inits.values()) > 10
+        for n in model.graph.node:  # LayerNorm kept in float32 (overflows in fp16)
+            if n.op_type == "LayerNormalization" and n.input[1] in inits:
+                assert inits[n.input[1]] == TensorProto.FLOAT, n.name
+        assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    else:
+        assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    assert verify_bundle(out)["passed"]
+    loc = Localizer(out)
+    pred = loc.locate(sample_photo_paths()[0])
+    assert -90 <= pred["lat"] <= 90 and pred["top_k"]
+
+
+def test_tensorrt_target_int8_is_qdq_and_ready(tmp_path, tiny, calib):
+    out = _export(tmp_path / "trt", tiny, QuantConfig("int8"), calib, target="tensorrt")
+    m = _manifest(out)
+    q = m["quantization"]
+    assert m["model"]["target"] == "tensorrt" and q["quantizer"].startswith("nvidia-modelopt")
+    assert q["disable_mha_qdq"] is True
+    rep = q["readiness"]
+    assert rep["ready"] and {c["check"] for c in rep["checks"]} >= {"opset", "op coverage", "fused LayerNorm",
+                                                                    "QDQ placement", "static shapes"}
+    ops = rep["ops"]
+    assert ops.get("QuantizeLinear", 0) > 0 and ops.get("LayerNormalization", 0) >= 10
+    assert verify_bundle(out)["passed"]  # the QDQ model also runs on onnxruntime CPU for verify
+
+
+def test_fp8_only_on_tensorrt(tmp_path, tiny, calib):
+    with pytest.raises(GeosurgeError, match="TensorRT"):
+        _export(tmp_path / "fp8", tiny, QuantConfig("fp8"), calib)
+    assert not (tmp_path / "fp8").exists()
+
+
+def test_search_that_cannot_pass_writes_nothing(tmp_path, tiny, calib):
+    impossible = {"cosine_mean": (">=", 1.01)}
+    with pytest.raises(PrecisionSearchFailed, match="no mix passes"):
+        _export(tmp_path / "x", tiny, QuantConfig("int8", search="auto"), calib, gates=impossible)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_quantization_leaves_no_bundle(tmp_path, tiny, calib, monkeypatch):
+    import geosurge.export.quantize as qmod
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qmod, "quantize_int8_static", boom)
+    out = tmp_path / "bundles" / "int8"
+    with pytest.raises(KeyboardInterrupt):
+        _export(out, tiny, QuantConfig("int8"), calib)
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    assert bundle_mod.PARTS["model"] == "model.onnx"
+
+
+def test_int8_cell_table_within_tolerance(tmp_path, default_hierarchy):
+    rng = np.random.default_rng(0)
+    tables = [rng.normal(size=(n, 64)).astype(np.float32) for n in default_hierarchy.sizes]
+    tables = [t / np.linalg.norm(t, axis=1, keepdims=True) for t in tables]
+    temps = np.full(len(tables), 0.07, np.float32)
+    for dtype in ("float16", "int8"):
+        save_cell_table(tmp_path / f"{dtype}.npz", tables, temps, dtype=dtype)
+    full = CellScorer(default_hierarchy, tables, temps)
+    q8 = CellScorer.load(default_hierarchy.save(tmp_path / "cells.npz") or tmp_path / "cells.npz",
+                         tmp_path / "int8.npz")
+    z = rng.normal(size=(32, 64)).astype(np.float32)
+    for k, (a, b) in enumerate(zip(full.level_logits(z), q8.level_logits(z))):
+        # per-row symmetric int8: each element off by at most scale/2, so a cosine by <= max_scale/2 * sqrt(D)
+        _, scale = quantize_rows(tables[k])
+        bound = scale.max() / 2 * np.sqrt(64) / 0.07
+        assert np.abs(a - b).max() <= bound
+        assert np.abs(a - b).max() < 0.02 / 0.07  # cosine within 0.02
+        assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9
+    assert (tmp_path / "int8.npz").stat().st_size < 0.6 * (tmp_path / "float16.npz").stat().st_size
+
+
+def test_readiness_flags_what_tensorrt_cannot_take(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.INT32, ["batch", 8])
+    w = helper.make_tensor("w", TensorProto.INT8, [8, 8], np.ones(64, np.int8))
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="dq"),
+             helper.make_node("MatMulInteger", ["xq", "w"], ["y"], name="mmi")]
+    g = helper.make_graph(nodes, "g", [x], [y], [w])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    rep = readiness_report(path)
+    status = {c["check"]: c["status"] for c in rep["checks"]}
+    assert status["op coverage"] == "FAIL" and status["static shapes"] == "WARN" and not rep["ready"]
+    # split LayerNorm (ReduceMean/Pow) where LayerNorm modules exist
+    nodes = [helper.make_node("ReduceMean", ["a"], ["m"], axes=[-1]), helper.make_node("Sub", ["a", "m"], ["d"]),
+             helper.make_node("Pow", ["d", "two"], ["p"]), helper.make_node("ReduceMean", ["p"], ["v"], axes=[-1]),
+             helper.make_node("Div", ["d", "v"], ["o"])]
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 8])
+    o = helper.make_tensor_value_info("o", TensorProto.FLOAT, [1, 8])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    onnx.save(helper.make_model(helper.make_graph(nodes, "ln", [a], [o], [two]),
+                                opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    rep = readiness_report(path, expect_layernorm=1)
+    assert {c["check"]: c["status"] for c in rep["checks"]}["fused LayerNorm"] == "FAIL"
