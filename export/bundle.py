@@ -94,7 +94,7 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], *, pre
 
     quant = quant or QuantConfig(precision=precision)
     precision = quant.precision
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()  # quantizers run in a scratch working directory
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     work = tmp / ".work"

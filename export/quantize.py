@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,9 @@ FLOAT_OUTPUT_OP_TYPES = ("MatMul", "Gemm")
 #: ops that must read exact float inputs even when their producer's output is quantized (a Conv feeding the
 #: segmentation softmax): their inputs are rewired around the Q/DQ pair after quantization
 FLOAT_INPUT_OP_TYPES = ("LayerNormalization", "Softmax", "Erf", "Gelu", "ReduceL2")
+#: a node kept out of INT8 compute keeps INT8 weights (weight-only) only if that alone costs at most this much
+#: embedding cosine (measured per node by the search); else its weights stay float
+WEIGHT_ONLY_MAX_ERROR = 1e-4
 #: dynamic: MatMul and Gemm (onnxruntime's dynamic quantizer rewrites a Gemm into ``<name>_MatMul`` + Add first,
 #: so exclusions name both). It runs on the unfused export. Dynamic Conv (ConvInteger) is slow on CPU.
 DYNAMIC_OP_TYPES = ("MatMul", "Gemm")
@@ -53,6 +57,9 @@ class QuantConfig:
     weight_type: str = "int8"
     nodes_to_exclude: list[str] = field(default_factory=list)
     search: str | None = None  # None or "auto"
+    #: weights of the nodes kept out of INT8 compute: "int8" = weight-only INT8 (per-channel, dequantized to float
+    #: for the compute: a quarter of the bytes, far smaller error than activation quantization), "fp32" = float
+    excluded_weights: str = "int8"
     holdout: float = 0.25
     seed: int = 0
 
@@ -64,6 +71,8 @@ class QuantConfig:
                                 f"{', '.join(CALIBRATION_METHODS)}")
         if self.activation_type not in QUANT_TYPES or self.weight_type not in QUANT_TYPES:
             raise GeosurgeError(f"activation/weight types must be one of {QUANT_TYPES}")
+        if self.excluded_weights not in ("int8", "fp32"):
+            raise GeosurgeError("excluded_weights must be int8 or fp32")
         if self.search not in (None, "auto"):
             raise GeosurgeError(f"unknown precision search {self.search!r} (use 'auto')")
         if self.search and self.precision not in ("int8", "int8-dynamic"):
@@ -120,6 +129,7 @@ def prepare(src: Path, dst: Path) -> Path:
     fails on these graphs, so it is skipped). Node names of the prepared graph are the ones quantization uses."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    src, dst = Path(src).absolute(), Path(dst).absolute()
     with _in_dir(dst.parent):
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     return dst
@@ -206,6 +216,8 @@ def quantize_int8_static(prepared: Path, dst: Path, calib: np.ndarray | None, cf
     from geosurge.calibration.dataset import make_ort_reader
 
     act, wt, method = _ort_types(cfg)
+    prepared, dst = Path(prepared).absolute(), Path(dst).absolute()
+    cache = Path(cache).absolute() if cache else None
     excluded = sorted(set(with_followers(prepared, list(exclude))) | set(always_float_nodes(prepared)))
     with tempfile.TemporaryDirectory(prefix="geosurge-quant-") as td, _in_dir(Path(td)):
         quantize_static(str(prepared), str(dst), make_ort_reader(calib) if calib is not None else None,
@@ -221,6 +233,52 @@ def quantize_int8_static(prepared: Path, dst: Path, calib: np.ndarray | None, cf
             "weight_type": cfg.weight_type, "calibrate_method": cfg.calibrate_method, "nodes_excluded": excluded,
             "float_output_op_types": list(FLOAT_OUTPUT_OP_TYPES), "float_input_op_types": list(FLOAT_INPUT_OP_TYPES),
             "float_inputs_rewired": rewired}
+
+
+def weight_only_int8(path: Path, names: list[str]) -> int:
+    """Store the weights of nodes ``names`` (Conv / Gemm / MatMul with an initializer weight) as per-output-channel
+    symmetric INT8 + DequantizeLinear; their compute stays float. Returns how many weights were converted."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(path))
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    users = Counter(i for n in g.node for i in n.input)
+    wanted, done, new_nodes = set(names), 0, []
+    for n in g.node:
+        if n.name not in wanted or len(n.input) < 2 or n.input[1] not in inits or users[n.input[1]] != 1:
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])
+        if w.dtype != np.float32 or w.ndim < 2:
+            continue
+        if n.op_type == "Conv":
+            axis = 0
+        elif n.op_type == "Gemm":
+            axis = 0 if next((a.i for a in n.attribute if a.name == "transB"), 0) else 1
+        elif n.op_type == "MatMul" and w.ndim == 2:
+            axis = 1
+        else:
+            continue
+        red = tuple(i for i in range(w.ndim) if i != axis)
+        scale = (np.abs(w).max(axis=red) / 127.0).astype(np.float32)
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        base = n.input[1]
+        g.initializer.remove(inits[base])
+        g.initializer.extend([numpy_helper.from_array(q, base + "_int8"),
+                              numpy_helper.from_array(scale, base + "_scale"),
+                              numpy_helper.from_array(np.zeros(scale.shape, np.int8), base + "_zero_point")])
+        new_nodes.append(helper.make_node("DequantizeLinear", [base + "_int8", base + "_scale", base + "_zero_point"],
+                                          [base], name=base + "_weight_only_DequantizeLinear", axis=axis))
+        done += 1
+    if done:
+        for node in reversed(new_nodes):  # producers first: keep the graph topologically sorted
+            g.node.insert(0, node)
+        onnx.save(proto, str(path))
+    return done
 
 
 def float_inputs(path: Path, op_types) -> int:
@@ -250,6 +308,9 @@ def float_inputs(path: Path, op_types) -> int:
                 break
             for n in dead:
                 g.node.remove(n)
+        used = {t for n in g.node for t in n.input}
+        for t in [t for t in g.initializer if t.name not in used]:
+            g.initializer.remove(t)
         onnx.save(proto, str(path))
     return rewired
 
@@ -278,6 +339,8 @@ class _Quantizer:
     def __init__(self, prepared: Path, cfg: QuantConfig, calib: np.ndarray | None, cache: Path | None):
         self.prepared, self.cfg, self.calib, self.cache = prepared, cfg, calib, cache
         self.op_types = COMPUTE_OP_TYPES if cfg.precision == "int8" else DYNAMIC_OP_TYPES
+        #: nodes allowed weight-only INT8 when kept out of INT8 compute (None: all); set from measurements
+        self.weight_only_ok: set[str] | None = None
 
     def __call__(self, dst: Path, exclude: list[str] = (), only: list[str] | None = None) -> dict:
         exclude = list(self.cfg.nodes_to_exclude) + list(exclude)
@@ -285,14 +348,20 @@ class _Quantizer:
             import shutil
 
             shutil.copyfile(self.prepared, dst)
-            self.last_facts = {"quantizer": "none (every quantizable node excluded)", "nodes_excluded": exclude}
-            return self.last_facts
-        if self.cfg.precision == "int8":
-            self.last_facts = quantize_int8_static(self.prepared, dst, self.calib, self.cfg, exclude, self.cache,
-                                                   only)
+            facts = {"quantizer": "none (every quantizable node excluded)", "nodes_excluded": exclude}
+        elif self.cfg.precision == "int8":
+            facts = quantize_int8_static(self.prepared, dst, self.calib, self.cfg, exclude, self.cache, only)
         else:
-            self.last_facts = quantize_int8_dynamic(self.prepared, dst, self.cfg, exclude, only)
-        return self.last_facts
+            facts = quantize_int8_dynamic(self.prepared, dst, self.cfg, exclude, only)
+        if not only and self.cfg.excluded_weights == "int8":
+            ok = self._names() if self.weight_only_ok is None else self.weight_only_ok
+            facts["weight_only_int8"] = weight_only_int8(dst, [n for n in exclude if n in ok])
+        facts["excluded_weights"] = self.cfg.excluded_weights
+        self.last_facts = facts
+        return facts
+
+    def _names(self) -> set[str]:
+        return {n["node"] for n in quantizable_nodes(self.prepared, self.op_types)}
 
     def nodes(self) -> list[dict]:
         return [n for n in quantizable_nodes(self.prepared, self.op_types)
@@ -312,12 +381,20 @@ def node_sensitivity(quantizer: _Quantizer, inputs: np.ndarray, workdir: Path, t
     trial = workdir / "sensitivity.onnx"
     nodes = quantizer.nodes()
     rows = []
+    weights_too = quantizer.cfg.excluded_weights == "int8"
     for i, n in enumerate(nodes):
         quantizer(trial, only=[n["node"]])
         dep = run_embeddings(trial, inputs, threads)
         cos = (ref * dep).sum(1) / np.linalg.norm(dep, axis=1)
-        rows.append({"node": n["node"], "op": n["op"], "error": float(1.0 - cos.mean()),
-                     "cosine_min": float(cos.min())})
+        row = {"node": n["node"], "op": n["op"], "error": float(1.0 - cos.mean()), "cosine_min": float(cos.min())}
+        if weights_too:  # the same node with weight-only INT8 (float compute): may it keep INT8 weights?
+            import shutil
+
+            shutil.copyfile(quantizer.prepared, trial)
+            if weight_only_int8(trial, [n["node"]]):
+                dep = run_embeddings(trial, inputs, threads)
+                row["weight_only_error"] = float(1.0 - ((ref * dep).sum(1) / np.linalg.norm(dep, axis=1)).mean())
+        rows.append(row)
         if (i + 1) % 10 == 0 or i + 1 == len(nodes):
             log(f"  sensitivity: {i + 1}/{len(nodes)} nodes measured")
     trial.unlink(missing_ok=True)
@@ -342,7 +419,7 @@ def _summary(rec: dict) -> str:
 
 def search_precision(quantizer: _Quantizer, dst: Path, holdout: np.ndarray, scorer, workdir: Path,
                      gates: dict | None = None, threads: int | None = 2, sensitivity_images: int = 8,
-                     log=print) -> dict:
+                     ranking: list[dict] | None = None, log=print) -> dict:
     """All-INT8 first; if the gates fail on the held-out images, rank nodes by measured error and exclude the
     worst 1, 2, 4, ... until a mix passes, then bisect down to the smallest passing group. Writes the chosen mix to
     ``dst`` and returns the record for the manifest (``passed`` False, nothing written, when no mix passes)."""
@@ -368,11 +445,17 @@ def search_precision(quantizer: _Quantizer, dst: Path, holdout: np.ndarray, scor
         os.replace(trial, dst)
         log(f"  all-INT8 passes the gates ({time.perf_counter() - t0:.1f}s)")
         return {**result, "check": rec}
-    log(f"  all-INT8 fails the gates: measuring each node's quantization error alone on {sensitivity_images} "
-        "held-out image(s) ...")
-    ranking = node_sensitivity(quantizer, holdout[:sensitivity_images], workdir, threads, log)
-    result["ranking"] = ranking[:50]
+    if ranking is None:
+        log(f"  all-INT8 fails the gates: measuring each node's quantization error alone on {sensitivity_images} "
+            "held-out image(s) ...")
+        ranking = node_sensitivity(quantizer, holdout[:sensitivity_images], workdir, threads, log)
+    result["ranking"] = ranking
     names = [r["node"] for r in ranking]
+    if quantizer.cfg.excluded_weights == "int8":
+        quantizer.weight_only_ok = {r["node"] for r in ranking
+                                    if r.get("weight_only_error", np.inf) <= WEIGHT_ONLY_MAX_ERROR}
+        log(f"  weight-only INT8 measured harmless (1-cos <= {WEIGHT_ONLY_MAX_ERROR:g}) for "
+            f"{len(quantizer.weight_only_ok)} of {len(names)} node(s)")
     log("  worst nodes: " + ", ".join(f"{r['node']} (1-cos {r['error']:.2e})" for r in ranking[:5]))
     lo, k, best_k, best = 0, 1, None, None
     while names:
@@ -397,7 +480,8 @@ def search_precision(quantizer: _Quantizer, dst: Path, holdout: np.ndarray, scor
         else:
             lo = mid
     quantizer(dst, names[:hi])
-    log(f"  chosen mix: {hi} of {len(names)} quantizable node(s) kept in float ({time.perf_counter() - t0:.1f}s)")
+    log(f"  chosen mix: {hi} of {len(names)} quantizable node(s) kept out of INT8 compute (weights "
+        f"{quantizer.cfg.excluded_weights}; {time.perf_counter() - t0:.1f}s)")
     return {**result, "passed": True, "excluded_nodes": names[:hi], "check": best}
 
 
@@ -446,6 +530,13 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
             log(f"precision search on {len(check_inputs)} held-out image(s)"
                 + (f", calibrating on {len(calib)}" if calib is not None else "") + " ...")
             search = search_precision(quantizer, dst, check_inputs, scorer, workdir, gates, threads, log=log)
+            if not search["passed"] and cfg.excluded_weights == "int8" and search["ranking"]:
+                log("no mix passes with weight-only INT8 outside the INT8 compute: retrying with float weights")
+                cfg = QuantConfig(**{**cfg.to_dict(), "excluded_weights": "fp32"})
+                record["config"] = cfg.to_dict()
+                quantizer = _Quantizer(prepared, cfg, calib, workdir / "calibration-ranges.json")
+                search = search_precision(quantizer, dst, check_inputs, scorer, workdir, gates, threads,
+                                          ranking=search["ranking"], log=log)
             record["check"] = _compact(search.pop("check"))
             record["search"] = search
             if not search["passed"]:

@@ -27,9 +27,12 @@ def quantize_rows(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def save_cell_table(path, tables: list[np.ndarray], temperatures: np.ndarray, dtype: str = "float16",
-                    meta: dict | None = None) -> None:
+                    meta: dict | None = None, projection: np.ndarray | None = None,
+                    outside: np.ndarray | None = None) -> None:
     """The bundle's cell table: per-level L2-normalised embeddings + per-level temperatures. ``dtype`` float16
-    (default), float32, or int8 (per-row scales; scored in float32)."""
+    (default), float32, or int8 (per-row scales; scored in float32). ``projection`` (D, K): the rows are K-d PCA
+    coordinates and the image embedding is projected the same way before scoring. ``outside``: embeddings of the
+    first level's cells that a pruning dropped (the runtime's "outside the kept region" probes)."""
     if dtype not in TABLE_DTYPES:
         raise GeosurgeError(f"cell table dtype must be one of {', '.join(TABLE_DTYPES)}, not {dtype!r}")
     arrays = {}
@@ -38,6 +41,10 @@ def save_cell_table(path, tables: list[np.ndarray], temperatures: np.ndarray, dt
             arrays[f"emb_{k}"], arrays[f"scale_{k}"] = quantize_rows(t)
         else:
             arrays[f"emb_{k}"] = np.asarray(t, dtype=dtype)
+    if projection is not None:
+        arrays["projection"] = np.asarray(projection, np.float32)
+    if outside is not None:
+        arrays["outside"] = np.asarray(outside, np.float16)
     header = {"levels": len(tables), "dtype": dtype, **(meta or {})}
     np.savez(path, temperature=np.asarray(temperatures, np.float32),
              meta=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
@@ -46,7 +53,8 @@ def save_cell_table(path, tables: list[np.ndarray], temperatures: np.ndarray, dt
 class CellScorer:
     """Scores embeddings against a bundle's cell table and hierarchy."""
 
-    def __init__(self, hierarchy: CellHierarchy, tables: list[np.ndarray], temperatures: np.ndarray):
+    def __init__(self, hierarchy: CellHierarchy, tables: list[np.ndarray], temperatures: np.ndarray,
+                 projection: np.ndarray | None = None, outside: np.ndarray | None = None):
         if len(tables) != hierarchy.num_levels:
             raise GeosurgeError(f"cell table has {len(tables)} levels, hierarchy {hierarchy.num_levels}")
         for k, (t, n) in enumerate(zip(tables, hierarchy.sizes)):
@@ -55,6 +63,8 @@ class CellScorer:
         self.hierarchy = hierarchy
         self.tables = [np.asarray(t, np.float32) for t in tables]  # fp32 accumulation
         self.temperatures = np.asarray(temperatures, np.float32)
+        self.projection = None if projection is None else np.asarray(projection, np.float32)
+        self.outside = None if outside is None else np.asarray(outside, np.float32)
         self.ancestors = hierarchy.ancestors()
         fin = hierarchy.level(-1)
         self.rep_lat, self.rep_lon = fin.rep_lat, fin.rep_lon
@@ -77,18 +87,36 @@ class CellScorer:
                 if meta.get("dtype") == "int8":
                     tables = [t.astype(np.float32) * z[f"scale_{k}"][:, None] for k, t in enumerate(tables)]
                 temps = z["temperature"]
+                proj = z["projection"] if "projection" in z.files else None
+                outside = z["outside"] if "outside" in z.files else None
         except (OSError, KeyError, ValueError) as e:
             raise GeosurgeError(f"{table_path}: not a geosurge cell table ({e})") from None
-        return cls(h, tables, temps)
+        return cls(h, tables, temps, proj, outside)
 
     @property
     def num_levels(self) -> int:
         return len(self.tables)
 
-    def level_logits(self, emb: np.ndarray) -> list[np.ndarray]:
+    def query(self, emb: np.ndarray) -> np.ndarray:
+        """The image embedding as the table sees it: L2-normalised, then PCA-projected when the table is."""
         z = np.asarray(emb, np.float32)
         z = z / np.linalg.norm(z, axis=-1, keepdims=True)
+        return z if self.projection is None else z @ self.projection
+
+    def level_logits(self, emb: np.ndarray) -> list[np.ndarray]:
+        z = self.query(emb)
         return [z @ t.T / self.temperatures[k] for k, t in enumerate(self.tables)]
+
+    def region_mass(self, emb: np.ndarray) -> np.ndarray | None:
+        """For a pruned table: the share of the first level's probability on kept cells (vs the dropped cells kept
+        as ``outside`` probes); None for an unpruned table. Low = the photo is probably outside the kept region."""
+        if self.outside is None or self.outside.size == 0:
+            return None
+        z = self.query(emb)
+        kept = z @ self.tables[0].T / self.temperatures[0]
+        out = z @ self.outside.T / self.temperatures[0]
+        lp = log_softmax(np.concatenate([kept, out], axis=-1))
+        return np.exp(lp[..., :kept.shape[-1]]).sum(-1)
 
     def level_log_probs(self, emb: np.ndarray) -> list[np.ndarray]:
         return [log_softmax(lg) for lg in self.level_logits(emb)]
@@ -109,10 +137,9 @@ class CellScorer:
         cut (always when ``beam`` >= the widest level). Each level's softmax is then taken over the cells scored
         at that level, so the scores are those of the searched sub-tree.
         """
-        z = np.asarray(emb, np.float32).reshape(-1)
-        z = z / np.linalg.norm(z)
+        z = self.query(np.asarray(emb, np.float32).reshape(1, -1))[0]
         if beam is None:
-            scores = self.hierarchical_scores(self.level_log_probs(z[None]))[0]
+            scores = self.hierarchical_scores(self.level_log_probs(np.asarray(emb, np.float32).reshape(1, -1)))[0]
             return np.arange(scores.size), scores
         cand = np.arange(self.tables[0].shape[0])
         cum = np.zeros(cand.size)

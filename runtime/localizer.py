@@ -15,6 +15,11 @@ from .cells import CellScorer, log_softmax
 from .places import Places
 
 
+#: a pruned bundle flags a photo "outside the kept region" when less than this share of the first level's
+#: probability falls on kept cells
+OUTSIDE_REGION_MASS = 0.5
+
+
 class Localizer:
     """Locate photos with a bundle: ``Localizer(bundle_dir).locate("photo.jpg")``.
 
@@ -47,7 +52,9 @@ class Localizer:
     def predict_embedding(self, emb: np.ndarray, top_k: int = 5) -> dict:
         """One embedding -> prediction: the hierarchical product over the finest cells (or the beam's), the best
         cell's representative point, its probability (renormalised over the finest level) as confidence, the
-        radius holding 68% of the probability, the nearest place, and the top-k cells."""
+        radius holding 68% of the probability, the nearest place, and the top-k cells. For a pruned bundle also
+        ``region_mass`` (the share of probability on the kept region) and ``outside_region``; the confidence is
+        then scaled by the region mass."""
         cells, score = self.scorer.candidates(emb, self.beam)
         probs = np.exp(log_softmax(score))
         kk = min(top_k, score.size)
@@ -55,9 +62,13 @@ class Localizer:
         top = top[np.argsort(-score[top], kind="stable")]
         best = int(cells[top[0]])
         lat, lon = float(self.scorer.rep_lat[best]), float(self.scorer.rep_lon[best])
+        mass = self.scorer.region_mass(emb)
+        confidence = float(probs[top[0]]) * (1.0 if mass is None else float(mass))
+        region = {} if mass is None else {"region_mass": round(float(mass), 6),
+                                          "outside_region": bool(mass < OUTSIDE_REGION_MASS)}
         return {
             "lat": round(lat, 6), "lon": round(lon, 6),
-            "confidence": round(float(probs[top[0]]), 6),
+            "confidence": round(confidence, 6), **region,
             "uncertainty_km": round(self.scorer.uncertainty_km(probs, lat, lon, cells), 1),
             "place": self.places.nearest(lat, lon) if self.places is not None else None,
             "top_k": [{"cell": self.scorer.tokens[cells[i]], "index": int(cells[i]),

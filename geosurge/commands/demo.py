@@ -15,6 +15,8 @@ def register(sub) -> None:
     p.add_argument("--model", default="edge", choices=["edge", "tiny"])
     p.add_argument("--checkpoint", help="a trained checkpoint (predictions are meaningful only with one)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-quant", action="store_true", help="skip the FP16 / INT8 bundles (step 7)")
+    p.add_argument("--calib-size", type=int, default=128, help="calibration views for the INT8 bundle")
     p.set_defaults(func=cmd_demo)
 
 
@@ -43,33 +45,33 @@ def cmd_demo(args) -> int:
         print("NOTE: no trained checkpoint (--checkpoint): the model is built from real pretrained parts but its "
               "fusion layers are untrained,\n      so the predicted places below are NOT meaningful. The pipeline, "
               "parity and timings are real.")
-    print("\n[1/6] cell hierarchy from the real MP-16 photo density (100K sample shipped in geoclip)")
+    print("\n[1/7] cell hierarchy from the real MP-16 photo density (100K sample shipped in geoclip)")
     t0 = time.perf_counter()
     h = build_default_hierarchy()
     print_info(h.info(), False, title=f"      {len(h):,} cells in {h.num_levels} levels, built in "
                                       f"{time.perf_counter() - t0:.2f}s")
 
-    print(f"\n[2/6] {args.checkpoint or args.model} model (EfficientNet-Lite0 ImageNet weights, GeoCLIP cell init)")
+    print(f"\n[2/7] {args.checkpoint or args.model} model (EfficientNet-Lite0 ImageNet weights, GeoCLIP cell init)")
     model, source = load_model(args.model, args.checkpoint, seed=0, hierarchy=h)
     samples = copy_samples(out / "samples")
     print(f"      {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {len(samples)} sample photos "
           f"-> {out / 'samples'}")
 
-    print("\n[3/6] export FP32 ONNX bundle")
+    print("\n[3/7] export FP32 ONNX bundle")
     bundle = write_bundle(out / "bundle-fp32", model, source, samples, log=lambda m: print("      " + m))
 
-    print("\n[4/6] on-device check: geosurge-run verify (checksums + golden replay)")
+    print("\n[4/7] on-device check: geosurge-run verify (checksums + golden replay)")
     ver = verify_bundle(bundle, threads=args.threads)
     print(format_parity(ver["metrics"], ver["gates"], title="      golden replay vs FP32 torch reference"))
     print(f"      verify: {'PASS' if ver['passed'] else 'FAIL'}")
 
-    print("\n[5/6] workstation parity: FP32 torch vs the bundle on the sample photos")
+    print("\n[5/7] workstation parity: FP32 torch vs the bundle on the sample photos")
     par = torch_vs_bundle(bundle, [out / "samples"], args.checkpoint, threads=args.threads,
                           log=lambda m: print("      " + m))
     print(format_parity(par["metrics"], par["gates"], title=f"      {par['metrics']['n']} photos"))
     print(f"      parity: {'PASS' if par['passed'] else 'FAIL'}")
 
-    print("\n[6/6] the torch-free runtime locates the sample photos")
+    print("\n[6/7] the torch-free runtime locates the sample photos")
     loc = Localizer(bundle, threads=args.threads)
     rows = []
     for p in samples:
@@ -90,12 +92,57 @@ def cmd_demo(args) -> int:
                                           f"img/s; peak RSS of this torch-loaded process {b['peak_rss_mb']:.0f} MB — `geosurge-run bench` measures the "
                                           "runtime alone)"))
     size = sum(f.stat().st_size for f in bundle.iterdir()) / 1e6
+    quant = [] if args.no_quant else quantized_bundles(model, source, samples, out, bundle, args)
+    quant_ok = all(r["parity"] == "PASS" for r in quant)
     summary = {"bundle": str(bundle), "bundle_mb": size, "verify": ver["passed"], "parity": par["passed"],
                "parity_metrics": par["metrics"], "latency_ms": timing, "runtime_stages": b["stages"],
                "peak_rss_mb": b["peak_rss_mb"], "predictions": rows, "checkpoint": args.checkpoint,
-               "seconds": time.perf_counter() - t_all}
+               "precisions": quant, "seconds": time.perf_counter() - t_all}
     write_json(out / "demo.json", summary)
     print(f"\ndone in {summary['seconds']:.0f}s: bundle {bundle} ({size:.1f} MB), verify "
           f"{'PASS' if ver['passed'] else 'FAIL'}, parity {'PASS' if par['passed'] else 'FAIL'}; report "
           f"{out / 'demo.json'}")
-    return 0 if ver["passed"] and par["passed"] else 1
+    return 0 if ver["passed"] and par["passed"] and quant_ok else 1
+
+
+def quantized_bundles(model, source, samples, out, fp32_bundle, args) -> list[dict]:
+    """Step 7: FP16 and INT8 (precision search) bundles, then FP32 / FP16 / INT8 side by side: size, inference
+    latency (interleaved, batch 1), parity vs FP32 torch on the sample photos."""
+    import numpy as np
+
+    from ..calibration import sample_views_set
+    from ..export.bundle import write_bundle
+    from ..export.compare import torch_vs_bundle
+    from ..export.quantize import QuantConfig
+    from ..report import format_table
+    from ..runtime.localizer import Localizer
+
+    print("\n[7/7] quantized bundles: FP16, and INT8 with the precision search (calibration: augmented views of "
+          "the sample photos)")
+    bundles = {"fp32": fp32_bundle}
+    for name, cfg in (("fp16", QuantConfig("fp16")), ("int8", QuantConfig("int8", search="auto"))):
+        calib = sample_views_set(model.config.preprocess, args.calib_size, log=lambda m: print("      " + m)) \
+            if cfg.needs_calibration else None
+        bundles[name] = write_bundle(out / f"bundle-{name}", model, source, samples, quant=cfg, calibration=calib,
+                                     threads=args.threads, log=lambda m: print("      " + m))
+    locs = {k: Localizer(v, threads=args.threads) for k, v in bundles.items()}
+    x = np.load(fp32_bundle / "golden.npz")["inputs"][:1]
+    times = {k: [] for k in locs}
+    for i in range(25):
+        for k, loc in locs.items():
+            t0 = time.perf_counter()
+            loc.embed(x)
+            if i >= 5:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    rows = []
+    for k, b in bundles.items():
+        par = torch_vs_bundle(b, [out / "samples"], args.checkpoint, threads=args.threads, log=lambda m: None)
+        m = par["metrics"]
+        rows.append({"precision": k, "model_mb": (b / "model.onnx").stat().st_size / 1e6,
+                     "bundle_mb": sum(f.stat().st_size for f in b.iterdir()) / 1e6,
+                     "infer_p50_ms": float(np.median(times[k])), "cos_mean": m["cosine_mean"],
+                     "cos_min": m["cosine_min"], "level_agree": m["level_top1_agreement_min"],
+                     "top1_in_top5": m["top1_in_top5"], "parity": "PASS" if par["passed"] else "FAIL"})
+    print(format_table(rows, title=f"\nFP32 vs FP16 vs INT8 (onnxruntime CPU, batch 1, {args.threads} threads; "
+                                   "parity vs FP32 torch on the sample photos)"))
+    return rows

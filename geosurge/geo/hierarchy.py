@@ -225,6 +225,35 @@ class CellHierarchy:
         return CellHierarchy(merged, np.concatenate([[0], np.cumsum(sizes)]), {**self.meta, **(meta_update or {})})
 
 
+    def close_ancestors(self, keep_masks: list[np.ndarray]) -> list[np.ndarray]:
+        """``keep_masks`` plus every kept cell's ancestors (so :meth:`subset` accepts them)."""
+        masks = [np.asarray(m, dtype=bool).copy() for m in keep_masks]
+        for k in range(self.num_levels - 1, 0, -1):
+            masks[k - 1][self.level(k).parent[masks[k]]] = True
+        return masks
+
+    def select_levels(self, levels: list[int], meta_update: dict | None = None) -> "CellHierarchy":
+        """A hierarchy of only ``levels`` (ascending indices); each kept cell's parent becomes its ancestor at the
+        previous kept level (the hierarchical product then runs over the kept levels)."""
+        levels = sorted(set(int(k) for k in levels))
+        if not levels or levels[0] < 0 or levels[-1] >= self.num_levels:
+            raise ValueError(f"levels must be within 0..{self.num_levels - 1}")
+        arrays = {name: [] for name in self._ARRAYS}
+        for pos, k in enumerate(levels):
+            lv = self.level(k)
+            if pos == 0:
+                par = np.full(len(lv), -1, dtype=np.int64)
+            else:
+                par = np.arange(len(lv))
+                for j in range(k, levels[pos - 1], -1):  # walk up to the previous kept level
+                    par = self.level(j).parent[par]
+            for name in self._ARRAYS:
+                arrays[name].append(par.astype(lv.parent.dtype) if name == "parent" else getattr(lv, name))
+        sizes = [len(self.level(k)) for k in levels]
+        merged = {name: np.concatenate(v) for name, v in arrays.items()}
+        return CellHierarchy(merged, np.concatenate([[0], np.cumsum(sizes)]), {**self.meta, **(meta_update or {})})
+
+
 def load_hierarchy(path) -> CellHierarchy:
     """Load a hierarchy file written by :meth:`CellHierarchy.save` (never unpickles)."""
     path = Path(path)

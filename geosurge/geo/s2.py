@@ -207,6 +207,23 @@ def cell_vertices(ids) -> np.ndarray:
     return np.stack(corners, axis=-2)
 
 
+def cell_boundary_latlng(ids, per_edge: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(lat, lon) of ``4 * per_edge`` points along each cell's boundary, counter-clockwise, shape (N, 4 * per_edge).
+    S2 cell edges are geodesics, straight lines in (u, v): the points are sampled linearly in (u, v) between the
+    corners, so each lies exactly on the edge."""
+    ids = np.asarray(ids, dtype=_U64)
+    face, i0, j0, size = _cell_ij_box(ids)
+    corners = [(0, 0), (1, 0), (1, 1), (0, 1)]
+    uv = [(_st_to_uv((i0 + di * size) / MAX_SIZE), _st_to_uv((j0 + dj * size) / MAX_SIZE)) for di, dj in corners]
+    pts = []
+    for k in range(4):
+        (ua, va), (ub, vb) = uv[k], uv[(k + 1) % 4]
+        for f in np.arange(per_edge) / per_edge:
+            pts.append(_face_uv_to_xyz(face, ua + (ub - ua) * f, va + (vb - va) * f))
+    xyz = np.stack(pts, axis=-2)
+    return xyz_to_latlng(xyz / np.linalg.norm(xyz, axis=-1, keepdims=True))
+
+
 def cell_center(ids) -> tuple[np.ndarray, np.ndarray]:
     """(lat, lon) of each cell's centre in (s, t) space, as S2's cell centre."""
     face, i0, j0, width = _cell_ij_box(ids)
