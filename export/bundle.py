@@ -83,13 +83,15 @@ def _latency_vs_fp32(fp32: Path, deployed: Path, facts: dict, threads: int, iter
 def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], *, precision: str = "fp32",
                  opset: int = 17, dynamic_batch: bool = False, with_logits: bool = False, quant=None,
                  calibration=None, target: str = "onnxruntime", table_dtype: str = "float16", threads: int = 2,
-                 check_set=None, gates: dict | None = None, log=print) -> Path:
+                 check_set=None, gates: dict | None = None, fmt: str = "onnx", coreml_precision: str = "fp16",
+                 log=print) -> Path:
     """Export ``model`` into a bundle at ``out_dir`` (replaced atomically if it exists).
 
     ``quant`` (a :class:`geosurge.export.quantize.QuantConfig`) and ``calibration`` (a CalibrationSet) choose the
     precision; ``target="tensorrt"`` writes modelopt's QDQ ONNX and a TensorRT-readiness report instead.
     ``check_set``: images for the parity check of non-int8 precisions (default: 64 augmented sample views).
-    ``gates``: parity gates (default ``geosurge.parity.DEFAULT_GATES``), used by the search and the manifest."""
+    ``gates``: parity gates (default ``geosurge.parity.DEFAULT_GATES``), used by the search and the manifest.
+    ``fmt="coreml"``: the model part is a Core ML ``model.mlpackage`` at ``coreml_precision`` instead."""
     from .quantize import QuantConfig, apply_precision
 
     quant = quant or QuantConfig(precision=precision)
@@ -102,10 +104,22 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], *, pre
     t_start = time.perf_counter()
     try:
         model = model.eval()
-        log(f"[1/6] export ONNX ({model.config.name}, FP32 graph) ...")
-        fp32 = work / "model-fp32.onnx"
-        facts = export_onnx(model, fp32, opset=opset, dynamic_batch=dynamic_batch, with_logits=with_logits,
-                            log=lambda m: log("      " + m))
+        parts = dict(PARTS)
+        if fmt == "coreml":
+            from .coreml import export_coreml
+
+            parts["model"] = "model.mlpackage"
+            log(f"[1/6] export Core ML ({model.config.name}, {coreml_precision}) ...")
+            facts = export_coreml(model, tmp / parts["model"], coreml_precision, with_logits,
+                                  metadata={"hierarchy_digest": model.hierarchy.digest(),
+                                            "embed_dim": model.config.head.embed_dim},
+                                  log=lambda m: log("      " + m))
+            precision = coreml_precision
+        else:
+            log(f"[1/6] export ONNX ({model.config.name}, FP32 graph) ...")
+            fp32 = work / "model-fp32.onnx"
+            facts = export_onnx(model, fp32, opset=opset, dynamic_batch=dynamic_batch, with_logits=with_logits,
+                                log=lambda m: log("      " + m))
         log(f"[2/6] cell hierarchy and table ({table_dtype} embeddings, fp32 temperatures) ...")
         h = model.hierarchy
         h.save(tmp / PARTS["cells"])
@@ -114,8 +128,10 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], *, pre
             temps = model.head.temperatures().detach().numpy()
         save_cell_table(tmp / PARTS["cell_table"], tables, temps, dtype=table_dtype,
                         meta={"embed_dim": model.config.head.embed_dim, "hierarchy_digest": h.digest()})
-        log(f"[3/6] precision: {target} {precision} ...")
-        if target == "tensorrt":
+        log(f"[3/6] precision: {fmt if fmt == 'coreml' else target} {precision} ...")
+        if fmt == "coreml":
+            qrecord = {"precision": precision, "converter": "coremltools (torch.export)"}
+        elif target == "tensorrt":
             from .tensorrt import apply_tensorrt_precision
 
             qrecord = apply_tensorrt_precision(fp32, tmp / PARTS["model"], quant, work, calibration,
@@ -149,19 +165,27 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], *, pre
         np.savez_compressed(tmp / PARTS["golden"], inputs=gx, embedding=gemb, names=np.asarray(gnames, dtype=str))
         log("[6/6] manifest with sha256 of every file ...")
         size = model.config.preprocess.size
-        files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                 for name in sorted(PARTS.values())}
+        files = {}
+        for name in sorted(parts.values()):
+            p = tmp / name  # an .mlpackage is a folder: every file inside gets its own sha256
+            for f in (sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]):
+                rel = f.relative_to(tmp).as_posix()
+                files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         manifest = {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": {"format": "onnx", "precision": precision, "target": target,
-                      "config": model.config.to_dict(), "opset": facts["opset"],
-                      "layernorm_ops": facts["layernorm_ops"]},
+            "model": ({"format": "onnx", "precision": precision, "target": target,
+                       "config": model.config.to_dict(), "opset": facts["opset"],
+                       "layernorm_ops": facts["layernorm_ops"]} if fmt != "coreml" else
+                      {"format": "coreml", "precision": precision, "target": "coreml",
+                       "config": model.config.to_dict(), "coreml": facts}),
             "quantization": qrecord,
             "calibration": calibration.summary() if calibration is not None and quant.needs_calibration else None,
             "preprocess": model.config.preprocess.to_dict(),
             "io": {"inputs": [{"name": "image", "shape": ["batch" if dynamic_batch else 1, 3, size, size],
-                               "dtype": "float32", "layout": "NCHW"}],
+                               "dtype": "float32", "layout": "NCHW"} if fmt != "coreml" else
+                              {"name": "image", "shape": [1, 3, size, size], "type": "image (RGB, 0..255; "
+                               "the manifest's normalisation is inside the model)", "layout": "NCHW"}],
                    "outputs": [{"name": n, "dtype": "float32"} for n in facts["outputs"]]},
             "hierarchy": {"levels": h.num_levels, "sizes": h.sizes, "digest": h.digest(),
                           "tau_max": h.meta.get("tau_max"), "tau_min": h.meta.get("tau_min")},
@@ -171,7 +195,7 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], *, pre
             "parity_gates": {k: list(v) for k, v in (gates or DEFAULT_GATES).items()},
             "source": source,
             "provenance": _versions(),
-            "parts": PARTS,
+            "parts": parts,
             "files": files,
         }
         manifest["manifest_sha256"] = manifest_digest(manifest)

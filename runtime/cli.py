@@ -9,7 +9,7 @@ import time
 from geosurge import __version__
 from geosurge.errors import GeosurgeError, run_command
 
-BACKENDS = ["onnxruntime"]
+BACKENDS = ["onnxruntime", "tensorrt", "coreml"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,9 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
         sp.add_argument("--threads", type=int, default=None, help="inference threads (default: backend's)")
 
-    lo = sub.add_parser("locate", help="locate images (files or folders)")
+    lo = sub.add_parser("locate", help="locate images (files or folders), or frames of a camera / stream / video")
     common(lo)
-    lo.add_argument("inputs", nargs="+", metavar="PATH", help="image files or folders")
+    lo.add_argument("inputs", nargs="*", metavar="PATH", help="image files or folders")
+    lo.add_argument("--source", help="a camera index (0), a video file, an RTSP URL, or an OpenCV GStreamer pipeline "
+                                     "(anything with '!', e.g. nvarguscamerasrc ... ! appsink); see docs/tensorrt.md")
+    lo.add_argument("--every", type=int, default=1, help="--source: locate every Nth frame")
+    lo.add_argument("--max-frames", type=int, default=None, help="--source: stop after N located frames")
+    lo.add_argument("--fuse", type=int, default=1, metavar="K",
+                    help="--source: fuse evidence over the last K located frames (mean of their embeddings)")
     lo.add_argument("--json", action="store_true", help="one JSON line per input")
     lo.add_argument("--geojson", metavar="FILE", help="also write a GeoJSON FeatureCollection")
     lo.add_argument("--top-k", type=int, default=5)
@@ -43,6 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--warmup", type=int, default=5)
     be.add_argument("--json", metavar="FILE", help="write the report as JSON")
     be.set_defaults(func=cmd_bench)
+
+    en = sub.add_parser("build-engine", help="build the TensorRT engine for this device from the bundle's ONNX "
+                                             "(TensorRT 10 / 11); writes BUNDLE/model.plan + model.plan.json")
+    en.add_argument("bundle")
+    en.add_argument("--fp16", action="store_true", help="allow FP16 kernels (TensorRT 10 weakly typed)")
+    en.add_argument("--int8", action="store_true", help="INT8 for a QDQ network (set from the bundle if it is one)")
+    en.add_argument("--fp8", action="store_true", help="FP8 for a QDQ network (set from the bundle if it is one)")
+    en.add_argument("--workspace", type=float, default=2.0, metavar="GB")
+    en.add_argument("--dla-core", type=int, default=None, metavar="N", help="Jetson DLA core (GPU fallback on)")
+    en.add_argument("--timing-cache", metavar="FILE", help="read / update a timing cache (faster rebuilds)")
+    typed = en.add_mutually_exclusive_group()
+    typed.add_argument("--strongly-typed", dest="strongly_typed", action="store_true", default=None,
+                       help="types from the ONNX (default on TensorRT 11+)")
+    typed.add_argument("--weakly-typed", dest="strongly_typed", action="store_false",
+                       help="builder flags + precision constraints (default on TensorRT 10)")
+    en.add_argument("--max-batch", type=int, default=1, help="profile max batch for a dynamic-batch bundle")
+    en.add_argument("-o", "--output", help="plan path (default BUNDLE/model.plan)")
+    en.set_defaults(func=cmd_build_engine)
     return p
 
 
@@ -54,7 +78,11 @@ def main(argv=None) -> int:
 def cmd_locate(args) -> int:
     from .localizer import Localizer, expand_inputs
 
+    if not args.inputs and not args.source:
+        raise GeosurgeError("locate: give image paths or --source")
     loc = Localizer(args.bundle, backend=args.backend, threads=args.threads, beam=args.beam)
+    if args.source is not None:
+        return locate_stream(loc, args)
     features, failed = [], 0
     for path in expand_inputs(args.inputs):
         try:
@@ -83,6 +111,90 @@ def cmd_locate(args) -> int:
         print("geosurge-run: no images found in the given paths", file=sys.stderr)
         return 1
     return 1 if failed else 0
+
+
+def open_source(source: str):
+    """cv2.VideoCapture for a camera index, a file / URL, or a GStreamer pipeline (contains '!')."""
+    import cv2
+
+    if source.isdigit():
+        cap = cv2.VideoCapture(int(source))
+    elif "!" in source:
+        cap = cv2.VideoCapture(source, cv2.CAP_GSTREAMER)
+    else:
+        cap = cv2.VideoCapture(source)
+    if not cap.isOpened():
+        hint = " (is this OpenCV built with GStreamer? cv2.getBuildInformation())" if "!" in source else ""
+        raise GeosurgeError(f"{source}: cannot open the video source{hint}")
+    return cap
+
+
+def locate_stream(loc, args) -> int:
+    """Locate frames of a stream: one JSON line (or text line) per located frame; with --fuse K the prediction
+    uses the mean embedding of the last K located frames."""
+    import cv2
+    import numpy as np
+
+    from geosurge.preprocess import preprocess
+
+    cap = open_source(args.source)
+    window, n_frames, located = [], 0, 0
+    try:
+        while args.max_frames is None or located < args.max_frames:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            n_frames += 1
+            if (n_frames - 1) % max(1, args.every):
+                continue
+            t0 = time.perf_counter()
+            x = preprocess(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), loc.spec)[None]
+            emb = loc.embed(x)[0]
+            window = (window + [emb / np.linalg.norm(emb)])[-max(1, args.fuse):]
+            pred = loc.predict_embedding(np.mean(window, axis=0), args.top_k)
+            located += 1
+            rec = {"frame": n_frames - 1, "fused_frames": len(window), **pred,
+                   "ms": round((time.perf_counter() - t0) * 1e3, 2)}
+            if args.json:
+                print(json.dumps(rec), flush=True)
+            else:
+                print(f"frame {rec['frame']}: {pred['lat']:.4f}, {pred['lon']:.4f}  confidence "
+                      f"{pred['confidence']:.3f}  ±{pred['uncertainty_km']:.0f} km", flush=True)
+    finally:
+        cap.release()
+    if not located:
+        print(f"geosurge-run: no frames read from {args.source}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- build-engine ----------------------------------------------------------------------------------------------
+def cmd_build_engine(args) -> int:
+    from .bundle import open_bundle
+    from .trt import BuildSettings, build_engine, settings_for_bundle, trtexec_command, PLAN
+
+    bundle = open_bundle(args.bundle)
+    if bundle.manifest["model"]["format"] != "onnx":
+        raise GeosurgeError(f"{args.bundle}: build-engine needs an ONNX bundle")
+    if bundle.manifest["model"].get("target") != "tensorrt":
+        print(f"note: {args.bundle} was exported for {bundle.manifest['model'].get('target')}; "
+              "`geosurge export --target tensorrt` checks TensorRT readiness and writes the QDQ ONNX for INT8/FP8",
+              file=sys.stderr)
+    rep = (bundle.manifest.get("quantization") or {}).get("readiness")
+    if rep:
+        print("TensorRT readiness (checked at export): " + ", ".join(f"{c['check']} {c['status']}"
+                                                                     for c in rep["checks"]))
+    s = settings_for_bundle(bundle.manifest, BuildSettings(
+        fp16=args.fp16, int8=args.int8, fp8=args.fp8, workspace_gb=args.workspace, dla_core=args.dla_core,
+        timing_cache=args.timing_cache, strongly_typed=args.strongly_typed, max_batch=args.max_batch))
+    plan = args.output or str(bundle.root / PLAN)
+    shape = bundle.manifest["io"]["inputs"][0]["shape"]
+    shown = BuildSettings(**{**s.__dict__, "strongly_typed": bool(s.strongly_typed)})
+    print("trtexec equivalent (TensorRT " + ("11+" if s.strongly_typed else "10") + "):\n  "
+          + trtexec_command(bundle.path("model"), plan, shown, shape=[1 if isinstance(d, str) else d
+                                                                     for d in shape]))
+    build_engine(bundle, s, plan)
+    return 0
 
 
 # ---- verify --------------------------------------------------------------------------------------------------

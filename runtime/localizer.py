@@ -9,7 +9,7 @@ import numpy as np
 from geosurge.images import read_image
 from geosurge.preprocess import preprocess
 
-from .backends import get_backend
+from .backends import open_backend
 from .bundle import open_bundle
 from .cells import CellScorer, log_softmax
 from .places import Places
@@ -31,7 +31,7 @@ class Localizer:
                  beam: int | None = None):
         self.bundle = open_bundle(bundle_dir, verify=verify, backend=backend)
         self.spec = self.bundle.preprocess
-        self.backend = get_backend(backend)(self.bundle.path("model"), threads=threads)
+        self.backend = open_backend(backend, self.bundle, threads)
         self.scorer = CellScorer.load(self.bundle.path("cells"), self.bundle.path("cell_table"))
         self.places = Places.load(self.bundle.path("places")) if self.bundle.has("places") else None
         self.output = self.bundle.manifest["io"]["outputs"][0]["name"]

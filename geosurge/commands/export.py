@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from ..export.coreml import COREML_PRECISIONS
     from ..export.quantize import CALIBRATION_METHODS, PRECISIONS
     from ..runtime.cells import TABLE_DTYPES
 
@@ -13,11 +14,14 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", help="a checkpoint directory (geosurge train / save_pretrained)")
     p.add_argument("--cells", help="hierarchy for --model (default: the default hierarchy)")
     p.add_argument("--seed", type=int, default=0, help="init seed for --model (recorded for parity)")
-    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--format", default="onnx", choices=["onnx", "coreml"],
+                   help="onnx (onnxruntime / TensorRT) or coreml (an .mlpackage for iOS 17+ / macOS 14+)")
     p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="onnxruntime (CPU path) or tensorrt (modelopt QDQ ONNX + readiness report; the engine is "
                         "built on the device)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--precision", default=None, choices=list(dict.fromkeys(PRECISIONS + COREML_PRECISIONS)),
+                   help=f"onnx: {', '.join(PRECISIONS)} (default fp32); coreml: {', '.join(COREML_PRECISIONS)} "
+                        "(default fp16)")
     p.add_argument("--precision-search", choices=["auto"], help="int8: exclude the nodes with the worst measured "
                    "error, group by group, until the parity gates pass on held-out calibration images")
     p.add_argument("--calib", metavar="DIR|CSV", help="calibration images: a folder or a manifest (path,lat,lon; "
@@ -58,20 +62,35 @@ def cmd_export(args) -> int:
     from ..runtime.localizer import expand_inputs
     from ..samples import sample_photo_paths
 
+    from ..errors import GeosurgeError
+    from ..export.coreml import COREML_PRECISIONS
+
     torch.set_num_threads(args.threads)
-    cfg = QuantConfig(precision=args.precision, calibrate_method=args.calib_method,
-                      nodes_to_exclude=list(args.exclude_nodes), search=args.precision_search)
+    if args.format == "coreml":
+        precision = args.precision or "fp16"
+        if precision not in COREML_PRECISIONS:
+            raise GeosurgeError(f"--format coreml takes --precision {', '.join(COREML_PRECISIONS)}, not {precision}")
+        if args.target != "onnxruntime" or args.precision_search:
+            raise GeosurgeError("--format coreml does not take --target / --precision-search")
+        cfg = QuantConfig("fp32")
+    else:
+        precision = args.precision or "fp32"
+        if precision in COREML_PRECISIONS and precision not in ("fp32", "fp16"):
+            raise GeosurgeError(f"--precision {precision} is a Core ML precision (--format coreml)")
+        cfg = QuantConfig(precision=precision, calibrate_method=args.calib_method,
+                          nodes_to_exclude=list(args.exclude_nodes), search=args.precision_search)
     hierarchy = load_hierarchy(args.cells) if args.cells else None
     model, source = load_model(args.model, args.checkpoint, args.seed, hierarchy)
     photos = expand_inputs([args.golden]) if args.golden else sample_photo_paths()
     calib = load_calibration(args, model.config.preprocess, model.hierarchy) if cfg.needs_calibration else None
     out = write_bundle(args.output, model, source, photos, quant=cfg, calibration=calib, target=args.target,
                        table_dtype=args.table, opset=args.opset, dynamic_batch=args.dynamic_batch,
-                       with_logits=args.with_logits, threads=args.threads)
+                       with_logits=args.with_logits, threads=args.threads, fmt=args.format,
+                       coreml_precision=precision)
     check = json.loads((out / "manifest.json").read_text()).get("quantization", {}).get("check")
     if check and not check["passed"]:
         failed = ", ".join(g["gate"] for g in check["gates"] if g["pass"] != "PASS")
-        print(f"export: the {args.precision} model FAILS the parity gates on held-out images ({failed}); the "
+        print(f"export: the {precision} model FAILS the parity gates on held-out images ({failed}); the "
               "bundle is written for inspection. Try --precision-search auto, --exclude-nodes or another precision.",
               file=sys.stderr)
         return 1
