@@ -11,7 +11,7 @@ import sys
 from . import __version__
 from .errors import run_command
 
-COMMAND_MODULES = ("cells", "model", "train", "export", "parity", "prune", "demo")
+COMMAND_MODULES = ("cells", "model", "train", "distill", "export", "parity", "prune", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

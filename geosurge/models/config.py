@@ -167,7 +167,21 @@ def tiny_config() -> GeoSurgeConfig:
     )
 
 
-CONFIGS = {"paper": paper_config, "edge": edge_config, "tiny": tiny_config}
+def nano_config() -> GeoSurgeConfig:
+    """Smaller than tiny (a distillation student in tests): a 1-layer CLIP ViT at 48 px, 24-d, same 16 classes."""
+    return GeoSurgeConfig(
+        name="nano",
+        backbone=BackboneConfig(family="clip_vit", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                                patch_size=16, image_size=48, trainable_blocks=-1),
+        segmenter=SegmenterConfig(kind="light_head", num_classes=16, head_hidden=16),
+        fusion=FusionConfig(dim=24, num_blocks=1, num_heads=2, mlp_ratio=2.0),
+        head=HeadConfig(embed_dim=24),
+        preprocess=PreprocessSpec(size=48, resize_size=56, resize="shorter_side", interpolation="bilinear",
+                                  mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    )
+
+
+CONFIGS = {"paper": paper_config, "edge": edge_config, "tiny": tiny_config, "nano": nano_config}
 
 
 def get_config(name: str) -> GeoSurgeConfig:
@@ -178,4 +192,4 @@ def get_config(name: str) -> GeoSurgeConfig:
 
 
 __all__ = ["BackboneConfig", "SegmenterConfig", "FusionConfig", "HeadConfig", "GeoSurgeConfig", "CONFIGS",
-           "get_config", "paper_config", "edge_config", "tiny_config"]
+           "get_config", "paper_config", "edge_config", "tiny_config", "nano_config"]
