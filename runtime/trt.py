@@ -133,6 +133,9 @@ def build_engine(bundle, settings: BuildSettings, plan_path: Path | None = None,
     s = settings_for_bundle(bundle.manifest, settings)
     if s.strongly_typed is None:
         s.strongly_typed = trt_major(trt.__version__) >= 11
+    if not s.strongly_typed and not hasattr(trt.BuilderFlag, "FP16"):
+        raise GeosurgeError(f"TensorRT {trt.__version__} builds strongly typed networks only (weak typing and its "
+                            "builder flags were removed in 11.x): drop --weakly-typed")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0

@@ -304,8 +304,9 @@ def agreement(teacher, student, paths, maps, proj, device, batch: int = 16) -> d
             t_sub = tl[:, torch.from_numpy(maps[k]).to(device)]
             agree[k] += (t_sub.argmax(-1) == sl.argmax(-1)).cpu().tolist()
         cos += F.cosine_similarity(so["embedding"], F.normalize(to["embedding"] @ proj.to(device), dim=-1)).cpu().tolist()
-        tp = teacher.predict(tx, top_k=1)["cell"][:, 0].cpu().numpy()
-        sp = student.predict(sx, top_k=1)["cell"][:, 0].cpu().numpy()
+        tp = teacher.head.hierarchical_scores([F.log_softmax(lg, -1) for lg in to["level_logits"]]).argmax(-1)
+        sp = student.head.hierarchical_scores([F.log_softmax(lg, -1) for lg in so["level_logits"]]).argmax(-1)
+        tp, sp = tp.cpu().numpy(), sp.cpu().numpy()
         tf, sf = th.level(-1), sh.level(-1)
         km += list(haversine_km(tf.rep_lat[tp], tf.rep_lon[tp], sf.rep_lat[sp], sf.rep_lon[sp]))
     per_level = [float(np.mean(a)) if a else float("nan") for a in agree]

@@ -5,6 +5,7 @@ turned back into 0..255 RGB pixels before ``predict``, as an app hands the model
 """
 from __future__ import annotations
 
+import importlib
 import platform
 import sys
 from pathlib import Path
@@ -22,8 +23,8 @@ class CoreMLBackend:
             raise BackendUnavailable(f"{model_path}: Core ML predicts only on macOS (this is {platform.system()}); "
                                      "on this machine use the onnxruntime backend with an ONNX bundle, or inspect "
                                      "the package with coremltools")
-        try:
-            import coremltools as ct
+        try:  # imported by name: the runtime never imports coremltools unless this backend is chosen
+            ct = importlib.import_module("coremltools")
         except ImportError:
             raise BackendUnavailable("the coreml backend needs coremltools (pip install coremltools)") from None
         if spec is None:

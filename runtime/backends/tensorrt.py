@@ -86,7 +86,7 @@ class TensorRTBackend:
             optr, ohost, onbytes = self._buffer(out, shape, dtype)
             self.context.set_tensor_address(out, int(optr))
             outs[out] = (optr, ohost, onbytes)
-        if not self.context.execute_async_v3(self.stream):
+        if not self.context.execute_async_v3(stream_handle=int(self.stream)):
             raise BackendUnavailable("TensorRT execute_async_v3 failed")
         for optr, ohost, onbytes in outs.values():
             check(cudart.cudaMemcpyAsync(ohost.ctypes.data, optr, onbytes,
