@@ -18,8 +18,8 @@ import numpy as np
 
 from geosurge.errors import GeosurgeError, InputFileError
 from geosurge.fsutil import atomic_write_bytes
-from geosurge.images import IMAGE_EXTENSIONS, read_image
-from geosurge.preprocess import PreprocessSpec, preprocess
+from geosurge.images import read_image
+from geosurge.preprocess import PreprocessSpec, preprocess, random_resized_crop
 
 DEFAULT_SIZE = 256
 RECOMMENDED_MIN = 100
@@ -95,16 +95,9 @@ def make_ort_reader(inputs: np.ndarray, input_name: str = "image", batch_size: i
 
 
 def _candidates(source) -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
-    source = Path(source)
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        return files, None, None
-    if source.is_file() and source.suffix.lower() == ".csv":
-        from geosurge.training.data import read_manifest
+    from geosurge.training.data import list_image_source
 
-        m = read_manifest(source)
-        return m.paths, m.lat, m.lon
-    raise InputFileError(f"{source}: calibration source must be an image folder or a CSV manifest (path, lat, lon)")
+    return list_image_source(source, "calibration source")
 
 
 def selection_order(n_items: int, seed: int, strata: np.ndarray | None = None) -> np.ndarray:
@@ -203,13 +196,7 @@ def sample_views_set(spec: PreprocessSpec, size: int = DEFAULT_SIZE, seed: int =
     for i in range(size):
         j = i % len(rgbs)
         groups.append(j)
-        rgb = rgbs[j]
-        h, w = rgb.shape[:2]
-        area = rng.uniform(0.35, 1.0) * h * w
-        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        cw, ch = min(w, int(round(np.sqrt(area * aspect)))), min(h, int(round(np.sqrt(area / aspect))))
-        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        view = rgb[y0:y0 + ch, x0:x0 + cw]
+        view = random_resized_crop(rgbs[j], rng)
         if rng.random() < 0.5:
             view = view[:, ::-1]
         view = np.clip(view.astype(np.float32) * rng.uniform(0.7, 1.3), 0, 255).astype(np.uint8)

@@ -59,6 +59,21 @@ def golden_inputs(model, photos: list[Path]) -> tuple[np.ndarray, np.ndarray, li
     return x, emb, names
 
 
+def finalize_manifest(tmp: Path, manifest: dict) -> dict:
+    """sha256 + size of every part (an ``.mlpackage`` folder: of every file inside it), then ``manifest_sha256``;
+    writes ``manifest.json`` into ``tmp``. Returns the ``files`` table."""
+    files = {}
+    for name in sorted(manifest["parts"].values()):
+        p = tmp / name
+        for f in (sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]):
+            files[f.relative_to(tmp).as_posix()] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    manifest["files"] = files
+    manifest.pop("manifest_sha256", None)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return files
+
+
 def _latency_vs_fp32(fp32: Path, deployed: Path, facts: dict, threads: int, iters: int = 20) -> dict:
     """p50 of the FP32 and the deployed ONNX on onnxruntime CPU, interleaved run by run (same machine state)."""
     from .quantize import session
@@ -165,12 +180,6 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], *, pre
         np.savez_compressed(tmp / PARTS["golden"], inputs=gx, embedding=gemb, names=np.asarray(gnames, dtype=str))
         log("[6/6] manifest with sha256 of every file ...")
         size = model.config.preprocess.size
-        files = {}
-        for name in sorted(parts.values()):
-            p = tmp / name  # an .mlpackage is a folder: every file inside gets its own sha256
-            for f in (sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]):
-                rel = f.relative_to(tmp).as_posix()
-                files[rel] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         manifest = {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -196,10 +205,8 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], *, pre
             "source": source,
             "provenance": _versions(),
             "parts": parts,
-            "files": files,
         }
-        manifest["manifest_sha256"] = manifest_digest(manifest)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        files = finalize_manifest(tmp, manifest)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,9 +21,11 @@ import numpy as np
 
 from geosurge.errors import GeosurgeError
 from geosurge.fsutil import replace_dir
-from geosurge.runtime.bundle import MANIFEST, manifest_digest, open_bundle, sha256_file
+from geosurge.runtime.bundle import open_bundle
 from geosurge.runtime.cells import TABLE_DTYPES, CellScorer, save_cell_table
 from geosurge.runtime.places import Places, save_places
+
+from .bundle import finalize_manifest
 
 
 @dataclass
@@ -149,7 +151,7 @@ def prune_bundle(src_dir, out_dir, cut: Cut, log=print) -> Path:
     try:
         parts = dict(src.manifest["parts"])
         for role in ("model", "golden"):
-            shutil.copyfile(src.path(role), tmp / parts[role])
+            (shutil.copytree if src.path(role).is_dir() else shutil.copyfile)(src.path(role), tmp / parts[role])
         sub.save(tmp / parts["cells"])
         save_cell_table(tmp / parts["cell_table"], tables, temps, dtype=dtype,
                         meta={"embed_dim": int(full.tables[0].shape[1] if proj is None else proj.shape[0]),
@@ -183,11 +185,8 @@ def prune_bundle(src_dir, out_dir, cut: Cut, log=print) -> Path:
                         "source_hierarchy_digest": h.digest(), "source_sizes": h.sizes,
                         "kept_per_source_level": [int(masks[k].sum()) if k in levels else 0
                                                   for k in range(h.num_levels)]}
-        m["files"] = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                      for name in sorted(parts.values())}
-        m.pop("manifest_sha256", None)
-        m["manifest_sha256"] = manifest_digest(m)
-        (tmp / MANIFEST).write_text(json.dumps(m, indent=2) + "\n")
+        m["parts"] = parts
+        finalize_manifest(tmp, m)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -137,3 +137,15 @@ def ten_crop(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     crops = [img[t:t + s, l:l + s] for t, l in origins]
     crops += [np.ascontiguousarray(c[:, ::-1]) for c in crops]
     return np.stack([normalize(c, spec) for c in crops])
+
+
+def random_resized_crop(rgb: np.ndarray, rng: np.random.Generator, area=(0.35, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """A crop of ``area`` (fraction range) of the image at an aspect ratio in ``ratio`` (log-uniform), placed
+    uniformly: the augmentation behind calibration views and distillation views."""
+    h, w = rgb.shape[:2]
+    a = rng.uniform(*area) * h * w
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    cw, ch = min(w, int(round(np.sqrt(a * aspect)))), min(h, int(round(np.sqrt(a / aspect))))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return rgb[y0:y0 + ch, x0:x0 + cw]

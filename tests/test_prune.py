@@ -8,7 +8,7 @@ import pytest
 
 from geosurge.errors import GeosurgeError
 from geosurge.export.bundle import write_bundle
-from geosurge.export.prune import Cut, evaluate_cut, pca, plan, probe_embeddings, prune_bundle
+from geosurge.export.prune import Cut, evaluate_cut, plan, probe_embeddings, prune_bundle
 from geosurge.export.source import load_model
 from geosurge.geo import regions
 from geosurge.runtime import Localizer

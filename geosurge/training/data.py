@@ -26,6 +26,20 @@ class Manifest:
         return len(self.paths)
 
 
+def list_image_source(source, what: str = "image source") -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
+    """An image folder (recursive, sorted) or a CSV manifest -> (paths, lat, lon); lat/lon None for a folder."""
+    from ..images import IMAGE_EXTENSIONS
+
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return files, None, None
+    if source.is_file() and source.suffix.lower() == ".csv":
+        m = read_manifest(source)
+        return m.paths, m.lat, m.lon
+    raise InputFileError(f"{source}: {what} must be an image folder or a CSV manifest (path, lat, lon)")
+
+
 def read_manifest(path) -> Manifest:
     """A CSV with ``path``, ``lat``, ``lon`` columns; relative paths are relative to the CSV's folder."""
     path = Path(path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import GeosurgeError, InputFileError
 from ..fsutil import atomic_write_bytes
-from ..images import IMAGE_EXTENSIONS, read_image
+from ..images import read_image
 from ..preprocess import preprocess
 from ..report import write_json
 from . import dist as D
@@ -151,16 +150,9 @@ def init_student(config, teacher, student_h, maps, proj, seed: int):
 
 # ---- data and views ---------------------------------------------------------------------------------------------
 def list_images(source) -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
-    source = Path(source)
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        return files, None, None
-    if source.is_file() and source.suffix.lower() == ".csv":
-        from .data import read_manifest
+    from .data import list_image_source
 
-        m = read_manifest(source)
-        return m.paths, m.lat, m.lon
-    raise InputFileError(f"{source}: --images must be an image folder or a CSV manifest")
+    return list_image_source(source, "--images")
 
 
 def make_view(rgb: np.ndarray, view: int, image_sha: str) -> np.ndarray:
@@ -169,13 +161,10 @@ def make_view(rgb: np.ndarray, view: int, image_sha: str) -> np.ndarray:
         return rgb
     if view == 1:
         return np.ascontiguousarray(rgb[:, ::-1])
+    from ..preprocess import random_resized_crop
+
     rng = np.random.default_rng(int(image_sha[:12], 16) + 7919 * view)
-    h, w = rgb.shape[:2]
-    area = rng.uniform(0.35, 1.0) * h * w
-    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    cw, ch = min(w, int(round(math.sqrt(area * aspect)))), min(h, int(round(math.sqrt(area / aspect))))
-    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    out = rgb[y0:y0 + ch, x0:x0 + cw]
+    out = random_resized_crop(rgb, rng)
     return np.ascontiguousarray(out[:, ::-1] if rng.random() < 0.5 else out)
 
 
