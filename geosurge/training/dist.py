@@ -61,5 +61,10 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
+    """All ranks meet before the process group is destroyed: a rank tearing gloo down while rank 0 still writes its
+    final files was seen to abort at exit ("terminate called without an active exception")."""
     if info.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
