@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp):
         sp.add_argument("bundle", help="bundle directory")
-        sp.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+        sp.add_argument("--backend", default=None, choices=BACKENDS,
+                        help="default: coreml for a Core ML bundle, else onnxruntime")
         sp.add_argument("--threads", type=int, default=None, help="inference threads (default: backend's)")
 
     lo = sub.add_parser("locate", help="locate images (files or folders), or frames of a camera / stream / video")
@@ -74,12 +75,25 @@ def main(argv=None) -> int:
     return run_command(build_parser(), argv, "geosurge-run")
 
 
+def default_backend(bundle_dir) -> str:
+    """The backend a bundle's model format implies (the user's --backend wins)."""
+    from .bundle import open_bundle
+
+    return "coreml" if open_bundle(bundle_dir, verify=False).manifest["model"]["format"] == "coreml" else "onnxruntime"
+
+
+def _resolve_backend(args) -> None:
+    if getattr(args, "backend", "x") is None:
+        args.backend = default_backend(args.bundle)
+
+
 # ---- locate --------------------------------------------------------------------------------------------------
 def cmd_locate(args) -> int:
     from .localizer import Localizer, expand_inputs
 
     if not args.inputs and not args.source:
         raise GeosurgeError("locate: give image paths or --source")
+    _resolve_backend(args)
     loc = Localizer(args.bundle, backend=args.backend, threads=args.threads, beam=args.beam)
     if args.source is not None:
         return locate_stream(loc, args)
@@ -227,6 +241,7 @@ def cmd_verify(args) -> int:
     from .bundle import BundleError
 
     try:
+        _resolve_backend(args)
         rep = verify_bundle(args.bundle, args.backend, args.threads)
     except BundleError as e:
         print(f"verify: FAIL: {e}", file=sys.stderr)
@@ -313,6 +328,7 @@ def cmd_bench(args) -> int:
     from geosurge.report import format_table, write_json
 
     t0 = time.perf_counter()
+    _resolve_backend(args)
     rep = bench_bundle(args.bundle, args.backend, args.threads, args.images, args.iters, args.warmup)
     print(format_table(rep["stages"], title=f"{args.bundle} ({rep['backend']}, {rep['precision']}, "
                                             f"{args.iters} runs, {time.perf_counter() - t0:.1f}s)"))

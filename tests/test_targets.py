@@ -93,6 +93,8 @@ def test_coreml_backend_refuses_off_macos(coreml_bundles):
         Localizer(coreml_bundles["fp16"], backend="coreml")
     r = run_cli("geosurge-run", "verify", coreml_bundles["fp16"], "--backend", "coreml")
     assert r.returncode == 2 and "only on macOS" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("geosurge-run", "verify", coreml_bundles["fp16"])  # the backend follows the bundle's format
+    assert r.returncode == 2 and "only on macOS" in r.stderr
 
 
 @pytest.mark.skipif(not ON_MAC, reason="Core ML predicts only on macOS")
