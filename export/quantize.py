@@ -427,14 +427,14 @@ def search_precision(quantizer: _Quantizer, dst: Path, holdout: np.ndarray, scor
     trial = workdir / "trial.onnx"
     steps = []
 
-    def attempt(excluded: list[str]) -> dict:
+    def attempt(excluded: list[str], label: str | None = None) -> dict:
         quantizer(trial, excluded)
         rec = check_gates(ref, run_embeddings(trial, holdout, threads), scorer, gates)
         m = rec["metrics"]
         steps.append({"excluded": len(excluded), "passed": rec["passed"],
                       **{k: m[k] for k in ("cosine_mean", "cosine_min", "level_top1_agreement_min",
                                            "top1_in_top5", "median_drift_km")}})
-        log(f"  exclude {len(excluded):3d} node(s): {_summary(rec)}")
+        log(f"  {label or f'exclude {len(excluded):3d} node(s)'}: {_summary(rec)}")
         return rec
 
     t0 = time.perf_counter()
@@ -479,6 +479,20 @@ def search_precision(quantizer: _Quantizer, dst: Path, holdout: np.ndarray, scor
             hi, best = mid, rec
         else:
             lo = mid
+    if quantizer.cfg.excluded_weights == "int8" and quantizer.weight_only_ok is not None:
+        # compress further while the gates still pass: give weight-only INT8 to the kept-out nodes left in fp32,
+        # least harmful first, keeping each only if the whole mix still passes on the held-out images
+        extra = sorted((r for r in ranking if r["node"] in set(names[:hi]) and r["node"] not in quantizer.weight_only_ok
+                        and "weight_only_error" in r), key=lambda r: r["weight_only_error"])
+        for r in extra:
+            quantizer.weight_only_ok.add(r["node"])
+            rec = attempt(names[:hi], label=f"+ weight-only {r['node']}")
+            if rec["passed"]:
+                best = rec
+            else:
+                quantizer.weight_only_ok.discard(r["node"])
+    if quantizer.weight_only_ok is not None:
+        result["weight_only_nodes"] = sorted(set(names[:hi]) & quantizer.weight_only_ok)
     quantizer(dst, names[:hi])
     log(f"  chosen mix: {hi} of {len(names)} quantizable node(s) kept out of INT8 compute (weights "
         f"{quantizer.cfg.excluded_weights}; {time.perf_counter() - t0:.1f}s)")
