@@ -52,6 +52,9 @@ def test_int8_search_finds_a_passing_mix_where_all_int8_fails(tmp_path, tiny, ca
                                       for s in steps)
     excluded = q["search"]["excluded_nodes"]
     assert 0 < len(excluded) < len(q["search"]["ranking"]) + 1
+    # kept-out nodes keep weight-only INT8 where measured harmless; those weights are int8 + DequantizeLinear
+    wo = q["search"]["weight_only_nodes"]
+    assert set(wo) <= set(excluded) and q["weight_only_int8"] == len(wo)
     assert set(excluded) <= set(q["nodes_excluded"])
     assert q["check"]["passed"] and q["check"]["metrics"]["cosine_mean"] >= 0.995
     assert _manifest(out)["calibration"]["size"] == len(calib)
@@ -69,8 +72,6 @@ def test_int8_search_finds_a_passing_mix_where_all_int8_fails(tmp_path, tiny, ca
             assert all(producers.get(i) != "DequantizeLinear" for i in n.input[:1]), n.name
     rep = verify_bundle(out)
     assert rep["passed"], rep["gates"]
-    assert (out / "model.onnx").stat().st_size < 0.6 * len(onnx.load(str(out / "model.onnx")).SerializeToString()) \
-        or True  # size is measured by the benchmark, not asserted on a toy model
 
 
 def test_plain_int8_records_failing_gates_and_cli_exits_1(tmp_path, tiny):
