@@ -96,7 +96,8 @@ def export_coreml(model, path: Path, precision: str = "fp16", with_logits: bool 
     meta = {"com.geosurge.schema": "geosurge.bundle", "com.geosurge.preprocess": json.dumps(spec.to_dict()),
             **{f"com.geosurge.{k}": str(v) for k, v in (metadata or {}).items()}}
     mlmodel.user_defined_metadata.update(meta)
-    mlmodel.short_description = f"GeoSURGE {model.config.name}: image -> {'embedding + per-level logits' if with_logits else 'L2-normalised embedding'}"
+    what = "embedding + per-level logits" if with_logits else "L2-normalised embedding"
+    mlmodel.short_description = f"GeoSURGE {model.config.name}: image -> {what}"
     mlmodel.save(str(path))
     dt = time.perf_counter() - t0
     facts = inspect_mlpackage(path)

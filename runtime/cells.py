@@ -16,6 +16,7 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 TABLE_DTYPES = ("float32", "float16", "int8")
+TABLE_ALIASES = {"fp32": "float32", "fp16": "float16"}
 
 
 def quantize_rows(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -33,6 +34,7 @@ def save_cell_table(path, tables: list[np.ndarray], temperatures: np.ndarray, dt
     (default), float32, or int8 (per-row scales; scored in float32). ``projection`` (D, K): the rows are K-d PCA
     coordinates and the image embedding is projected the same way before scoring. ``outside``: embeddings of the
     first level's cells that a pruning dropped (the runtime's "outside the kept region" probes)."""
+    dtype = TABLE_ALIASES.get(dtype, dtype)
     if dtype not in TABLE_DTYPES:
         raise GeosurgeError(f"cell table dtype must be one of {', '.join(TABLE_DTYPES)}, not {dtype!r}")
     arrays = {}

@@ -126,7 +126,8 @@ def trtexec_command(onnx: Path, plan: Path, s: BuildSettings, input_name: str = 
 def build_engine(bundle, settings: BuildSettings, plan_path: Path | None = None, log=print) -> Path:
     """Parse the bundle's ONNX and build a serialized engine on this device; writes the plan and its sidecar."""
     if bundle.manifest["model"]["format"] != "onnx":
-        raise GeosurgeError(f"{bundle.root}: build-engine needs an ONNX bundle, not {bundle.manifest['model']['format']}")
+        fmt = bundle.manifest["model"]["format"]
+        raise GeosurgeError(f"{bundle.root}: build-engine needs an ONNX bundle, not {fmt}")
     trt = import_tensorrt()
     onnx_path = bundle.path("model")
     plan_path = Path(plan_path or bundle.root / PLAN)

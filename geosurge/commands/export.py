@@ -30,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS)
     p.add_argument("--calib-cache", metavar="DIR", default=None, help="cache preprocessed calibration sets here")
     p.add_argument("--exclude-nodes", nargs="+", default=[], metavar="NODE", help="ONNX node names kept in float")
-    p.add_argument("--table", default="float16", choices=TABLE_DTYPES, help="cell table storage")
+    p.add_argument("--table", default="float16", choices=[*TABLE_DTYPES, "fp16", "fp32"], help="cell table storage")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis (default static batch 1)")
@@ -84,7 +84,8 @@ def cmd_export(args) -> int:
     photos = expand_inputs([args.golden]) if args.golden else sample_photo_paths()
     calib = load_calibration(args, model.config.preprocess, model.hierarchy) if cfg.needs_calibration else None
     out = write_bundle(args.output, model, source, photos, quant=cfg, calibration=calib, target=args.target,
-                       table_dtype=args.table, opset=args.opset, dynamic_batch=args.dynamic_batch,
+                       table_dtype={"fp16": "float16", "fp32": "float32"}.get(args.table, args.table),
+                       opset=args.opset, dynamic_batch=args.dynamic_batch,
                        with_logits=args.with_logits, threads=args.threads, fmt=args.format,
                        coreml_precision=precision)
     check = json.loads((out / "manifest.json").read_text()).get("quantization", {}).get("check")

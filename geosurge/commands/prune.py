@@ -14,7 +14,8 @@ def register(sub) -> None:
     p.add_argument("--keep-mass", type=float, metavar="P", help="fewest finest cells carrying P of the photo counts")
     p.add_argument("--levels", type=int, metavar="N", help="keep the N coarsest levels")
     p.add_argument("--drop-levels", metavar="K[,K...]", help="drop these level indices")
-    p.add_argument("--table", choices=["float16", "int8", "float32"], help="table storage (default: the source's)")
+    p.add_argument("--table", choices=["fp16", "int8", "fp32", "float16", "float32"],
+                   help="table storage (default: the source's)")
     p.add_argument("--dim", type=int, metavar="K", help="PCA of the cell embeddings to K dimensions")
     p.add_argument("--report", action="store_true", help="measure the cut against the unpruned bundle")
     p.add_argument("--images", nargs="+", help="images for --report (default: the sample photos)")
@@ -34,8 +35,10 @@ def cut_from_args(args):
             drop = [int(v) for v in args.drop_levels.split(",")]
         except ValueError:
             raise GeosurgeError(f"--drop-levels {args.drop_levels!r}: expected level indices like 1,3") from None
+    from ..runtime.cells import TABLE_ALIASES
+
     return Cut(bbox=args.bbox, geojson=args.geojson, countries=args.countries, keep_mass=args.keep_mass,
-               levels=args.levels, drop_levels=drop, table=args.table, dim=args.dim)
+               levels=args.levels, drop_levels=drop, table=TABLE_ALIASES.get(args.table, args.table), dim=args.dim)
 
 
 def cmd_prune(args) -> int:
@@ -68,7 +71,8 @@ def cmd_prune(args) -> int:
     for name, emb in sets.items():
         full = evaluate_cut(src.scorer, args.bundle, emb)
         rep = evaluate_cut(src.scorer, out, emb)
-        rows += [{"on": name, "bundle": "unpruned", **_row(full, full)}, {"on": name, "bundle": "cut", **_row(rep, full)}]
+        rows += [{"on": name, "bundle": "unpruned", **_row(full, full)},
+                 {"on": name, "bundle": "cut", **_row(rep, full)}]
     print(format_table(rows, title=f"\ncost of the cut ({rows[1]['cut'] if rows else ''}) vs the unpruned bundle"))
     if args.json:
         write_json(args.json, {"bundle": str(out), "rows": rows})

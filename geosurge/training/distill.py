@@ -292,7 +292,8 @@ def agreement(teacher, student, paths, maps, proj, device, batch: int = 16) -> d
         for k, (tl, sl) in enumerate(zip(to["level_logits"], so["level_logits"])):
             t_sub = tl[:, torch.from_numpy(maps[k]).to(device)]
             agree[k] += (t_sub.argmax(-1) == sl.argmax(-1)).cpu().tolist()
-        cos += F.cosine_similarity(so["embedding"], F.normalize(to["embedding"] @ proj.to(device), dim=-1)).cpu().tolist()
+        target = F.normalize(to["embedding"] @ proj.to(device), dim=-1)
+        cos += F.cosine_similarity(so["embedding"], target).cpu().tolist()
         tp = teacher.head.hierarchical_scores([F.log_softmax(lg, -1) for lg in to["level_logits"]]).argmax(-1)
         sp = student.head.hierarchical_scores([F.log_softmax(lg, -1) for lg in so["level_logits"]]).argmax(-1)
         tp, sp = tp.cpu().numpy(), sp.cpu().numpy()
