@@ -9,6 +9,7 @@ group at a time, until the parity gates pass on held-out images.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections import Counter
 import tempfile
@@ -135,35 +136,40 @@ def prepare(src: Path, dst: Path) -> Path:
     return dst
 
 
-def quantizable_nodes(path, op_types=COMPUTE_OP_TYPES) -> list[dict]:
+def _structure(path) -> tuple[list[tuple], frozenset]:
+    """(name, op_type, inputs, outputs) of every node and the initializer names, read once per file version (the
+    search asks about the same prepared graph hundreds of times)."""
+    st = Path(path).stat()
+    return _structure_cached(str(Path(path).absolute()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _structure_cached(path: str, mtime_ns: int, size: int) -> tuple[list[tuple], frozenset]:
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
-    inits = {t.name for t in proto.graph.initializer}
-    out = []
-    for n in proto.graph.node:
-        if n.op_type in op_types and not n.name.startswith(ALWAYS_FLOAT_PREFIXES):
-            out.append({"node": n.name, "op": n.op_type, "inputs": [i for i in n.input if i and i not in inits],
-                        "weights": [i for i in n.input if i in inits]})
-    return out
+    g = onnx.load(path, load_external_data=False).graph
+    return ([(n.name, n.op_type, tuple(n.input), tuple(n.output)) for n in g.node],
+            frozenset(t.name for t in g.initializer))
+
+
+def quantizable_nodes(path, op_types=COMPUTE_OP_TYPES) -> list[dict]:
+    nodes, inits = _structure(path)
+    return [{"node": name, "op": op, "inputs": [i for i in ins if i and i not in inits],
+             "weights": [i for i in ins if i in inits]}
+            for name, op, ins, _ in nodes if op in op_types and not name.startswith(ALWAYS_FLOAT_PREFIXES)]
 
 
 def with_followers(path, names: list[str]) -> list[str]:
     """``names`` plus the Clip/Relu nodes that directly consume their outputs (a clamp stays with its producer)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
+    nodes, _ = _structure(path)
     chosen = set(names)
-    outputs = {o for n in graph.node if n.name in chosen for o in n.output}
-    extra = [n.name for n in graph.node if n.op_type in FOLLOWER_OP_TYPES and outputs.intersection(n.input)]
+    outputs = {o for name, _, _, outs in nodes if name in chosen for o in outs}
+    extra = [name for name, op, ins, _ in nodes if op in FOLLOWER_OP_TYPES and outputs.intersection(ins)]
     return list(names) + [e for e in extra if e not in chosen]
 
 
 def always_float_nodes(path) -> list[str]:
-    import onnx
-
-    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node
-            if n.name.startswith(ALWAYS_FLOAT_PREFIXES)]
+    return [name for name, _, _, _ in _structure(path)[0] if name.startswith(ALWAYS_FLOAT_PREFIXES)]
 
 
 def convert_fp16(src: Path, dst: Path) -> dict:
