@@ -9,7 +9,7 @@ def register(sub) -> None:
     from ..runtime.cells import TABLE_DTYPES
 
     p = sub.add_parser("export", help="export a model into a bundle")
-    p.add_argument("--model", choices=["paper", "edge", "tiny"], help="config to build (with --seed) when no "
+    p.add_argument("--model", choices=["paper", "edge", "tiny", "nano"], help="config to build (with --seed) when no "
                    "--checkpoint is given; without a trained checkpoint predictions are not meaningful")
     p.add_argument("--checkpoint", help="a checkpoint directory (geosurge train / save_pretrained)")
     p.add_argument("--cells", help="hierarchy for --model (default: the default hierarchy)")

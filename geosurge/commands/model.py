@@ -8,7 +8,7 @@ def register(sub) -> None:
     p = sub.add_parser("model", help="inspect model configs")
     msub = p.add_subparsers(dest="model_command", metavar="SUBCOMMAND", required=True)
     i = msub.add_parser("info", help="parameters and GFLOPs per part (backbone, segmenter, fusion, cell tables)")
-    i.add_argument("--config", action="append", choices=["paper", "edge", "tiny"],
+    i.add_argument("--config", action="append", choices=["paper", "edge", "tiny", "nano"],
                    help="config name (repeatable; default: all three)")
     i.add_argument("--cells", help="hierarchy file (default: the default hierarchy)")
     i.add_argument("--json", action="store_true")
@@ -22,7 +22,7 @@ def cmd_info(args) -> int:
     from ..report import format_table
 
     h = load_hierarchy(args.cells) if args.cells else build_default_hierarchy()
-    infos = [model_info(get_config(name), h) for name in (args.config or ["paper", "edge", "tiny"])]
+    infos = [model_info(get_config(name), h) for name in (args.config or ["paper", "edge", "tiny", "nano"])]
     if args.json:
         print(json.dumps(infos, indent=2))
         return 0
