@@ -139,10 +139,11 @@ class CellScorer:
         cut (always when ``beam`` >= the widest level). Each level's softmax is then taken over the cells scored
         at that level, so the scores are those of the searched sub-tree.
         """
-        z = self.query(np.asarray(emb, np.float32).reshape(1, -1))[0]
+        emb = np.asarray(emb, np.float32).reshape(1, -1)
         if beam is None:
-            scores = self.hierarchical_scores(self.level_log_probs(np.asarray(emb, np.float32).reshape(1, -1)))[0]
+            scores = self.hierarchical_scores(self.level_log_probs(emb))[0]
             return np.arange(scores.size), scores
+        z = self.query(emb)[0]
         cand = np.arange(self.tables[0].shape[0])
         cum = np.zeros(cand.size)
         for lvl in range(self.num_levels):
