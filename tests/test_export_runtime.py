@@ -44,7 +44,11 @@ def test_tiny_bundle_contents_and_roundtrip(tiny_bundle):
     assert m["hierarchy"]["digest"] == model.hierarchy.digest()
     loc = Localizer(path)
     g = np.load(path / "golden.npz")
+    # FP32 through two engines: ORT (MLAS) and torch sum in different orders, and each picks kernels by CPU (AVX2,
+    # AVX-512, NEON), so elements of the unit-norm 32-d embedding differ by reassociation error (a few float32
+    # epsilons per layer, ~1e-6 here); 1e-5 bounds that with margin and still catches any real graph difference
     np.testing.assert_allclose(loc.embed(g["inputs"]), _torch_embed(model, g["inputs"]), atol=1e-5)
+    # the stored reference against torch in this same process: same kernels, same order
     np.testing.assert_allclose(g["embedding"], _torch_embed(model, g["inputs"]), atol=1e-6)
 
 
@@ -53,6 +57,7 @@ def test_edge_roundtrip_within_fp32_tolerance(tmp_path, default_hierarchy):
     write_bundle(tmp_path / "edge", model, source, sample_photo_paths()[:3], log=lambda m: None)
     loc = Localizer(tmp_path / "edge")
     x = np.stack([loc.preprocess(p) for p in sample_photo_paths()[:5]])
+    # the edge graph is ~1 GFLOP deep (51 convs): reassociation error grows with depth, 1e-4 on a 512-d unit vector
     np.testing.assert_allclose(loc.embed(x), _torch_embed(model, x), atol=1e-4)
     assert verify_bundle(tmp_path / "edge")["passed"]
 
@@ -71,7 +76,8 @@ def test_dynamic_batch_with_logits(tmp_path, default_hierarchy):
     with torch.no_grad():
         emb = model.embed(torch.from_numpy(x))
         logits = model.head.level_logits(emb)
-    np.testing.assert_allclose(outs[0], emb.numpy(), atol=1e-5)
+    np.testing.assert_allclose(outs[0], emb.numpy(), atol=1e-5)  # as in the roundtrip test above
+    # logits are cosines / temperature (1/0.07 ~ 14x) of the embedding: the same error, scaled, plus the table product
     np.testing.assert_allclose(outs[7], logits[6].numpy(), atol=1e-3)
     assert Localizer(tmp_path / "b").embed(x).shape == (3, 32)
 

@@ -189,7 +189,8 @@ def test_locate_stream_from_a_video_file(tmp_path, tiny):
     b = write_bundle(tmp_path / "b", model, source, sample_photo_paths()[:2], **QUIET)
     video = tmp_path / "clip.avi"
     vw = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (96, 80))
-    assert vw.isOpened()
+    if not vw.isOpened():  # OpenCV's built-in MJPEG/AVI writer; a build without videoio cannot write it
+        pytest.skip("this OpenCV build cannot write an MJPG AVI")
     from geosurge.images import read_image
 
     for p in sample_photo_paths()[:6]:
