@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +175,11 @@ def _oneformer_task_tokens(path, seq_len: int) -> torch.Tensor:
     ``task_seq_len``, as float (1, seq_len)."""
     from transformers import AutoTokenizer
 
+    path = Path(path)
+    if not ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
+        # AutoTokenizer would fall back to an empty CLIP vocabulary here and encode the prompt as padding
+        raise GeosurgeError(f"{path}: OneFormer needs the folder's tokenizer (tokenizer.json, or vocab.json + "
+                            "merges.txt) to encode its task prompt; copy them from the model's repository")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         ids = tok([ONEFORMER_TASK], padding="max_length", max_length=seq_len, truncation=True)["input_ids"]
@@ -216,7 +222,21 @@ class SemanticTokenizer(nn.Module):
     def forward(self, seg_logits: torch.Tensor) -> torch.Tensor:
         probs = seg_logits.softmax(dim=1)
         size = (self.latent_grid, self.latent_grid)
-        if probs.shape[-2:] != size:
-            probs = F.adaptive_avg_pool2d(probs, size) if probs.shape[-1] >= size[1] else \
-                F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+        h, w = probs.shape[-2:]
+        if (h, w) != size:
+            if w >= size[1]:  # adaptive average pooling as two constant matrices: a static MatMul in ONNX
+                probs = _pool_matrix(h, size[0], probs) @ probs @ _pool_matrix(w, size[1], probs).t()
+            else:
+                probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
         return self.proj(probs.flatten(2).transpose(1, 2)) + self.pos
+
+
+def _pool_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in): row i averages inputs floor(i n_in / n_out) .. ceil((i + 1) n_in / n_out) - 1, the bins of
+    ``F.adaptive_avg_pool2d``. Built from Python ints, so a traced export holds it as a constant (the ONNX
+    exporter cannot export adaptive pooling of a map whose size it does not know, e.g. SegFormer's output)."""
+    rows = []
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+        rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(n_in)])
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)

@@ -54,11 +54,21 @@ def read_folder_config(path, config_cls, what: str):
     """The folder's architecture: ``config_cls.from_pretrained`` on its ``config.json`` (a full ``CLIPModel``
     folder yields its vision config). Raises GeosurgeError when the file is unreadable or of another model type."""
     path = local_folder(path, what)
+    f = path / "config.json"
+    try:
+        found = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise GeosurgeError(f"{f}: unreadable ({e})") from None
+    sub = getattr(config_cls, "base_config_key", None)  # a CLIPModel folder nests the vision config
+    if not isinstance(found, dict) or found.get("model_type") != config_cls.model_type and not (
+            sub and isinstance(found.get(sub), dict)):
+        kind = found.get("model_type") if isinstance(found, dict) else None
+        raise GeosurgeError(f"{f}: not a {what} config (model_type {kind!r}, expected {config_cls.model_type!r})")
     try:
         with _quiet_transformers():
             return config_cls.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise GeosurgeError(f"{path / 'config.json'}: not a {what} config ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - transformers / huggingface_hub validation errors have no common base
+        raise GeosurgeError(f"{f}: not a valid {what} config ({type(e).__name__}: {e})") from None
 
 
 def config_record(hf_config) -> dict:
