@@ -294,3 +294,16 @@ def test_model_info_reads_the_folders_without_loading_weights(folders, hierarchy
     assert rows["input"]["source"] == "config + backbone folder"
     plain = {r["part"]: r for r in model_info(get_config("tiny"), hierarchy)["weights"]}
     assert plain["backbone"]["source"] == "random init" and "48 wide" in plain["backbone"]["architecture"]
+
+
+def test_parts_built_alone_take_the_folder_architecture(folders):
+    """build_backbone / build_segmenter without GeoSurge's resolution still build what the folder holds."""
+    from geosurge.models.backbone import build_backbone
+    from geosurge.models.segmentation import build_segmenter
+
+    cfg = get_config("tiny")
+    bb = build_backbone(replace(cfg.backbone, pretrained=str(folders / "clip")))
+    assert (bb.out_channels, bb.grid, bb.cfg.hidden_size) == (32, 4, 32)
+    seg = build_segmenter(replace(cfg.segmenter, kind="segformer", pretrained=str(folders / "segformer")), 32,
+                          cfg.preprocess.mean, cfg.preprocess.std)
+    assert seg.model.config.num_labels == 7

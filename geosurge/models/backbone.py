@@ -71,9 +71,12 @@ class ClipViTBackbone(nn.Module):
         super().__init__()
         from transformers import CLIPVisionModel
 
+        from_folder = bool(cfg.pretrained and cfg.pretrained != "package")
+        if from_folder:  # the folder decides the architecture (GeoSurge resolves first; build_backbone may not)
+            cfg = self.resolve(cfg, PreprocessSpec())[0]
         self.cfg = cfg
         vc = clip_vision_config(cfg)
-        if cfg.pretrained and cfg.pretrained != "package":
+        if from_folder:
             self.model = load_folder_model(CLIPVisionModel, cfg.pretrained, vc, "CLIP vision",
                                            attn_implementation="sdpa")
         else:

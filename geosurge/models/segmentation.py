@@ -96,6 +96,7 @@ class SegformerSegmenter(ImageSegmenter):
         super().__init__()
         from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
+        cfg = self.resolve(cfg)  # a local folder decides the architecture (no-op without one)
         if cfg.hf_config:
             sc = _hf_segmenter_config(SegformerConfig, cfg, {
                 "hidden_sizes": list(cfg.hidden_sizes), "depths": list(cfg.depths),
@@ -142,6 +143,7 @@ class OneFormerSegmenter(ImageSegmenter):
         super().__init__()
         from transformers import OneFormerConfig, OneFormerForUniversalSegmentation
 
+        cfg = self.resolve(cfg)  # a local folder decides the architecture (no-op without one)
         oc = _hf_segmenter_config(OneFormerConfig, cfg, {}) if cfg.hf_config else \
             OneFormerConfig(num_labels=cfg.num_classes)
         oc.is_training = False  # no text mapper / contrastive head: inference only
