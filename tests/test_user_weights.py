@@ -180,6 +180,11 @@ def test_user_folders_that_cannot_be_loaded_are_one_clear_error(folders, hierarc
     with pytest.raises(GeosurgeError, match=r"bad: \d+ CLIP vision tensor\(s\) do not fit the folder's own "
                                             r"config.json: .*\(32,?\) vs \(48,?\)"):
         GeoSurge(user_config(clip=bad), hierarchy)
+    # an image-processor config that is not one
+    odd = shutil.copytree(folders / "clip", tmp_path / "odd")
+    (odd / "preprocessor_config.json").write_text('{"image_mean": ["a", 1, 2], "image_std": [1, 1, 1]}')
+    with pytest.raises(GeosurgeError, match=r"odd/preprocessor_config.json: unreadable image-processor config"):
+        GeoSurge(user_config(clip=odd), hierarchy)
     # weights missing: the folder's config and no tensors of it
     (tmp_path / "nothing").mkdir()
     shutil.copy(folders / "segformer" / "config.json", tmp_path / "nothing")

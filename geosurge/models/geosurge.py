@@ -137,7 +137,8 @@ def read_checkpoint_config(directory) -> tuple[dict, GeoSurgeConfig]:
     try:
         meta = json.loads(cfg_path.read_text())
         config = GeoSurgeConfig.from_dict(meta["config"])
-        meta["hierarchy"]["file"], meta["hierarchy"]["digest"]
+        if not {"file", "digest"} <= set(meta["hierarchy"]):
+            raise KeyError("hierarchy file / digest")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise GeosurgeError(f"{cfg_path}: invalid checkpoint config ({type(e).__name__}: {e})") from None
     return meta, config

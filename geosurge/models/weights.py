@@ -113,8 +113,14 @@ def read_processor(path) -> dict:
         return {}
     try:
         d = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise GeosurgeError(f"{f}: unreadable image-processor config ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"a JSON object expected, found {type(d).__name__}")
+        return _processor_fields(d)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise GeosurgeError(f"{f}: unreadable image-processor config ({type(e).__name__}: {e})") from None
+
+
+def _processor_fields(d: dict) -> dict:
     out: dict = {}
     mean, std = d.get("image_mean"), d.get("image_std")
     if all(isinstance(v, (list, tuple)) and len(v) == 3 for v in (mean, std)):
@@ -144,7 +150,8 @@ def processor_spec(spec, size: int, folder):
     proc = read_processor(folder)
     kw: dict = {"size": size}
     if "resize_size" in proc and "crop_size" in proc:
-        kw["resize"], kw["resize_size"] = "shorter_side", max(size, round(proc["resize_size"] * size / proc["crop_size"]))
+        kw["resize"] = "shorter_side"
+        kw["resize_size"] = max(size, round(proc["resize_size"] * size / proc["crop_size"]))
     elif spec.resize == "shorter_side":
         kw["resize_size"] = max(size, round(spec.resize_size * size / spec.size))
     kw.update({k: proc[k] for k in ("mean", "std", "interpolation") if k in proc})
