@@ -11,6 +11,7 @@ def register(sub) -> None:
     i.add_argument("--config", action="append", choices=["paper", "edge", "tiny", "nano"],
                    help="config name (repeatable; default: all three)")
     i.add_argument("--cells", help="hierarchy file (default: the default hierarchy)")
+    i.add_argument("--checkpoint", action="append", default=[], help="a checkpoint: what it holds (repeatable)")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
@@ -18,11 +19,12 @@ def register(sub) -> None:
 def cmd_info(args) -> int:
     from ..geo import build_default_hierarchy, load_hierarchy
     from ..models import get_config
-    from ..models.info import model_info
+    from ..models.info import checkpoint_info, model_info
     from ..report import format_table
 
     h = load_hierarchy(args.cells) if args.cells else build_default_hierarchy()
-    infos = [model_info(get_config(name), h) for name in (args.config or ["paper", "edge", "tiny", "nano"])]
+    infos = [model_info(get_config(name), h) for name in (args.config or ([] if args.checkpoint else
+             ["paper", "edge", "tiny", "nano"]))] + [checkpoint_info(c) for c in args.checkpoint]
     if args.json:
         print(json.dumps(infos, indent=2))
         return 0
@@ -30,6 +32,6 @@ def cmd_info(args) -> int:
         print(format_table(inf["parts"], ["part", "params_M", "trainable_M", "GFLOPs"],
                            title=f"{inf['config']}: input {'x'.join(map(str, inf['input']))}, "
                                  f"{inf['embed_dim']}-d, cells per level {inf['cells']}"))
-        print()
+        print(format_table(inf["weights"], ["part", "source", "architecture"], title="weights"), end="\n\n")
     print("GFLOPs count 2 FLOPs per multiply-add (torch.utils.flop_counter), batch 1.")
     return 0

@@ -5,7 +5,7 @@ Contract (``BackboneOutput``): ``tokens`` (B, N, C) patch tokens on an (h, w) gr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 from ..errors import GeosurgeError
+from ..preprocess import PreprocessSpec
 from .config import BackboneConfig
+from .weights import (config_record, load_folder_model, load_state_checked, processor_spec, read_folder_config,
+                      read_state_dict)
 
 
 @dataclass
@@ -35,32 +38,66 @@ def register_backbone(name: str):
 
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    return _family(cfg)(cfg)
+
+
+def resolve_backbone(cfg: BackboneConfig, spec: PreprocessSpec) -> tuple[BackboneConfig, PreprocessSpec]:
+    """The config and preprocessing of the backbone ``cfg`` will actually build: where weights come from a local
+    folder, its architecture and input size (read from its ``config.json``, no weights loaded) replace the config's.
+    A family without a ``resolve`` classmethod builds what its config says."""
+    resolve = getattr(_family(cfg), "resolve", None)
+    return resolve(cfg, spec) if resolve else (cfg, spec)
+
+
+def _family(cfg: BackboneConfig):
     try:
-        return BACKBONES[cfg.family](cfg)
+        return BACKBONES[cfg.family]
     except KeyError:
         raise ValueError(f"unknown backbone family {cfg.family!r}; registered: {', '.join(BACKBONES)}") from None
 
 
+# our BackboneConfig field -> transformers CLIPVisionConfig attribute
+CLIP_FIELDS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+               "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "patch_size": "patch_size",
+               "image_size": "image_size"}
+
+
 @register_backbone("clip_vit")
 class ClipViTBackbone(nn.Module):
-    """transformers' CLIP vision tower, built from a config (no download); real weights from a local directory."""
+    """transformers' CLIP vision tower, built from a config (no download); real weights from a local folder
+    (a ``CLIPVisionModel`` or a full ``CLIPModel`` folder: its text tower is ignored)."""
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
-        from transformers import CLIPVisionConfig, CLIPVisionModel
+        from transformers import CLIPVisionModel
 
+        from_folder = bool(cfg.pretrained and cfg.pretrained != "package")
+        if from_folder:  # the folder decides the architecture (GeoSurge resolves first; build_backbone may not)
+            cfg = self.resolve(cfg, PreprocessSpec())[0]
         self.cfg = cfg
-        if cfg.pretrained and cfg.pretrained != "package":
-            self.model = _load_local_clip(Path(cfg.pretrained))
+        vc = clip_vision_config(cfg)
+        if from_folder:
+            self.model = load_folder_model(CLIPVisionModel, cfg.pretrained, vc, "CLIP vision",
+                                           attn_implementation="sdpa")
         else:
-            vc = CLIPVisionConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                                  patch_size=cfg.patch_size, image_size=cfg.image_size, hidden_act="quick_gelu")
-            vc._attn_implementation = "sdpa"
             self.model = CLIPVisionModel(vc)
         self.out_channels = self.model.config.hidden_size
         self.grid = self.model.config.image_size // self.model.config.patch_size
         set_trainable_blocks(self, cfg.trainable_blocks)
+
+    @classmethod
+    def resolve(cls, cfg: BackboneConfig, spec: PreprocessSpec) -> tuple[BackboneConfig, PreprocessSpec]:
+        """From a local folder: width, depth, heads, patch and image size from its config (the full transformers
+        config is kept in ``hf_config``); the input crop becomes its image size, and mean / std / interpolation
+        come from its ``preprocessor_config.json`` when it has one."""
+        if not cfg.pretrained or cfg.pretrained == "package":
+            return cfg, spec
+        from transformers import CLIPVisionConfig
+
+        vc = read_folder_config(cfg.pretrained, CLIPVisionConfig, "CLIP vision")
+        cfg = replace(cfg, hf_config=config_record(vc),
+                      **{ours: getattr(vc, theirs) for ours, theirs in CLIP_FIELDS.items()})
+        return cfg, processor_spec(spec, cfg.image_size, cfg.pretrained)
 
     @property
     def vision(self) -> nn.Module:
@@ -82,15 +119,16 @@ class ClipViTBackbone(nn.Module):
         return BackboneOutput(tokens=tokens, global_token=out.pooler_output, feature_map=fmap)
 
 
-def _load_local_clip(path: Path):
-    from transformers import CLIPVisionModel
+def clip_vision_config(cfg: BackboneConfig):
+    """The CLIPVisionConfig ``cfg`` describes: ``hf_config`` (recorded from loaded weights) with the named fields
+    on top, or, without one, OpenAI CLIP's layout (quick_gelu) at the named sizes."""
+    from transformers import CLIPVisionConfig
 
-    if not path.is_dir():
-        raise GeosurgeError(f"{path}: CLIP weights must be a local directory (config.json + safetensors)")
-    try:
-        return CLIPVisionModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise GeosurgeError(f"{path}: cannot load CLIP vision weights ({e})") from None
+    named = {theirs: getattr(cfg, ours) for ours, theirs in CLIP_FIELDS.items()}
+    vc = CLIPVisionConfig.from_dict({**cfg.hf_config, **named}) if cfg.hf_config else \
+        CLIPVisionConfig(**named, hidden_act="quick_gelu")
+    vc._attn_implementation = "sdpa"
+    return vc
 
 
 @register_backbone("timm")
@@ -106,7 +144,8 @@ class TimmBackbone(nn.Module):
         if cfg.pretrained == "package":
             self.model.load_state_dict(packaged_weights(cfg.timm_name))
         elif cfg.pretrained:
-            self.model.load_state_dict(_load_local_state_dict(Path(cfg.pretrained)))
+            load_state_checked(self.model, read_state_dict(Path(cfg.pretrained)), cfg.pretrained,
+                               f"timm {cfg.timm_name}")
         self.out_channels = self.model.num_features
         self.reduction = self.model.feature_info[-1]["reduction"]
         self.grid = cfg.image_size // self.reduction
@@ -163,7 +202,7 @@ def packaged_weights(timm_name: str) -> dict[str, torch.Tensor]:
     except metadata.PackageNotFoundError:
         raise GeosurgeError(f"the {timm_name} weights come from the {dist_name!r} package, which is not installed"
                             ) from None
-    src = _load_local_state_dict(path)
+    src = read_state_dict(path)
     target = timm.create_model(timm_name, pretrained=False).state_dict()
     src_items = [(k, v) for k, v in src.items() if not k.endswith("num_batches_tracked")]
     dst_keys = [k for k in target if not k.endswith("num_batches_tracked")]
@@ -177,22 +216,3 @@ def packaged_weights(timm_name: str) -> dict[str, torch.Tensor]:
     for k, v in target.items():  # counters: keep timm's
         mapped.setdefault(k, v)
     return mapped
-
-
-def _load_local_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A third-party weight file: safetensors, or a .pth read with ``weights_only=True`` (never a full unpickle)."""
-    if not path.is_file():
-        raise GeosurgeError(f"{path}: weight file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling refusal is reported the same way
-        raise GeosurgeError(f"{path}: not a plain tensor state_dict ({type(e).__name__}: {e})") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise GeosurgeError(f"{path}: expected a state_dict, found {type(sd).__name__}")
-    return sd

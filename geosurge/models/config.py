@@ -27,13 +27,18 @@ class BackboneConfig:
     # timm
     timm_name: str = "tf_efficientnet_lite0"
     pretrained: str | None = None  # "package" (weights shipped in a package), a local path, or None (random init)
+    # the transformers config of the weights actually loaded (clip_vit from a local folder), recorded so that a
+    # checkpoint rebuilds the same architecture; the named fields above are read from it and win over it
+    hf_config: dict | None = None
 
 
 @dataclass
 class SegmenterConfig:
     """Semantic branch: a class-probability map over ``num_classes`` ADE20K classes."""
 
-    kind: str = "segformer"  # segformer (transformers, paper teacher) | light_head (on the backbone's features)
+    # segformer (transformers, paper teacher) | oneformer (transformers OneFormer, semantic task; weights from a
+    # local folder) | light_head (on the backbone's features)
+    kind: str = "segformer"
     num_classes: int = 150
     # segformer (B5-like by default)
     hidden_sizes: tuple[int, ...] = (64, 128, 320, 512)
@@ -42,7 +47,8 @@ class SegmenterConfig:
     decoder_hidden_size: int = 768
     mean: tuple[float, float, float] = IMAGENET_MEAN  # what the segmenter's weights expect
     std: tuple[float, float, float] = IMAGENET_STD
-    pretrained: str | None = None  # local dir of a transformers Segformer checkpoint
+    pretrained: str | None = None  # local dir of a transformers SegFormer / OneFormer checkpoint
+    hf_config: dict | None = None  # the transformers config actually loaded (see BackboneConfig.hf_config)
     # light_head
     head_hidden: int = 128
     frozen: bool = False

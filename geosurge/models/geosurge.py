@@ -14,20 +14,33 @@ from .. import __version__
 from ..errors import GeosurgeError
 from ..fsutil import replace_dir
 from ..geo import CellHierarchy, load_hierarchy
-from .backbone import build_backbone
+from .backbone import build_backbone, resolve_backbone
 from .config import GeoSurgeConfig
 from .fusion import SemanticFusion
 from .head import CellHead
-from .segmentation import SemanticTokenizer, build_segmenter
+from .segmentation import SemanticTokenizer, build_segmenter, resolve_segmenter
+from .weights import load_state_checked
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HIERARCHY_FILE = "cells.npz"
 
 
+def resolve_config(config: GeoSurgeConfig) -> GeoSurgeConfig:
+    """The config of the model ``config`` actually builds. Where the backbone or segmenter weights come from a
+    local transformers folder, that folder's ``config.json`` decides the architecture (width, depth, heads, patch,
+    image size, class count: the full transformers config is kept in ``hf_config``) and its
+    ``preprocessor_config.json`` the normalisation; the input size follows the backbone's image size. Everything
+    derived (fusion input width, semantic-token projection, patch grid) is built from the result, and a checkpoint
+    records it, so ``from_pretrained`` rebuilds the same model without the folders. Reads configs only."""
+    backbone, preprocess = resolve_backbone(config.backbone, config.preprocess)
+    return replace(config, backbone=backbone, segmenter=resolve_segmenter(config.segmenter), preprocess=preprocess)
+
+
 class GeoSurge(nn.Module):
     def __init__(self, config: GeoSurgeConfig, hierarchy: CellHierarchy):
         super().__init__()
+        config = resolve_config(config)
         self.config = config
         self.hierarchy = hierarchy
         self.backbone = build_backbone(config.backbone)
@@ -95,35 +108,48 @@ class GeoSurge(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, map_location: str = "cpu") -> "GeoSurge":
+        """The model saved by :meth:`save_pretrained` in ``directory``. Raises GeosurgeError when the folder is not a
+        checkpoint, its cells differ from the ones it was trained on, or its weights do not fit the architecture
+        its ``config.json`` records (naming the tensors and both shapes)."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        cfg_path = directory / CONFIG_FILE
-        if not cfg_path.is_file():
-            raise GeosurgeError(f"{directory}: not a geosurge checkpoint (no {CONFIG_FILE})")
-        try:
-            meta = json.loads(cfg_path.read_text())
-            config = GeoSurgeConfig.from_dict(meta["config"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise GeosurgeError(f"{cfg_path}: invalid checkpoint config ({e})") from None
+        meta, config = read_checkpoint_config(directory)
         hierarchy = load_hierarchy(directory / meta["hierarchy"]["file"])
         if hierarchy.digest() != meta["hierarchy"]["digest"]:
             raise GeosurgeError(f"{directory}: cells.npz does not match the hierarchy the model was trained on")
         # weights come from the checkpoint: skip pretrained loading and GeoCLIP init while building
-        build_cfg = replace(config, backbone=replace(config.backbone, pretrained=None),
-                            segmenter=replace(config.segmenter, pretrained=None),
-                            head=replace(config.head, init_from_geoclip=False))
-        model = cls(build_cfg, hierarchy)
+        model = cls(weightless(config), hierarchy)
         model.config = config
         try:
             state = load_file(str(directory / WEIGHTS_FILE), device=map_location)
         except (OSError, Exception) as e:  # safetensors raises its own error types
             raise GeosurgeError(f"{directory / WEIGHTS_FILE}: cannot read weights ({e})") from None
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise GeosurgeError(f"{directory}: weights do not fit the config (missing {missing[:5]}, "
-                                f"unexpected {unexpected[:5]})")
+        load_state_checked(model, state, directory / WEIGHTS_FILE, directory / CONFIG_FILE)
         return model
+
+
+def read_checkpoint_config(directory) -> tuple[dict, GeoSurgeConfig]:
+    """A checkpoint's ``config.json``: (the whole record, the model config). Reads no weights."""
+    cfg_path = Path(directory) / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise GeosurgeError(f"{directory}: not a geosurge checkpoint (no {CONFIG_FILE})")
+    try:
+        meta = json.loads(cfg_path.read_text())
+        config = GeoSurgeConfig.from_dict(meta["config"])
+        if not {"file", "digest"} <= set(meta["hierarchy"]):
+            raise KeyError("hierarchy file / digest")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise GeosurgeError(f"{cfg_path}: invalid checkpoint config ({type(e).__name__}: {e})") from None
+    return meta, config
+
+
+def weightless(config: GeoSurgeConfig) -> GeoSurgeConfig:
+    """``config`` built without loading anything (no local folders, packages or GeoCLIP): the architecture only.
+    Resolve first (:func:`resolve_config`) where the folders should decide it."""
+    return replace(config, backbone=replace(config.backbone, pretrained=None),
+                   segmenter=replace(config.segmenter, pretrained=None),
+                   head=replace(config.head, init_from_geoclip=False))
 
 
 def build_model(name_or_config, hierarchy: CellHierarchy | None = None) -> GeoSurge:

@@ -2,35 +2,37 @@
 the paper-size model is never materialised."""
 from __future__ import annotations
 
-from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from ..geo import CellHierarchy
 from .config import GeoSurgeConfig
-from .geosurge import GeoSurge
+from .geosurge import GeoSurge, resolve_config, weightless
+from .segmentation import build_segmenter
 
 
-def model_info(config: GeoSurgeConfig, hierarchy: CellHierarchy) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cfg = replace(config, backbone=replace(config.backbone, pretrained=None),
-                  segmenter=replace(config.segmenter, pretrained=None),
-                  head=replace(config.head, init_from_geoclip=False))
+def model_info(config: GeoSurgeConfig, hierarchy: CellHierarchy, resolve: bool = True) -> dict:
+    """Parameters (M), trainable parameters (M) and GFLOPs per part, plus ``weights``: where each part's weights
+    come from and the architecture they have (:func:`describe_weights`). ``resolve``: read the local weight folders'
+    configs first (a fresh config); False for a checkpoint's config, which already records what was loaded."""
+    if resolve:
+        config = resolve_config(config)
+    cfg = weightless(config)
     with torch.device("meta"):
-        model = GeoSurge(cfg, hierarchy).eval()
+        # .to: a few transformers parameters are made with the legacy torch.Tensor(...), which ignores the default
+        model = GeoSurge(cfg, hierarchy).to("meta").eval()
         x = torch.empty(1, 3, cfg.preprocess.size, cfg.preprocess.size)
-    flops = FlopCounterMode(display=False)
-    with torch.no_grad(), flops:
-        feats = model.backbone(x)
-        counts = {"backbone": flops.get_total_flops()}
-        seg = model.segmenter(x, feats.feature_map)
-        sem = model.semantic(seg)
-        counts["segmenter"] = flops.get_total_flops() - sum(counts.values())
-        emb = model.fusion(feats.tokens, feats.global_token, sem)
-        counts["fusion"] = flops.get_total_flops() - sum(counts.values())
-        model.head.level_logits(emb)
-        counts["cell_tables"] = flops.get_total_flops() - sum(counts.values())
+    counts = {}
+    feats, counts["backbone"] = _counted(model.backbone, x)
+    try:
+        seg, counts["segmenter"] = _counted(model.segmenter, x, feats.feature_map)
+    except RuntimeError:  # OneFormer's data-dependent checks (Tensor.item) cannot run on meta: count it on CPU
+        seg, counts["segmenter"] = _counted_on_cpu(cfg, model, x, feats.feature_map)
+    sem, flops_sem = _counted(model.semantic, seg)
+    counts["segmenter"] += flops_sem
+    emb, counts["fusion"] = _counted(model.fusion, feats.tokens, feats.global_token, sem)
+    _, counts["cell_tables"] = _counted(model.head.level_logits, emb)
     rows = []
     for name, part in model.parts().items():
         n = sum(p.numel() for p in part.parameters())
@@ -40,4 +42,75 @@ def model_info(config: GeoSurgeConfig, hierarchy: CellHierarchy) -> dict:
     rows.append({"part": "total", "params_M": sum(r["params_M"] for r in rows),
                  "trainable_M": sum(r["trainable_M"] for r in rows), "GFLOPs": sum(r["GFLOPs"] for r in rows)})
     return {"config": config.name, "input": list(x.shape), "cells": hierarchy.sizes,
-            "embed_dim": config.head.embed_dim, "parts": rows}
+            "embed_dim": config.head.embed_dim, "parts": rows,
+            "weights": describe_weights(config, checkpoint=not resolve)}
+
+
+def _counted(fn, *args, device="meta"):
+    """(output, FLOPs) of ``fn(*args)``; tensors the forward creates stay on ``device``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = FlopCounterMode(display=False)
+    with torch.no_grad(), torch.device(device), flops:
+        out = fn(*args)
+    return out, flops.get_total_flops()
+
+
+def _counted_on_cpu(cfg: GeoSurgeConfig, model: GeoSurge, x: torch.Tensor, feature_map: torch.Tensor):
+    """The segmenter alone, materialised on CPU with random weights (only its own size), run on zeros."""
+    seg = build_segmenter(cfg.segmenter, model.backbone.out_channels, cfg.preprocess.mean, cfg.preprocess.std).eval()
+    seg.requires_grad_(False)  # FlopCounterMode's module hooks trip over parameters passed on as inputs
+    out, flops = _counted(seg, torch.zeros(x.shape), torch.zeros(feature_map.shape), device="cpu")
+    return torch.empty(out.shape, device="meta"), flops
+
+
+def checkpoint_info(directory) -> dict:
+    """:func:`model_info` of a checkpoint (read from its ``config.json`` and ``cells.npz``; no weights loaded)."""
+    from ..geo import load_hierarchy
+    from .geosurge import read_checkpoint_config
+
+    meta, config = read_checkpoint_config(directory)
+    info = model_info(config, load_hierarchy(Path(directory) / meta["hierarchy"]["file"]), resolve=False)
+    info["config"] = f"{directory} ({config.name})"
+    return info
+
+
+def describe_weights(config: GeoSurgeConfig, checkpoint: bool = False) -> list[dict]:
+    """One row per part: ``part``, ``source`` (random init, a package, a local folder; in a checkpoint the
+    weights are the checkpoint's and the folder is where they started) and ``architecture`` in words."""
+    bb, seg = config.backbone, config.segmenter
+
+    def source(pretrained, package: str | None = None) -> str:
+        if not pretrained:
+            return "checkpoint" if checkpoint else "random init"
+        where = f"package {package}" if pretrained == "package" and package else f"folder {pretrained}"
+        return f"checkpoint (built on {where})" if checkpoint else where
+
+    if bb.family == "clip_vit":
+        act = (bb.hf_config or {}).get("hidden_act", "quick_gelu")
+        arch = (f"CLIP ViT: {bb.hidden_size} wide, {bb.num_layers} layers, {bb.num_heads} heads, MLP "
+                f"{bb.intermediate_size} ({act}), patch {bb.patch_size} @ {bb.image_size} px")
+    else:
+        arch = f"timm {bb.timm_name} @ {config.preprocess.size} px"
+    package = None
+    if bb.family == "timm" and bb.pretrained == "package":
+        from .backbone import PACKAGED_WEIGHTS
+
+        package = PACKAGED_WEIGHTS.get(bb.timm_name, ("?",))[0]
+    rows = [{"part": "backbone", "source": source(bb.pretrained, package), "architecture": arch}]
+    if seg.kind == "segformer":
+        arch = (f"SegFormer: widths {list(seg.hidden_sizes)}, depths {list(seg.depths)}, heads "
+                f"{list(seg.num_heads)}, decoder {seg.decoder_hidden_size}, {seg.num_classes} classes")
+    elif seg.kind == "oneformer":
+        hc = seg.hf_config or {}
+        backbone = (hc.get("backbone_config") or {}).get("model_type", "swin")
+        arch = (f"OneFormer ({backbone}): {hc.get('num_queries', 150)} queries, hidden {hc.get('hidden_dim', 256)}, "
+                f"{seg.num_classes} classes, semantic task")
+    else:
+        arch = f"light head on backbone features: {seg.head_hidden} hidden, {seg.num_classes} classes"
+    rows.append({"part": "segmenter", "source": source(seg.pretrained), "architecture": arch})
+    pre = config.preprocess
+    rows.append({"part": "input", "source": "config" if not bb.hf_config else "config + backbone folder",
+                 "architecture": f"{pre.size} px ({pre.resize} {pre.resize_size}, {pre.interpolation}), mean "
+                                 f"{[round(v, 4) for v in pre.mean]}, std {[round(v, 4) for v in pre.std]}"})
+    return rows

@@ -1,6 +1,7 @@
 """Semantic branch: a class-probability map, linearly projected into semantic tokens on the patch grid."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from ..errors import GeosurgeError
 from .config import SegmenterConfig
+from .weights import config_record, load_folder_model, read_folder_config, read_processor
 
 SEGMENTERS: dict[str, type] = {}
 
@@ -22,49 +24,171 @@ def register_segmenter(name: str):
 
 
 def build_segmenter(cfg: SegmenterConfig, backbone_channels: int, input_mean, input_std) -> nn.Module:
+    return _kind(cfg)(cfg, backbone_channels=backbone_channels, input_mean=input_mean, input_std=input_std)
+
+
+def resolve_segmenter(cfg: SegmenterConfig) -> SegmenterConfig:
+    """The config of the segmenter ``cfg`` will actually build: where weights come from a local folder, its
+    architecture and class count (read from its ``config.json``, no weights loaded) replace the config's."""
+    resolve = getattr(_kind(cfg), "resolve", None)
+    return resolve(cfg) if resolve else cfg
+
+
+def _kind(cfg: SegmenterConfig):
     try:
-        cls = SEGMENTERS[cfg.kind]
+        return SEGMENTERS[cfg.kind]
     except KeyError:
         raise ValueError(f"unknown segmenter {cfg.kind!r}; registered: {', '.join(SEGMENTERS)}") from None
-    return cls(cfg, backbone_channels=backbone_channels, input_mean=input_mean, input_std=input_std)
+
+
+class ImageSegmenter(nn.Module):
+    """A segmenter that reads the model input (normalised for the backbone) and re-normalises it in-graph for
+    its own weights: ``x_seg = (x * std_in + mean_in - mean_seg) / std_seg``, folded into one scale and shift."""
+
+    uses_image = True
+
+    def _input_norm(self, cfg: SegmenterConfig, input_mean, input_std) -> None:
+        std_in, mean_in = torch.tensor(input_std), torch.tensor(input_mean)
+        std_s, mean_s = torch.tensor(cfg.std), torch.tensor(cfg.mean)
+        self.register_buffer("scale", (std_in / std_s).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((mean_in - mean_s) / std_s).view(1, 3, 1, 1), persistent=False)
+
+    def _freeze(self, cfg: SegmenterConfig) -> None:
+        if cfg.frozen:
+            for p in self.parameters():
+                p.requires_grad_(False)
+
+    @staticmethod
+    def _resolve(cfg: SegmenterConfig, config_cls, what: str, fields: dict) -> SegmenterConfig:
+        """A local folder's config -> ours: ``fields`` (ours -> transformers attribute), the full config in
+        ``hf_config``, and mean / std from its ``preprocessor_config.json`` when it has them."""
+        if not cfg.pretrained:
+            return cfg
+        hc = read_folder_config(cfg.pretrained, config_cls, what)
+        named = {ours: tuple(getattr(hc, theirs)) if isinstance(getattr(hc, theirs), list) else getattr(hc, theirs)
+                 for ours, theirs in fields.items()}
+        norm = {k: v for k, v in read_processor(cfg.pretrained).items() if k in ("mean", "std")}
+        return replace(cfg, hf_config=config_record(hc), **named, **norm)
+
+
+def _hf_segmenter_config(config_cls, cfg: SegmenterConfig, named: dict):
+    """``cfg.hf_config`` with the named fields on top; labels follow ``num_classes``."""
+    d = dict(cfg.hf_config)
+    if len(d.get("id2label") or {}) != cfg.num_classes:
+        d.pop("id2label", None)
+        d.pop("label2id", None)
+    return config_cls.from_dict({**d, **named, "num_labels": cfg.num_classes})
+
+
+# our SegmenterConfig field -> transformers SegformerConfig attribute
+SEGFORMER_FIELDS = {"num_classes": "num_labels", "hidden_sizes": "hidden_sizes", "depths": "depths",
+                    "num_heads": "num_attention_heads", "decoder_hidden_size": "decoder_hidden_size"}
 
 
 @register_segmenter("segformer")
-class SegformerSegmenter(nn.Module):
-    """transformers' SegFormer (ADE20K, 150 classes), config-built; real weights from a local directory.
+class SegformerSegmenter(ImageSegmenter):
+    """transformers' SegFormer (ADE20K, 150 classes), config-built; real weights from a local folder.
 
-    It reads the model input (normalised for the backbone) and re-normalises it in-graph for its own weights.
     Output: logits (B, K, H/4, W/4).
     """
-
-    uses_image = True
 
     def __init__(self, cfg: SegmenterConfig, backbone_channels: int, input_mean, input_std):
         super().__init__()
         from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-        if cfg.pretrained:
-            path = Path(cfg.pretrained)
-            if not path.is_dir():
-                raise GeosurgeError(f"{path}: segmenter weights must be a local transformers directory")
-            self.model = SegformerForSemanticSegmentation.from_pretrained(str(path), local_files_only=True)
+        cfg = self.resolve(cfg)  # a local folder decides the architecture (no-op without one)
+        if cfg.hf_config:
+            sc = _hf_segmenter_config(SegformerConfig, cfg, {
+                "hidden_sizes": list(cfg.hidden_sizes), "depths": list(cfg.depths),
+                "num_attention_heads": list(cfg.num_heads), "decoder_hidden_size": cfg.decoder_hidden_size})
         else:
             sc = SegformerConfig(num_labels=cfg.num_classes, hidden_sizes=list(cfg.hidden_sizes),
                                  depths=list(cfg.depths), num_attention_heads=list(cfg.num_heads),
                                  decoder_hidden_size=cfg.decoder_hidden_size,
                                  sr_ratios=[8, 4, 2, 1][:len(cfg.depths)])
+        if cfg.pretrained:
+            self.model = load_folder_model(SegformerForSemanticSegmentation, cfg.pretrained, sc, "SegFormer")
+        else:
             self.model = SegformerForSemanticSegmentation(sc)
-        # x_seg = (x * std_in + mean_in - mean_seg) / std_seg, folded into one scale and shift per channel
-        std_in, mean_in = torch.tensor(input_std), torch.tensor(input_mean)
-        std_s, mean_s = torch.tensor(cfg.std), torch.tensor(cfg.mean)
-        self.register_buffer("scale", (std_in / std_s).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", ((mean_in - mean_s) / std_s).view(1, 3, 1, 1), persistent=False)
-        if cfg.frozen:
-            for p in self.parameters():
-                p.requires_grad_(False)
+        self._input_norm(cfg, input_mean, input_std)
+        self._freeze(cfg)
+
+    @classmethod
+    def resolve(cls, cfg: SegmenterConfig) -> SegmenterConfig:
+        from transformers import SegformerConfig
+
+        return cls._resolve(cfg, SegformerConfig, "SegFormer", SEGFORMER_FIELDS)
 
     def forward(self, image: torch.Tensor, feature_map: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(pixel_values=image * self.scale + self.shift).logits
+
+
+ONEFORMER_TASK = "the task is semantic"  # OneFormerProcessor's task prompt for semantic segmentation
+NO_OBJECT_EPS = 1e-6  # floor of the semantic map before its log (a class no query claims: log 1e-6, not -inf)
+
+
+@register_segmenter("oneformer")
+class OneFormerSegmenter(ImageSegmenter):
+    """transformers' ``OneFormerForUniversalSegmentation`` on the semantic task; weights from a local folder
+    (config.json + weights + the CLIP tokenizer files that encode its task prompt). Without one it is built at
+    the default OneFormerConfig (Swin-T, ADE20K's 150 classes), randomly initialised.
+
+    The semantic map is OneFormer's own semantic post-processing (``post_process_semantic_segmentation``): per
+    class, the sum over queries of P(class | query) (no-object column dropped) times the query's sigmoid mask.
+    Returned as its log (B, K, H/4, W/4), so that the softmax the semantic tokenizer applies gives the map
+    normalised over classes. The tokenised prompt is a persistent buffer: a checkpoint needs no tokenizer.
+    """
+
+    def __init__(self, cfg: SegmenterConfig, backbone_channels: int, input_mean, input_std):
+        super().__init__()
+        from transformers import OneFormerConfig, OneFormerForUniversalSegmentation
+
+        cfg = self.resolve(cfg)  # a local folder decides the architecture (no-op without one)
+        oc = _hf_segmenter_config(OneFormerConfig, cfg, {}) if cfg.hf_config else \
+            OneFormerConfig(num_labels=cfg.num_classes)
+        oc.is_training = False  # no text mapper / contrastive head: inference only
+        if cfg.pretrained:
+            self.model = load_folder_model(OneFormerForUniversalSegmentation, cfg.pretrained, oc, "OneFormer")
+            task = _oneformer_task_tokens(cfg.pretrained, oc.task_seq_len)
+        else:
+            self.model = OneFormerForUniversalSegmentation(oc)
+            task = torch.zeros(1, oc.task_seq_len)
+        self.register_buffer("task_inputs", task)
+        self._input_norm(cfg, input_mean, input_std)
+        self._freeze(cfg)
+
+    @classmethod
+    def resolve(cls, cfg: SegmenterConfig) -> SegmenterConfig:
+        from transformers import OneFormerConfig
+
+        return cls._resolve(cfg, OneFormerConfig, "OneFormer", {"num_classes": "num_labels"})
+
+    def forward(self, image: torch.Tensor, feature_map: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.model(pixel_values=image * self.scale + self.shift,
+                         task_inputs=self.task_inputs.expand(image.shape[0], -1))
+        classes = out.class_queries_logits.softmax(dim=-1)[..., :-1]  # (B, Q, K): drop the no-object column
+        masks = out.masks_queries_logits.sigmoid()  # (B, Q, h, w)
+        semantic = torch.einsum("bqc,bqhw->bchw", classes, masks)
+        return semantic.clamp_min(NO_OBJECT_EPS).log()
+
+
+def _oneformer_task_tokens(path, seq_len: int) -> torch.Tensor:
+    """OneFormerProcessor's task input: the prompt tokenised with the folder's CLIP tokenizer, padded to
+    ``task_seq_len``, as float (1, seq_len)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
+        # AutoTokenizer would fall back to an empty CLIP vocabulary here and encode the prompt as padding
+        raise GeosurgeError(f"{path}: OneFormer needs the folder's tokenizer (tokenizer.json, or vocab.json + "
+                            "merges.txt) to encode its task prompt; copy them from the model's repository")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        ids = tok([ONEFORMER_TASK], padding="max_length", max_length=seq_len, truncation=True)["input_ids"]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise GeosurgeError(f"{path}: OneFormer needs the folder's tokenizer (tokenizer.json, or vocab.json + "
+                            f"merges.txt) to encode its task prompt ({type(e).__name__}: {e})") from None
+    return torch.tensor(ids, dtype=torch.float32)
 
 
 @register_segmenter("light_head")
@@ -100,7 +224,21 @@ class SemanticTokenizer(nn.Module):
     def forward(self, seg_logits: torch.Tensor) -> torch.Tensor:
         probs = seg_logits.softmax(dim=1)
         size = (self.latent_grid, self.latent_grid)
-        if probs.shape[-2:] != size:
-            probs = F.adaptive_avg_pool2d(probs, size) if probs.shape[-1] >= size[1] else \
-                F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
+        h, w = probs.shape[-2:]
+        if (h, w) != size:
+            if w >= size[1]:  # adaptive average pooling as two constant matrices: a static MatMul in ONNX
+                probs = _pool_matrix(h, size[0], probs) @ probs @ _pool_matrix(w, size[1], probs).t()
+            else:
+                probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
         return self.proj(probs.flatten(2).transpose(1, 2)) + self.pos
+
+
+def _pool_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in): row i averages inputs floor(i n_in / n_out) .. ceil((i + 1) n_in / n_out) - 1, the bins of
+    ``F.adaptive_avg_pool2d``. Built from Python ints, so a traced export holds it as a constant (the ONNX
+    exporter cannot export adaptive pooling of a map whose size it does not know, e.g. SegFormer's output)."""
+    rows = []
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+        rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(n_in)])
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
