@@ -5,6 +5,7 @@ import shutil
 import struct
 import sys
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -299,14 +300,18 @@ def test_float_arrays_outside_0_1_are_refused():
 # ---- decode at the size the model needs ----------------------------------------------------------------------------
 def test_jpeg_reduction_rule_and_manifest_field():
     edge, paper = get_config("edge").preprocess, get_config("paper").preprocess
-    assert edge.decode == "jpeg_dct" and edge.background == (255, 255, 255)
-    assert edge.jpeg_reduction(3024, 4032) == 8  # 378 x 504 still covers 256
-    assert paper.jpeg_reduction(3024, 4032) == 8  # 378 >= 336
-    assert edge.jpeg_reduction(1000, 1500) == 2  # 1/4 would give 250 < 256
-    assert edge.jpeg_reduction(509, 4000) == 1  # libjpeg's 1/2 gives ceil(509 / 2) = 255 rows < 256
-    assert edge.jpeg_reduction(511, 4000) == 2  # ceil(511 / 2) = 256 covers
+    assert edge.decode == "jpeg_dct" and edge.dct_oversample == 2.0 and edge.background == (255, 255, 255)
+    assert edge.jpeg_reduction(3024, 4032) == 4  # 756 x 1008 keeps 2 x 256; 1/8 (378) would not
+    assert edge.jpeg_reduction(4032, 3024) == 4  # orientation does not matter
+    assert paper.jpeg_reduction(3024, 4032) == 4  # 756 >= 2 x 336
+    assert edge.jpeg_reduction(1000, 1500) == 1  # 1/2 gives 500 < 512
+    assert edge.jpeg_reduction(1022, 4000) == 1  # libjpeg's 1/2 gives ceil(1022 / 2) = 511 rows
+    assert edge.jpeg_reduction(1023, 4000) == 2  # ceil(1023 / 2) = 512
+    just_cover = replace(edge, dct_oversample=1.0)
+    assert just_cover.jpeg_reduction(3024, 4032) == 8 and just_cover.jpeg_reduction(1000, 1500) == 2
     stretch = PreprocessSpec(size=224, resize="stretch")
-    assert stretch.jpeg_reduction(1000, 5000) == 4  # both sides >= 224 after 1/4 (250 x 1250)
+    assert stretch.jpeg_reduction(1000, 5000) == 2  # 500 >= 2 x 224
+    assert replace(stretch, dct_oversample=1.0).jpeg_reduction(1000, 5000) == 4  # 250 >= 224
     d = edge.to_dict()
     assert d["decode"] == "jpeg_dct" and d["background"] == [255, 255, 255]
     assert PreprocessSpec.from_dict(d) == edge
@@ -315,6 +320,8 @@ def test_jpeg_reduction_rule_and_manifest_field():
         3024, 4032) == 1
     with pytest.raises(ValueError, match="decode must be one of"):
         PreprocessSpec(decode="thumbnail")
+    with pytest.raises(ValueError, match="dct_oversample must be >= 1"):
+        PreprocessSpec(dct_oversample=0.5)
     with pytest.raises(ValueError, match="background must be three integers"):
         PreprocessSpec(background=(0, 0, 300))
 
@@ -326,7 +333,7 @@ def test_dct_scaled_decode_honours_orientation_and_stays_close_to_full():
     data = _encode(rgb, "JPEG", quality=92, exif=_exif(6))
     assert jpeg_size(data) == (1512, 2016)
     small = load_image(data, spec)
-    assert small.shape == (504, 378, 3)  # 1/4 scale, rotated to portrait
+    assert small.shape == (1008, 756, 3)  # 1/2 scale (1/4 would leave 378 < 2 x 256), rotated to portrait
     big = load_image(data, full)
     assert big.shape == (2016, 1512, 3)
     np.testing.assert_array_equal(load_image(data, spec, reduce=False), big)
