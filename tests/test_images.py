@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import geosurge.images as gi
-from geosurge.image_headers import apply_orientation, jpeg_size, sniff_kind
+from geosurge.image_headers import apply_orientation, heif_has_transform, jpeg_size, sniff_kind
 from geosurge.images import (ImageDecodeError, ReadSummary, list_images, load_image, read_image, to_rgb_uint8)
 from geosurge.models import get_config
 from geosurge.preprocess import PreprocessSpec, preprocess, resize_and_crop
@@ -122,9 +122,18 @@ def test_heic_and_avif_orientation_like_jpeg(tmp_path):
     rgb = _chelsea()  # 120 x 180, landscape
     upright = np.rot90(rgb, -1)  # orientation 6: "rotate 90 CW to display"
     jpeg = load_image(_encode(rgb, "JPEG", exif=_exif(6), quality=95))
-    heic = load_image(_encode(rgb, "HEIF", exif=_exif(6), quality=95))  # pillow-heif writes it as irot
+    # pillow-heif's Pillow plugin keeps the tag in EXIF only (as Canon/Sony .HIF files and EXIF editors do)
+    heic_exif = load_image(_encode(rgb, "HEIF", exif=_exif(6), quality=95))
+    # its own API writes the container's irot and the EXIF tag, as iPhones do: turned once, not twice
+    import pillow_heif
+
+    hf = pillow_heif.from_bytes(mode="RGB", size=(rgb.shape[1], rgb.shape[0]), data=rgb.tobytes())
+    buf = io.BytesIO()
+    hf.save(buf, quality=95, exif=_exif(6).tobytes())
+    assert heif_has_transform(buf.getvalue()) and not heif_has_transform(_encode(rgb, "HEIF", exif=_exif(6)))
+    heic_irot = load_image(buf.getvalue())
     avif = load_image(_encode(rgb, "AVIF", exif=_exif(6), quality=95))  # Pillow writes it as irot/imir
-    for name, got in (("jpeg", jpeg), ("heic", heic), ("avif", avif)):
+    for name, got in (("jpeg", jpeg), ("heic exif", heic_exif), ("heic irot", heic_irot), ("avif", avif)):
         assert got.shape == upright.shape == (180, 120, 3), name
         # lossy codecs at quality 95: a few levels; the unrotated or mirrored picture differs by > 40
         assert np.abs(got.astype(int) - upright.astype(int)).mean() < 6, name
