@@ -26,7 +26,7 @@ from geosurge.export.bundle import write_bundle
 from geosurge.export.compare import torch_vs_bundle
 from geosurge.export.quantize import QuantConfig
 from geosurge.export.source import load_model
-from geosurge.images import read_image
+from geosurge.images import load_image
 from geosurge.preprocess import preprocess
 from geosurge.report import format_table, write_json
 from geosurge.runtime import Localizer
@@ -77,7 +77,7 @@ def main() -> int:
 
     def run_torch(data):
         t0 = time.perf_counter()
-        x = preprocess(read_image(data), ref_loc.spec)[None]
+        x = preprocess(load_image(data, ref_loc.spec), ref_loc.spec)[None]
         t1 = time.perf_counter()
         with torch.inference_mode():
             emb = model.embed(torch.from_numpy(x)).numpy()

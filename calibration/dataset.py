@@ -18,7 +18,7 @@ import numpy as np
 
 from geosurge.errors import GeosurgeError, InputFileError
 from geosurge.fsutil import atomic_write_bytes
-from geosurge.images import read_image
+from geosurge.images import ReadSummary, load_image
 from geosurge.preprocess import PreprocessSpec, preprocess, random_resized_crop
 
 DEFAULT_SIZE = 256
@@ -94,10 +94,10 @@ def make_ort_reader(inputs: np.ndarray, input_name: str = "image", batch_size: i
     return _Reader()
 
 
-def _candidates(source) -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
+def _candidates(source, log=print) -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
     from geosurge.training.data import list_image_source
 
-    return list_image_source(source, "calibration source")
+    return list_image_source(source, "calibration source", log=log)
 
 
 def selection_order(n_items: int, seed: int, strata: np.ndarray | None = None) -> np.ndarray:
@@ -126,7 +126,7 @@ def _file_digest(path: Path) -> str:
 def build_calibration_set(source, spec: PreprocessSpec, size: int = DEFAULT_SIZE, seed: int = 0, hierarchy=None,
                           cache_dir=None, batch_size: int = 1, log=print) -> CalibrationSet:
     """Select, decode and preprocess ``size`` images from a folder or manifest (cached by content hash)."""
-    files, lat, lon = _candidates(source)
+    files, lat, lon = _candidates(source, log)
     if not files:
         raise InputFileError(f"{source}: no images found")
     strata = None
@@ -145,16 +145,21 @@ def build_calibration_set(source, spec: PreprocessSpec, size: int = DEFAULT_SIZE
         log(f"calibration: {len(cs)} images from cache {cache}")
         return _check_size(cs, size, batch_size, source)
     xs, names, skipped = [], [], []
+    counts = ReadSummary()
     for i in order:
         if len(xs) >= size:
             break
         try:
-            xs.append(preprocess(read_image(files[i]), spec))
+            xs.append(preprocess(load_image(files[i], spec), spec))
             names.append(str(files[i]))
+            counts.count(True)
         except InputFileError as e:
             skipped.append({"input": str(files[i]), "error": str(e)})
+            counts.count(False)
     if skipped:
-        log(f"calibration: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0]['error']}")
+        log(f"calibration: refused {len(skipped)} unreadable file(s), e.g. {skipped[0]['error']}")
+    log(f"calibration: {counts.read} read, {counts.refused} refused of {len(files)} candidate image(s)"
+        + (f" ({len(files) - counts.files} not needed)" if len(files) > counts.files else ""))
     inputs = np.stack(xs).astype(np.float32) if xs else np.zeros((0, 3, spec.size, spec.size), np.float32)
     cs = CalibrationSet(inputs, names, digest, strata is not None, skipped)
     _check_size(cs, size, batch_size, source)
@@ -190,7 +195,7 @@ def sample_views_set(spec: PreprocessSpec, size: int = DEFAULT_SIZE, seed: int =
     key = {"v": CACHE_VERSION, "views": size, "seed": seed, "spec": spec.to_dict(),
            "photos": [(p.name, _file_digest(p)) for p in photos]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    rgbs = [read_image(p) for p in photos]
+    rgbs = [load_image(p, spec, reduce=False) for p in photos]  # crops follow: keep full resolution
     rng = np.random.default_rng(seed)
     xs, names, groups = [], [], []
     for i in range(size):

@@ -24,7 +24,7 @@ import torch
 
 from geosurge import __version__
 from geosurge.fsutil import replace_dir
-from geosurge.images import read_image
+from geosurge.images import load_image
 from geosurge.parity import DEFAULT_GATES
 from geosurge.preprocess import preprocess
 from geosurge.runtime.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, manifest_digest, sha256_file
@@ -51,7 +51,7 @@ def golden_inputs(model, photos: list[Path]) -> tuple[np.ndarray, np.ndarray, li
     spec = model.config.preprocess
     xs, names = [], []
     for p in photos:
-        xs.append(preprocess(read_image(p), spec))
+        xs.append(preprocess(load_image(p, spec), spec))  # decoded as the runtime decodes (the spec's rule)
         names.append(Path(p).name)
     x = np.stack(xs).astype(np.float32)
     with torch.no_grad():

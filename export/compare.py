@@ -7,10 +7,10 @@ import numpy as np
 import torch
 
 from geosurge.errors import GeosurgeError
-from geosurge.images import read_image
+from geosurge.images import list_images, load_image
 from geosurge.parity import evaluate_gates, gates_passed, parity_metrics
 from geosurge.preprocess import preprocess
-from geosurge.runtime.localizer import Localizer, expand_inputs
+from geosurge.runtime.localizer import Localizer
 
 from .source import load_source_model
 
@@ -19,15 +19,21 @@ def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: 
                     threads: int | None = None, gates: dict | None = None, log=print) -> dict:
     loc = Localizer(bundle_dir, backend=backend, threads=threads)
     model = load_source_model(loc.bundle, checkpoint)
-    paths = expand_inputs(images)
+    listing = list_images(images)
+    summary = listing.summary()
+    for line in listing.skip_lines():
+        log(f"  {line}")
     xs, names, errors = [], [], []
-    for p in paths:  # the same preprocessing for both sides: the manifest's spec
+    for p in listing.paths:  # the same decode and preprocessing for both sides: the manifest's spec
         try:
-            xs.append(preprocess(read_image(p), loc.spec))
+            xs.append(preprocess(load_image(p, loc.spec), loc.spec))
             names.append(str(p))
+            summary.count(True)
         except GeosurgeError as e:
             errors.append({"input": str(p), "error": str(e)})
-            log(f"  skip {e}")
+            summary.count(False)
+            log(f"  refused {e}")
+    log(f"parity: {summary.line()}")
     if not xs:
         raise GeosurgeError("parity: no readable images")
     x = np.stack(xs)
@@ -41,6 +47,8 @@ def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: 
     manifest_gates = {k: tuple(v) for k, v in loc.bundle.manifest.get("parity_gates", {}).items()}
     rows = evaluate_gates(metrics, gates or manifest_gates or None)
     return {"bundle": str(bundle_dir), "backend": backend, "images": names, "skipped": errors,
+            "inputs": summary.to_dict(), "not_images": [{"input": str(s.path), "reason": s.reason}
+                                                      for s in listing.skipped],
             "precision": loc.bundle.manifest["model"]["precision"], "metrics": metrics, "gates": rows,
             "passed": gates_passed(rows),
             "seconds": {"torch_fp32": round(t1 - t0, 3), "deployed": round(t2 - t1, 3)}}

@@ -89,7 +89,9 @@ def _resolve_backend(args) -> None:
 
 # ---- locate --------------------------------------------------------------------------------------------------
 def cmd_locate(args) -> int:
-    from .localizer import Localizer, expand_inputs
+    from geosurge.images import list_images
+
+    from .localizer import Localizer
 
     if not args.inputs and not args.source:
         raise GeosurgeError("locate: give image paths or --source")
@@ -98,11 +100,18 @@ def cmd_locate(args) -> int:
     if args.source is not None:
         return locate_stream(loc, args)
     features, failed = [], 0
-    for path in expand_inputs(args.inputs):
+    listing = list_images(args.inputs)
+    summary = listing.summary()
+    for line in listing.skip_lines():  # every file is accounted for: a record, an error line, or this line
+        print(f"geosurge-run: {line}", file=sys.stderr, flush=True)
+    for entry in listing:
+        path = entry.path
         try:
             pred = loc.locate(path, top_k=args.top_k)
+            summary.count(True)
         except GeosurgeError as e:
             failed += 1
+            summary.count(False)
             rec = {"input": str(path), "error": str(e)}
             print(json.dumps(rec) if args.json else f"{path}: ERROR {e}", flush=True)
             continue
@@ -121,6 +130,7 @@ def cmd_locate(args) -> int:
         write_json(args.geojson, {"type": "FeatureCollection", "features": [
             {"type": "Feature", "geometry": {"type": "Point", "coordinates": [f["lon"], f["lat"]]},
              "properties": {k: v for k, v in f.items() if k not in ("lat", "lon")}} for f in features]})
+    print(f"geosurge-run: {summary.line('located')}", file=sys.stderr)
     if not features and not failed:
         print("geosurge-run: no images found in the given paths", file=sys.stderr)
         return 1
@@ -302,10 +312,13 @@ def golden_jpegs(bundle) -> list[bytes]:
 
 
 def bench_bundle(bundle_dir, backend="onnxruntime", threads=None, images=None, iters=50, warmup=5) -> dict:
-    from .localizer import Localizer, expand_inputs
+    from geosurge.images import list_images
+
+    from .localizer import Localizer
 
     loc = Localizer(bundle_dir, backend=backend, threads=threads)
-    sources = [p.read_bytes() for p in expand_inputs(images)] if images else golden_jpegs(loc.bundle)
+    sources = [p.read_bytes() for p in list_images(images).paths if p.is_file()] if images else \
+        golden_jpegs(loc.bundle)
     if not sources:
         raise GeosurgeError("bench: no images")
     stages = {k: [] for k in ("decode", "preprocess", "inference", "cell_search", "total")}

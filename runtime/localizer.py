@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geosurge.images import read_image
+from geosurge.images import list_images, load_image
 from geosurge.preprocess import preprocess
 
 from .backends import open_backend
@@ -40,7 +40,7 @@ class Localizer:
 
     # ---- stages ----------------------------------------------------------------------------------------------
     def preprocess(self, image) -> np.ndarray:
-        return preprocess(read_image(image), self.spec)
+        return preprocess(load_image(image, self.spec), self.spec)
 
     def embed(self, x: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) preprocessed -> (N, D) embeddings; a static-batch model runs one image at a time."""
@@ -79,9 +79,11 @@ class Localizer:
 
     def locate(self, image, top_k: int = 5) -> dict:
         """A path, encoded bytes or an RGB array -> prediction dict (lat, lon, confidence, uncertainty_km, place,
-        top_k, timing_ms). Raises ImageDecodeError for an unreadable image."""
+        top_k, timing_ms). Decoding follows the bundle's spec (``geosurge.images.load_image``: JPEG DCT scaling,
+        alpha over the spec's background, EXIF orientation); arrays are RGB(A) uint8, uint16 or float in [0, 1].
+        Raises ImageDecodeError (one line naming the input) for an unreadable or refused image."""
         t0 = time.perf_counter()
-        rgb = read_image(image)
+        rgb = load_image(image, self.spec)
         t1 = time.perf_counter()
         x = preprocess(rgb, self.spec)[None]
         t2 = time.perf_counter()
@@ -95,13 +97,6 @@ class Localizer:
 
 
 def expand_inputs(paths) -> list[Path]:
-    """Files as given; folders expand (recursively, sorted) to the image files they hold."""
-    from geosurge.images import IMAGE_EXTENSIONS
-
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
-        else:
-            out.append(p)
-    return out
+    """Files as given; folders expand (recursively, sorted) to the images they hold, by content. Prefer
+    :func:`geosurge.images.list_images`, which also says which files were skipped and why."""
+    return list_images(paths).paths

@@ -258,3 +258,45 @@ def test_export_cli_errors(tmp_path):
     assert r.returncode == 2 and "--model NAME or --checkpoint" in r.stderr
     r = run_cli("geosurge", "export", "--checkpoint", tmp_path / "nope", "-o", tmp_path / "b")
     assert r.returncode == 2 and "not a geosurge checkpoint" in r.stderr
+
+
+def test_locate_accounts_for_every_file_of_a_phone_folder(tiny_bundle, tmp_path):
+    from pathlib import Path
+
+    import cv2
+
+    d = tmp_path / "card"
+    shutil.copytree(Path(__file__).parent / "data" / "phone_folder", d)
+    (d / "notes.txt").write_text("not a photo")
+    strip = np.random.default_rng(0).integers(0, 256, (1, 60_000, 3), dtype=np.uint8)
+    (d / "strip_1x60000.png").write_bytes(cv2.imencode(".png", strip)[1].tobytes())
+    r = run_cli("geosurge-run", "locate", tiny_bundle[0], d, "--json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    lines = {Path(x["input"]).name: x for x in map(json.loads, r.stdout.strip().splitlines())}
+    phone = ["IMG_0001.HEIC", "IMG_0002.jpg", "IMG_0003.jfif", "IMG_0004.avif", "IMG_0005.MPO"]
+    assert sorted(lines) == sorted(phone + ["strip_1x60000.png"])
+    assert all("lat" in lines[n] and "error" not in lines[n] for n in phone)
+    assert "aspect ratio 60,000:1" in lines["strip_1x60000.png"]["error"]
+    assert f"skipped {d / 'notes.txt'}: text" in r.stderr
+    assert "7 files: 5 located, 1 refused, 1 skipped (not an image)" in r.stderr
+    # the limit is the user's: raised, the strip is located too (crop-first resize keeps it small)
+    r = run_cli("geosurge-run", "locate", tiny_bundle[0], d / "strip_1x60000.png", "--json",
+                env={"GEOSURGE_MAX_ASPECT": "inf"})
+    assert r.returncode == 0 and "lat" in json.loads(r.stdout), r.stderr
+
+
+def test_runtime_decodes_jpeg_per_the_manifest_rule(tiny_bundle, tmp_path):
+    import cv2
+
+    from geosurge.images import load_image
+    from geosurge.preprocess import PreprocessSpec, preprocess
+
+    loc = Localizer(tiny_bundle[0])
+    assert loc.spec.decode == "jpeg_dct" and loc.bundle.manifest["preprocess"]["decode"] == "jpeg_dct"
+    rgb = cv2.resize(np.asarray(load_image(sample_photo_paths()[0])), (1600, 1200))
+    data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    reduced = preprocess(load_image(data, loc.spec), loc.spec)
+    full_spec = PreprocessSpec.from_dict({**loc.spec.to_dict(), "decode": "full"})
+    full = preprocess(load_image(data, full_spec), full_spec)
+    np.testing.assert_array_equal(loc.preprocess(data), reduced)  # the device decodes as the manifest says
+    assert not np.array_equal(reduced, full)  # (a different rule gives different pixels: the test can fail)

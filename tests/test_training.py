@@ -9,7 +9,7 @@ import torch
 
 from geosurge.models import GeoSurge
 from geosurge.preprocess import preprocess
-from geosurge.images import read_image
+from geosurge.images import load_image
 from geosurge.training.data import read_manifest
 from geosurge.training.train import TrainConfig, train
 
@@ -33,7 +33,8 @@ def test_tiny_learns_its_training_cells(tmp_path):
     model = GeoSurge.from_pretrained(tmp_path / "run" / "checkpoint").eval()
     m = read_manifest(cfg.manifest)
     ok = [i for i, p in enumerate(m.paths) if not p.name.startswith("broken")]
-    x = torch.stack([torch.from_numpy(preprocess(read_image(m.paths[i]), model.config.preprocess)) for i in ok])
+    spec = model.config.preprocess  # decoded as training decoded them (the spec's rule)
+    x = torch.stack([torch.from_numpy(preprocess(load_image(m.paths[i], spec), spec)) for i in ok])
     truth = h.locate(m.lat[ok], m.lon[ok])[:, -1]
     pred = model.predict(x, top_k=1)["cell"][:, 0].numpy()
     assert (pred == truth).mean() >= 0.9

@@ -59,7 +59,7 @@ def cmd_export(args) -> int:
     from ..export.quantize import QuantConfig
     from ..export.source import load_model
     from ..geo import load_hierarchy
-    from ..runtime.localizer import expand_inputs
+    from ..images import list_images
     from ..samples import sample_photo_paths
 
     from ..errors import GeosurgeError
@@ -81,7 +81,13 @@ def cmd_export(args) -> int:
                           nodes_to_exclude=list(args.exclude_nodes), search=args.precision_search)
     hierarchy = load_hierarchy(args.cells) if args.cells else None
     model, source = load_model(args.model, args.checkpoint, args.seed, hierarchy)
-    photos = expand_inputs([args.golden]) if args.golden else sample_photo_paths()
+    if args.golden:
+        listing = list_images([args.golden])
+        for line in listing.skip_lines():
+            print(f"golden: {line}")
+        photos = listing.paths
+    else:
+        photos = sample_photo_paths()
     calib = load_calibration(args, model.config.preprocess, model.hierarchy) if cfg.needs_calibration else None
     out = write_bundle(args.output, model, source, photos, quant=cfg, calibration=calib, target=args.target,
                        table_dtype={"fp16": "float16", "fp32": "float32"}.get(args.table, args.table),

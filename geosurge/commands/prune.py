@@ -49,19 +49,26 @@ def cmd_prune(args) -> int:
     if not args.report:
         return 0
     from ..runtime import Localizer
-    from ..runtime.localizer import expand_inputs
+    from ..images import list_images
     from ..samples import sample_photo_paths
 
     src = Localizer(args.bundle, threads=args.threads)
-    paths = expand_inputs(args.images) if args.images else sample_photo_paths()
+    listing = list_images(args.images if args.images else sample_photo_paths())
     import numpy as np
 
-    xs = []
-    for pth in paths:
+    from ..errors import GeosurgeError
+
+    xs, summary = [], listing.summary()
+    for line in listing.skip_lines():
+        print(f"  {line}")
+    for pth in listing.paths:
         try:
             xs.append(src.preprocess(pth))
-        except Exception as e:  # an unreadable image is reported and skipped
-            print(f"  skip {pth}: {e}")
+            summary.count(True)
+        except GeosurgeError as e:  # an unreadable image is reported and skipped
+            summary.count(False)
+            print(f"  refused {e}")
+    print(f"prune: {summary.line()}")
     sets = {}
     if xs:
         sets["images"] = src.embed(np.stack(xs))

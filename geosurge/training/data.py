@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from ..errors import InputFileError
 from ..geo import CellHierarchy
 from ..geo.points import read_coordinate_csv
-from ..images import read_image
+from ..images import list_images, load_image
 from ..preprocess import PreprocessSpec, preprocess
 
 
@@ -26,14 +26,20 @@ class Manifest:
         return len(self.paths)
 
 
-def list_image_source(source, what: str = "image source") -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
-    """An image folder (recursive, sorted) or a CSV manifest -> (paths, lat, lon); lat/lon None for a folder."""
-    from ..images import IMAGE_EXTENSIONS
-
+def list_image_source(source, what: str = "image source",
+                      log=None) -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
+    """An image folder (recursive, sorted; images found by content, ``geosurge.images.list_images``) or a CSV
+    manifest -> (paths, lat, lon); lat/lon None for a folder. With ``log``, each file of the folder that is not an
+    image is named with what it is, then a count."""
     source = Path(source)
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        return files, None, None
+        listing = list_images([source])
+        if log is not None:
+            for line in listing.skip_lines():
+                log(f"{what}: {line}")
+            log(f"{what}: {len(listing)} image file(s) in {source}, {len(listing.skipped)} other file(s) skipped "
+                "(not an image)")
+        return listing.paths, None, None
     if source.is_file() and source.suffix.lower() == ".csv":
         m = read_manifest(source)
         return m.paths, m.lat, m.lon
@@ -72,7 +78,7 @@ class ManifestDataset(Dataset):
     def __getitem__(self, i: int):
         j = int(self.indices[i])
         try:
-            rgb = read_image(self.manifest.paths[j])
+            rgb = load_image(self.manifest.paths[j], self.spec)  # decoded as the runtime decodes
         except InputFileError:
             return None
         if self.augment and np.random.random() < 0.5:

@@ -29,7 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import GeosurgeError, InputFileError
 from ..fsutil import atomic_write_bytes
-from ..images import read_image
+from ..images import load_image
 from ..preprocess import preprocess
 from ..report import write_json
 from . import dist as D
@@ -149,10 +149,12 @@ def init_student(config, teacher, student_h, maps, proj, seed: int):
 
 
 # ---- data and views ---------------------------------------------------------------------------------------------
-def list_images(source) -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
+def list_images(source, log=print) -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
+    """--images (a folder, by content, or a CSV manifest) -> (paths, lat, lon); folder files that are not images
+    are named and counted through ``log``."""
     from .data import list_image_source
 
-    return list_image_source(source, "--images")
+    return list_image_source(source, "--images", log=log)
 
 
 def make_view(rgb: np.ndarray, view: int, image_sha: str) -> np.ndarray:
@@ -184,7 +186,8 @@ class ViewDataset(Dataset):
     def __getitem__(self, i: int):
         v = self.fixed_view if self.fixed_view is not None else int(self.rng.integers(0, self.views))
         try:
-            rgb = make_view(read_image(self.paths[i]), v, self.shas[i])
+            # full resolution: views crop before resizing; the teacher's spec decides the background
+            rgb = make_view(load_image(self.paths[i], self.tspec, reduce=False), v, self.shas[i])
         except InputFileError:
             return None
         return (torch.from_numpy(preprocess(rgb, self.sspec)), torch.from_numpy(preprocess(rgb, self.tspec)),
@@ -281,7 +284,7 @@ def agreement(teacher, student, paths, maps, proj, device, batch: int = 16) -> d
         rgbs = []
         for p in paths[i:i + batch]:
             try:
-                rgbs.append(read_image(p))
+                rgbs.append(load_image(p, teacher.config.preprocess, reduce=False))
             except InputFileError:
                 continue
         if not rgbs:
@@ -367,7 +370,7 @@ def _distill(cfg: DistillConfig, info: D.DistInfo) -> dict:
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output)
     teacher, student, maps, proj = _setup(cfg, info.device)
-    paths, _, _ = list_images(cfg.images)
+    paths, _, _ = list_images(cfg.images, log=print if info.is_main else (lambda m: None))
     if not paths:
         raise InputFileError(f"{cfg.images}: no images")
     shas = [hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "0" * 64 for p in paths]
@@ -461,7 +464,9 @@ def _distill(cfg: DistillConfig, info: D.DistInfo) -> dict:
             print(f"epoch {epoch + 1}: loss {rec['loss_total']:.4f} (embed {rec['loss_embed']:.4f}, cells "
                   f"{rec['loss_cells']:.4f}, seg {rec['loss_seg']:.4f}), teacher cache {rec['cache_hits']} hit / "
                   f"{rec['cache_misses']} miss" + (f", held-out agreement {rec['val_agreement']:.3f}"
-                                                   if "val_agreement" in rec else ""), flush=True)
+                                                   if "val_agreement" in rec else "")
+                  + (f", {rec['skipped_undecodable']} image(s) refused (not decodable)"
+                     if rec["skipped_undecodable"] else ""), flush=True)
             _save(student, opt, state, out_dir, cfg, best=improved or not val_paths)
         D.barrier(info)
         state["bad_epochs"] = int(D.all_reduce_sum(state["bad_epochs"] if info.is_main else 0, info))
