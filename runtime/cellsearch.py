@@ -141,7 +141,7 @@ class PathIndex:
     ``chunk x dim x 8 x 6`` bytes besides the int8 table); ``after_chunk()`` runs after each (the scorer drops
     the memory-mapped rows it read from the process there)."""
 
-    def __init__(self, rows, ancestors: np.ndarray, temperatures: np.ndarray, dim: int, chunk: int = 1024,
+    def __init__(self, rows, ancestors: np.ndarray, temperatures: np.ndarray, dim: int, chunk: int = 512,
                  after_chunk=None):
         n, levels = ancestors.shape
         inv_t = 1.0 / np.asarray(temperatures, np.float64)
