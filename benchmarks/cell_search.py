@@ -190,13 +190,23 @@ def main() -> int:
     lse = np.log(np.exp(ref - ref.max(1, keepdims=True)).sum(1)) + ref.max(1)
     lp_err = np.abs(res.log_probs - (np.take_along_axis(ref, res.indices, 1) - lse[:, None]))
     old5 = np.stack([before.topk(q) for q in queries])
+    full = sc.search(queries, 5, with_scores=True)  # what the Localizer uses, vs the exact distribution
+    conf_err, radius_err = [], []
+    for i in range(len(queries)):
+        best = int(ref5[i, 0])
+        lat, lon = float(sc.rep_lat[best]), float(sc.rep_lon[best])
+        p = np.exp(ref[i] - lse[i])
+        conf_err.append(abs(np.exp(full.log_probs[i, 0]) - p[best]) / p[best])
+        approx_p = np.exp(full.scores[i] - np.float32(full.log_norm[i]))
+        radius_err.append(abs(sc.uncertainty_km(approx_p, lat, lon) - sc.uncertainty_km(p, lat, lon)))
     exact = {"queries": len(queries), "new_top5_equal": int((res.indices == ref5).all(1).sum()),
              "before_top5_equal": int((old5 == ref5).all(1).sum()),
              "candidates_p50": pct(res.candidates, 50), "candidates_p95": pct(res.candidates, 95),
              "candidates_max": int(res.candidates.max()), "bound_max_logit": float(res.bound.max()),
              "log_norm_error_bound_p50": pct(res.log_norm_error, 50),
              "log_norm_error_bound_max": float(res.log_norm_error.max()),
-             "log_prob_error_observed_max": float(lp_err.max())}
+             "log_prob_error_observed_max": float(lp_err.max()),
+             "confidence_rel_error_max": float(max(conf_err)), "uncertainty_km_error_max": float(max(radius_err))}
     print(format_table([exact], title="exactness vs float64 brute force over the stored table"), flush=True)
 
     # ---- latency ----------------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ class CellScorer:
         fin = hierarchy.level(-1)
         self.rep_lat, self.rep_lon = fin.rep_lat, fin.rep_lon
         self.tokens = fin.tokens
-        self._xyz = unit_vectors(self.rep_lat, self.rep_lon)
+        self._xyz = np.ascontiguousarray(unit_vectors(self.rep_lat, self.rep_lon).T)  # (3, n_finest)
         self._mmap = None
         self._index: PathIndex | None = None
         # children lists (CSR) per level, for the beam search
@@ -402,8 +402,12 @@ class CellScorer:
         angle to (lat, lon) (monotone in distance), the bin where the mass is reached is found from a weighted
         histogram, and only that bin is sorted."""
         p = np.asarray(probs, np.float64)
-        xyz = self._xyz if cells is None else self._xyz[cells]
-        key = 1.0 - np.einsum("ij,j->i", xyz, unit_vectors(lat, lon))  # 0 (same point) .. 2 (antipode)
+        xyz = self._xyz if cells is None else self._xyz[:, cells]
+        u = unit_vectors(lat, lon)
+        key = xyz[0] * -u[0]  # 1 - cos(angle to (lat, lon)): 0 (same point) .. 2 (antipode), monotone in km
+        key -= xyz[1] * u[1]
+        key -= xyz[2] * u[2]
+        key += 1.0
         nb = 4096
         b = np.clip((key * (nb / 2)).astype(np.int64), 0, nb - 1)
         cum = np.cumsum(np.bincount(b, weights=p, minlength=nb))
