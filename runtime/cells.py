@@ -240,7 +240,11 @@ class CellScorer:
     def _query64(self, emb: np.ndarray) -> np.ndarray:
         """(N, D) -> (N, dim) float64: the query of the exact search (normalised and projected in float64)."""
         z = np.atleast_2d(np.asarray(emb, np.float32)).astype(np.float64)
-        z /= np.sqrt(np.einsum("ij,ij->i", z, z))[:, None]
+        norm = np.sqrt(np.einsum("ij,ij->i", z, z))
+        if not (np.isfinite(norm).all() and (norm > 0).all()):
+            bad = np.flatnonzero(~(np.isfinite(norm) & (norm > 0)))
+            raise GeosurgeError(f"cell search: embedding(s) {bad[:5].tolist()} are all zeros or not finite")
+        z /= norm[:, None]
         return z if self.projection is None else np.einsum("nd,dk->nk", z, self.projection.astype(np.float64))
 
     def level_logits(self, emb: np.ndarray) -> list[np.ndarray]:

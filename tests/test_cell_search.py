@@ -10,6 +10,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from geosurge.errors import GeosurgeError
 from geosurge.runtime import cellsearch, onnxgraph
 from geosurge.runtime.cells import CellScorer, save_cell_table
 
@@ -93,6 +94,10 @@ def test_search_equals_brute_force_on_the_default_hierarchy(tmp_path, hierarchy_
     for i in (0, len(emb) - 1):
         np.testing.assert_array_equal(sc.search(emb[i], k=5).indices[0], r.indices[i])
     np.testing.assert_array_equal(sc.topk(emb, 5)[0], r.indices)
+    bad = emb[:3].copy()
+    bad[1] = np.nan
+    with pytest.raises(GeosurgeError, match=r"embedding\(s\) \[1\]"):
+        sc.search(bad)
 
 
 def test_bound_holds_for_every_cell(tmp_path, hierarchy_file, default_hierarchy):
