@@ -136,6 +136,19 @@ def brute_force64(sc: CellScorer, emb: np.ndarray) -> np.ndarray:
     return a
 
 
+def other_threads_cpu_ms() -> float | None:
+    """CPU time (ms) used so far by this process's threads other than the calling one (Linux /proc), or None."""
+    try:
+        me, total = str(os.getpid()), 0
+        for t in os.listdir("/proc/self/task"):
+            if t != me:
+                f = Path(f"/proc/self/task/{t}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(f[11]) + int(f[12])
+        return total * 1000 / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def pct(xs, q) -> float:
     return float(np.percentile(np.asarray(xs), q))
 
@@ -268,6 +281,23 @@ def main() -> int:
                                    f"{sc.ancestors.shape[0]:,} finest / {sum(sc.hierarchy.sizes):,} cells x "
                                    f"{sc.dim}, {sc.table_dtype})"), flush=True)
 
+    # ---- idle threads: CPU burnt by other threads after each call ---------------------------------------------
+    burn = []
+    for name, fn in [(f"model session, spinning={spin}", lambda m=m: m.run(x)) for spin, m in model.items()] + [
+            ("exact search (now)", lambda: sc.search(queries[0], 5)), ("numpy FP32 (before)",
+                                                                       lambda: before.topk(queries[0]))]:
+        time.sleep(0.3)
+        c0 = other_threads_cpu_ms()
+        for _ in range(10):
+            fn()
+            time.sleep(pause)
+        c1 = other_threads_cpu_ms()
+        if c0 is not None:
+            burn.append({"call": name, "other_threads_cpu_ms_per_call": (c1 - c0) / 10})
+    if burn:
+        print(format_table(burn, title=f"CPU used by the process's other threads per call ({args.pause_ms:.0f} ms "
+                                       "pause after each; spinning pools keep a core busy after the call)"))
+
     # ---- memory (fresh processes) -----------------------------------------------------------------------------
     print("peak RSS in fresh processes ...", flush=True)
     rss = [measure_rss(kind, bundle, qpath, args.threads) for kind in ("before", "now", "in-memory")]
@@ -281,7 +311,8 @@ def main() -> int:
     write_json(args.json, {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                        "python": platform.python_version()},
                            "bundle": str(bundle), "table": table, "iters": args.iters, "pause_ms": args.pause_ms,
-                           "threads": args.threads, "exactness": exact, "latency": rows, "memory": rss})
+                           "threads": args.threads, "exactness": exact, "latency": rows, "idle_threads": burn,
+                           "memory": rss})
     print(f"wrote {args.json}")
     return 0
 

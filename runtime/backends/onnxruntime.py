@@ -7,9 +7,10 @@ import numpy as np
 
 
 #: whether the model session's idle worker threads busy-wait for the next parallel section (ORT's
-#: ``session.intra_op.allow_spinning``); None keeps ONNX Runtime's default (on). Measured in
-#: benchmarks/cell_search.py.
-SPINNING: bool | None = None
+#: ``session.intra_op.allow_spinning``). Off: measured on 2 shared cores (benchmarks/cell_search.py), spinning
+#: workers burnt ~60 ms of a core after each inference and made both the model and the work after it slower, paced
+#: (10 fps) and back-to-back, p50 and p95. None keeps ONNX Runtime's default (on).
+SPINNING: bool | None = False
 
 
 class OnnxRuntimeBackend:
