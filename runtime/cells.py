@@ -291,7 +291,8 @@ class CellScorer:
             self._mmap.madvise(mmap.MADV_DONTNEED)
 
     def _exact_sums(self, y: np.ndarray, cells: np.ndarray) -> np.ndarray:
-        """(len(cells),) float64: exact A(f) = sum_k <y, t_k[a_k(f)]> / T_k (levels summed in order 0..L-1)."""
+        """(len(cells),) float64: A(f) = sum_k <y, t_k[a_k(f)]> / T_k over the stored rows, in float64 (relative
+        rounding ~1e-15: exact for ranking except between cells tied to that precision)."""
         m, levels = len(cells), self.num_levels
         anc = self.ancestors[cells]
         rows = np.empty((levels, m, self.dim), np.float64)
@@ -301,10 +302,7 @@ class CellScorer:
                 rows[k] *= self._scales[k][anc[:, k]].astype(np.float64)[:, None]
         vals = np.einsum("lmd,d->lm", rows, y)
         vals /= self.temperatures.astype(np.float64)[:, None]
-        total = vals[0].copy()
-        for k in range(1, levels):
-            total += vals[k]
-        return total
+        return vals.sum(0)
 
     def search(self, emb: np.ndarray, k: int = 5, with_scores: bool = False) -> SearchResult:
         """Exact top-k finest cells for (N, D) or (D,) embeddings (see :mod:`geosurge.runtime.cellsearch`).
