@@ -1,13 +1,25 @@
-"""Cell scoring in numpy: per-level cosine logits / temperature, log-softmax, the hierarchical product over all
-levels, top-k (brute force or beam), and an uncertainty radius from the finest-level distribution."""
+"""Cell scoring: per-level cosine logits / temperature, log-softmax, the hierarchical product over all levels, top-k
+(exact search, brute force or beam), and an uncertainty radius from the finest-level distribution.
+
+The table stays in its stored dtype (fp16, fp32, or int8 with per-row scales), memory-mapped from the bundle file
+when it is stored uncompressed; nothing holds an FP32 copy of the whole table. The exact top-k search is in
+:mod:`geosurge.runtime.cellsearch`.
+"""
 from __future__ import annotations
 
 import json
+import mmap
+import struct
+import zipfile
+from collections.abc import Sequence
 
 import numpy as np
 
 from geosurge.errors import GeosurgeError
-from geosurge.geo import CellHierarchy, haversine_km, load_hierarchy
+from geosurge.geo import CellHierarchy, haversine_km, load_hierarchy, unit_vectors
+
+from .cellsearch import (BATCH_CHUNK, PathIndex, SearchResult, kernel_is_exact, log_norm_bounds,
+                         select_candidates)
 
 
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -17,6 +29,11 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 TABLE_DTYPES = ("float32", "float16", "int8")
 TABLE_ALIASES = {"fp32": "float32", "fp16": "float16"}
+#: rows per chunk when a brute-force path converts stored rows to float32 (8,192 x 512 x 4 B = 16 MB)
+CHUNK_ROWS = 8192
+#: up to this many queries, small products use numpy's own loops (einsum) instead of BLAS, whose worker threads
+#: would wake up and then spin against ONNX Runtime's
+NO_BLAS_ROWS = 4
 
 
 def quantize_rows(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -31,9 +48,10 @@ def save_cell_table(path, tables: list[np.ndarray], temperatures: np.ndarray, dt
                     meta: dict | None = None, projection: np.ndarray | None = None,
                     outside: np.ndarray | None = None) -> None:
     """The bundle's cell table: per-level L2-normalised embeddings + per-level temperatures. ``dtype`` float16
-    (default), float32, or int8 (per-row scales; scored in float32). ``projection`` (D, K): the rows are K-d PCA
-    coordinates and the image embedding is projected the same way before scoring. ``outside``: embeddings of the
-    first level's cells that a pruning dropped (the runtime's "outside the kept region" probes)."""
+    (default), float32, or int8 (per-row scales). ``projection`` (D, K): the rows are K-d PCA coordinates and the
+    image embedding is projected the same way before scoring. ``outside``: embeddings of the first level's cells
+    that a pruning dropped (the runtime's "outside the kept region" probes). Written uncompressed (``np.savez``)
+    so the runtime can memory-map the rows."""
     dtype = TABLE_ALIASES.get(dtype, dtype)
     if dtype not in TABLE_DTYPES:
         raise GeosurgeError(f"cell table dtype must be one of {', '.join(TABLE_DTYPES)}, not {dtype!r}")
@@ -52,18 +70,79 @@ def save_cell_table(path, tables: list[np.ndarray], temperatures: np.ndarray, dt
              meta=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
 
 
+def _mapped_npz_members(path, names: list[str]) -> tuple[dict[str, np.ndarray], mmap.mmap | None]:
+    """Read-only arrays viewing the members ``names`` of an uncompressed ``.npz`` through one memory map of the
+    file (pages are read on first touch and count in RSS only once touched). Members that are compressed or not
+    plain numeric arrays are left out (the caller reads those normally)."""
+    out: dict[str, np.ndarray] = {}
+    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        spans = []
+        for name in names:
+            info = zf.getinfo(f"{name}.npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                continue
+            f.seek(info.header_offset)
+            sig, *_, name_len, extra_len = struct.unpack("<IHHHHHIIIHH", f.read(30))
+            if sig != 0x04034B50:
+                continue
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            if fortran or dtype.hasobject or dtype.kind not in "fiu":
+                continue
+            spans.append((name, f.tell(), shape, dtype))
+        if not spans:
+            return out, None
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)  # no read-around: touching a row maps that row's pages only
+    for name, offset, shape, dtype in spans:
+        count = int(np.prod(shape))
+        if offset + count * dtype.itemsize > len(mm):
+            raise ValueError(f"member {name} runs past the end of the file")
+        out[name] = np.frombuffer(mm, dtype, count, offset).reshape(shape)
+    return out, mm
+
+
+class _Float32Levels(Sequence):
+    """``CellScorer.tables``: level k's rows as a new float32 array on each access (int8 rows times their
+    scales), for analysis and export code; the scorer itself never holds these."""
+
+    def __init__(self, scorer: "CellScorer"):
+        self._scorer = scorer
+
+    def __len__(self) -> int:
+        return self._scorer.num_levels
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        return self._scorer._rows_f32(k)
+
+
 class CellScorer:
-    """Scores embeddings against a bundle's cell table and hierarchy."""
+    """Scores embeddings against a bundle's cell table and hierarchy.
+
+    ``tables``: per-level (n_k, dim) arrays in their stored dtype (float32 / float16 / int8; int8 needs
+    ``scales``, per-level (n_k,) float32), kept as given. ``temperatures`` (L,). ``projection`` (D, dim): a PCA
+    table (the query is projected first). ``outside`` (m, dim): dropped first-level cells of a pruned table.
+    Raises GeosurgeError when the table and hierarchy disagree."""
 
     def __init__(self, hierarchy: CellHierarchy, tables: list[np.ndarray], temperatures: np.ndarray,
-                 projection: np.ndarray | None = None, outside: np.ndarray | None = None):
+                 projection: np.ndarray | None = None, outside: np.ndarray | None = None,
+                 scales: list[np.ndarray] | None = None):
         if len(tables) != hierarchy.num_levels:
             raise GeosurgeError(f"cell table has {len(tables)} levels, hierarchy {hierarchy.num_levels}")
         for k, (t, n) in enumerate(zip(tables, hierarchy.sizes)):
             if t.shape[0] != n:
                 raise GeosurgeError(f"cell table level {k} has {t.shape[0]} rows, hierarchy {n} cells")
         self.hierarchy = hierarchy
-        self.tables = [np.asarray(t, np.float32) for t in tables]  # fp32 accumulation
+        self._rows = [t if t.dtype in (np.float32, np.float16, np.int8) else np.asarray(t, np.float32)
+                      for t in tables]
+        if any(t.dtype == np.int8 for t in self._rows) and scales is None:
+            raise GeosurgeError("an int8 cell table needs its per-row scales")
+        self._scales = None if scales is None else [np.asarray(s, np.float32) for s in scales]
         self.temperatures = np.asarray(temperatures, np.float32)
         self.projection = None if projection is None else np.asarray(projection, np.float32)
         self.outside = None if outside is None else np.asarray(outside, np.float32)
@@ -71,6 +150,9 @@ class CellScorer:
         fin = hierarchy.level(-1)
         self.rep_lat, self.rep_lon = fin.rep_lat, fin.rep_lon
         self.tokens = fin.tokens
+        self._xyz = np.ascontiguousarray(unit_vectors(self.rep_lat, self.rep_lon).T)  # (3, n_finest)
+        self._mmap = None
+        self._index: PathIndex | None = None
         # children lists (CSR) per level, for the beam search
         self._children = []
         for k in range(1, hierarchy.num_levels):
@@ -80,34 +162,95 @@ class CellScorer:
             self._children.append((order, starts))
 
     @classmethod
-    def load(cls, cells_path, table_path) -> "CellScorer":
+    def load(cls, cells_path, table_path, mmap_rows: bool = True) -> "CellScorer":
+        """The bundle's hierarchy (``cells.npz``) and cell table (``cell_table.npz``). With ``mmap_rows`` the
+        table's rows are memory-mapped when the file stores them uncompressed. Raises GeosurgeError naming the
+        file when it is not a geosurge cell table."""
         h = load_hierarchy(cells_path)
         try:
             with np.load(table_path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
-                tables = [z[f"emb_{k}"] for k in range(meta["levels"])]
-                if meta.get("dtype") == "int8":
-                    tables = [t.astype(np.float32) * z[f"scale_{k}"][:, None] for k, t in enumerate(tables)]
+                names = [f"emb_{k}" for k in range(meta["levels"])]
+                mapped, mm = _mapped_npz_members(table_path, names) if mmap_rows else ({}, None)
+                tables = [mapped[n] if n in mapped else z[n] for n in names]
+                scales = ([z[f"scale_{k}"] for k in range(meta["levels"])] if meta.get("dtype") == "int8" else None)
                 temps = z["temperature"]
                 proj = z["projection"] if "projection" in z.files else None
                 outside = z["outside"] if "outside" in z.files else None
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
             raise GeosurgeError(f"{table_path}: not a geosurge cell table ({e})") from None
-        return cls(h, tables, temps, proj, outside)
+        sc = cls(h, tables, temps, proj, outside, scales)
+        sc._mmap = mm
+        return sc
 
+    # ---- the stored rows ---------------------------------------------------------------------------------------
     @property
     def num_levels(self) -> int:
-        return len(self.tables)
+        return len(self._rows)
 
+    @property
+    def dim(self) -> int:
+        return int(self._rows[0].shape[1])
+
+    @property
+    def table_dtype(self) -> str:
+        return str(self._rows[0].dtype)
+
+    @property
+    def table_bytes(self) -> int:
+        """Bytes of the stored rows (and int8 scales)."""
+        return sum(t.nbytes for t in self._rows) + sum(s.nbytes for s in self._scales or [])
+
+    @property
+    def tables(self) -> Sequence[np.ndarray]:
+        """Per-level rows as float32, converted on each access (see :class:`_Float32Levels`)."""
+        return _Float32Levels(self)
+
+    def _rows_f32(self, k: int, idx=None) -> np.ndarray:
+        t = self._rows[k] if idx is None else self._rows[k][idx]
+        if t.dtype == np.int8:
+            s = self._scales[k] if idx is None else self._scales[k][idx]
+            return t.astype(np.float32) * s[:, None]
+        return np.array(t, np.float32)  # a copy, also of fp32 rows: callers may write to it
+
+    def _rows_f64(self, k: int, idx) -> np.ndarray:
+        """Level k's rows ``idx`` in float64, exactly the stored values (int8: q * scale, exact in float64)."""
+        t = self._rows[k][idx]
+        out = t.astype(np.float64)
+        if t.dtype == np.int8:
+            out *= self._scales[k][idx].astype(np.float64)[:, None]
+        return out
+
+    def _logits_chunked(self, z: np.ndarray, k: int) -> np.ndarray:
+        """(N, dim) float32 queries -> (N, n_k) float32 logits of level k, converting CHUNK_ROWS rows at a time."""
+        n = self._rows[k].shape[0]
+        out = np.empty((len(z), n), np.float32)
+        for a in range(0, n, CHUNK_ROWS):
+            out[:, a:a + CHUNK_ROWS] = _dot(z, self._rows_f32(k, slice(a, a + CHUNK_ROWS)))
+        out /= self.temperatures[k]
+        return out
+
+    # ---- brute force (every cell; chunked) ---------------------------------------------------------------------
     def query(self, emb: np.ndarray) -> np.ndarray:
         """The image embedding as the table sees it: L2-normalised, then PCA-projected when the table is."""
         z = np.asarray(emb, np.float32)
         z = z / np.linalg.norm(z, axis=-1, keepdims=True)
-        return z if self.projection is None else z @ self.projection
+        return z if self.projection is None else _dot(z, self.projection.T)
+
+    def _query64(self, emb: np.ndarray) -> np.ndarray:
+        """(N, D) -> (N, dim) float64: the query of the exact search (normalised and projected in float64)."""
+        z = np.atleast_2d(np.asarray(emb, np.float32)).astype(np.float64)
+        norm = np.sqrt(np.einsum("ij,ij->i", z, z))
+        if not (np.isfinite(norm).all() and (norm > 0).all()):
+            bad = np.flatnonzero(~(np.isfinite(norm) & (norm > 0)))
+            raise GeosurgeError(f"cell search: embedding(s) {bad[:5].tolist()} are all zeros or not finite")
+        z /= norm[:, None]
+        return z if self.projection is None else np.einsum("nd,dk->nk", z, self.projection.astype(np.float64))
 
     def level_logits(self, emb: np.ndarray) -> list[np.ndarray]:
-        z = self.query(emb)
-        return [z @ t.T / self.temperatures[k] for k, t in enumerate(self.tables)]
+        """Per level (N, n_k) float32 logits (cosine / temperature) for (N, D) embeddings."""
+        z = np.atleast_2d(self.query(emb))
+        return [self._logits_chunked(z, k) for k in range(self.num_levels)]
 
     def region_mass(self, emb: np.ndarray) -> np.ndarray | None:
         """For a pruned table: the share of the first level's probability on kept cells (vs the dropped cells kept
@@ -115,10 +258,12 @@ class CellScorer:
         if self.outside is None or self.outside.size == 0:
             return None
         z = self.query(emb)
-        kept = z @ self.tables[0].T / self.temperatures[0]
-        out = z @ self.outside.T / self.temperatures[0]
+        z2 = np.atleast_2d(z)
+        kept = self._logits_chunked(z2, 0)
+        out = _dot(z2, self.outside) / self.temperatures[0]
         lp = log_softmax(np.concatenate([kept, out], axis=-1))
-        return np.exp(lp[..., :kept.shape[-1]]).sum(-1)
+        mass = np.exp(lp[..., :kept.shape[-1]]).sum(-1)
+        return mass if z.ndim == 2 else mass[0]
 
     def level_log_probs(self, emb: np.ndarray) -> list[np.ndarray]:
         return [log_softmax(lg) for lg in self.level_logits(emb)]
@@ -130,21 +275,93 @@ class CellScorer:
             score += level_log_probs[k][:, self.ancestors[:, k]]
         return score
 
+    # ---- exact search ------------------------------------------------------------------------------------------
+    def prepare_search(self) -> PathIndex | None:
+        """Build the approximate pass of :meth:`search` now (done on first use otherwise): the int8 path table
+        (one row per finest cell) handed to ONNX Runtime. None where this CPU's int8 kernel failed its exactness
+        check (the search then runs brute force)."""
+        if self._index is None and kernel_is_exact():
+            self._index = PathIndex(self._rows_f64, self.ancestors, self.temperatures, self.dim,
+                                    after_chunk=self._release_mapped_rows)
+        return self._index
+
+    def _release_mapped_rows(self) -> None:
+        """Unmap the pages of memory-mapped rows from this process (they stay in the OS page cache)."""
+        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+
+    def _exact_sums(self, y: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        """(len(cells),) float64: A(f) = sum_k <y, t_k[a_k(f)]> / T_k over the stored rows, in float64 (relative
+        rounding ~1e-15: exact for ranking except between cells tied to that precision)."""
+        m, levels = len(cells), self.num_levels
+        anc = self.ancestors[cells]
+        rows = np.empty((levels, m, self.dim), np.float64)
+        for k in range(levels):
+            rows[k] = self._rows[k][anc[:, k]]  # gather + exact cast of the stored values
+            if self._scales is not None:
+                rows[k] *= self._scales[k][anc[:, k]].astype(np.float64)[:, None]
+        vals = np.einsum("lmd,d->lm", rows, y)
+        vals /= self.temperatures.astype(np.float64)[:, None]
+        return vals.sum(0)
+
+    def search(self, emb: np.ndarray, k: int = 5, with_scores: bool = False) -> SearchResult:
+        """Exact top-k finest cells for (N, D) or (D,) embeddings (see :mod:`geosurge.runtime.cellsearch`).
+
+        The indices and their order equal brute force over the stored table in exact arithmetic (ties to the
+        lower index); ``log_probs`` are renormalised over the finest level and bounded by ``log_norm_error``.
+        ``with_scores`` also returns every cell's (approximate) logit sum."""
+        y = self._query64(emb)
+        n = self.ancestors.shape[0]
+        k = min(k, n)
+        index = self.prepare_search()
+        res = {f: [] for f in ("indices", "logit_sums", "log_probs", "log_norm", "log_norm_error", "candidates",
+                               "bound", "scores")}
+        for c0 in range(0, len(y), BATCH_CHUNK):
+            yc = y[c0:c0 + BATCH_CHUNK]
+            if index is not None:
+                approx, ynorm, ry = index.approx(yc)
+            for i, yi in enumerate(yc):
+                if index is not None:
+                    e, emax = index.bound(ynorm[i], ry[i])
+                    cand = select_candidates(approx[i], e, k)
+                    exact = self._exact_sums(yi, cand)
+                    log_norm, err, scores = log_norm_bounds(approx[i], emax, cand, exact)
+                else:  # brute force: every cell is a candidate
+                    cand = np.arange(n)
+                    exact = self._exact_sums(yi, cand)
+                    m = exact.max()
+                    log_norm, err, emax = m + np.log(np.exp(exact - m).sum()), 0.0, 0.0
+                    scores = exact.astype(np.float32)
+                order = np.lexsort((cand, -exact))[:k]
+                res["indices"].append(cand[order])
+                res["logit_sums"].append(exact[order])
+                res["log_probs"].append(exact[order] - log_norm)
+                res["log_norm"].append(log_norm)
+                res["log_norm_error"].append(err)
+                res["candidates"].append(len(cand))
+                res["bound"].append(emax)
+                if with_scores:
+                    res["scores"].append(scores)
+        out = {f: np.asarray(v) for f, v in res.items() if f != "scores"}
+        return SearchResult(**out, scores=np.stack(res["scores"]) if with_scores else None)
+
+    # ---- compatibility: candidates / topk ----------------------------------------------------------------------
     def candidates(self, emb: np.ndarray, beam: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """For one embedding: (finest cell indices, their hierarchical log scores).
 
-        Without ``beam`` every finest cell is scored (brute force). With ``beam``, only the ``beam`` best partial
-        paths per level are kept and only their children scored, so the work is bounded by beam x branching
-        instead of the table size. The ranking equals the brute-force one whenever the best paths survive each
-        cut (always when ``beam`` >= the widest level). Each level's softmax is then taken over the cells scored
-        at that level, so the scores are those of the searched sub-tree.
+        Without ``beam`` every finest cell is scored (brute force, chunked). With ``beam``, only the ``beam`` best
+        partial paths per level are kept and only their children scored, so the work is bounded by beam x
+        branching instead of the table size. The ranking equals the brute-force one whenever the best paths survive
+        each cut (always when ``beam`` >= the widest level). Each level's softmax is then taken over the cells
+        scored at that level, so the scores are those of the searched sub-tree. For the top-k alone use
+        :meth:`topk` / :meth:`search` (exact and much faster than brute force).
         """
         emb = np.asarray(emb, np.float32).reshape(1, -1)
         if beam is None:
             scores = self.hierarchical_scores(self.level_log_probs(emb))[0]
             return np.arange(scores.size), scores
         z = self.query(emb)[0]
-        cand = np.arange(self.tables[0].shape[0])
+        cand = np.arange(self._rows[0].shape[0])
         cum = np.zeros(cand.size)
         for lvl in range(self.num_levels):
             if lvl > 0:
@@ -152,30 +369,66 @@ class CellScorer:
                 counts = starts[cand + 1] - starts[cand]
                 cand = order[np.concatenate([np.arange(starts[c], starts[c + 1]) for c in cand])]
                 cum = np.repeat(cum, counts)
-            cum = cum + log_softmax(self.tables[lvl][cand] @ z / self.temperatures[lvl])
+            cum = cum + log_softmax(np.einsum("ij,j->i", self._rows_f32(lvl, cand), z) / self.temperatures[lvl])
             if lvl < self.num_levels - 1 and cand.size > beam:
                 keep = np.argpartition(-cum, beam - 1)[:beam]
                 cand, cum = cand[keep], cum[keep]
         return cand, cum
 
     def topk(self, emb: np.ndarray, k: int = 5, beam: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k finest cells (indices, log scores) for each embedding (N, D), best first."""
+        """Top-k finest cells for each embedding (N, D), best first: (indices (N, k) int64, log-probabilities
+        (N, k) renormalised over the finest cells searched).
+
+        Without ``beam``: :meth:`search` (exact indices and order; log-probabilities within
+        ``SearchResult.log_norm_error``). With ``beam``: the beam's cells, renormalised over its finest level."""
+        if beam is None:
+            r = self.search(emb, k)
+            return r.indices, r.log_probs
         out_idx, out_val = [], []
         for row in np.atleast_2d(np.asarray(emb, np.float32)):
             cand, score = self.candidates(row, beam)
+            score = log_softmax(score)
             kk = min(k, score.size)
             best = np.argpartition(-score, kk - 1)[:kk]
-            best = best[np.argsort(-score[best], kind="stable")]
+            best = best[np.lexsort((cand[best], -score[best]))]
             out_idx.append(cand[best])
             out_val.append(score[best])
         return np.stack(out_idx), np.stack(out_val)
 
     def uncertainty_km(self, probs: np.ndarray, lat: float, lon: float, cells: np.ndarray | None = None,
                        mass: float = 0.68) -> float:
-        """Radius around (lat, lon) holding ``mass`` of the finest-level probability ``probs`` over ``cells``
-        (default: all finest cells), each cell at its representative point."""
-        cells = np.arange(self.rep_lat.size) if cells is None else cells
-        d = haversine_km(lat, lon, self.rep_lat[cells], self.rep_lon[cells])
-        order = np.argsort(d)
-        cum = np.cumsum(probs[order])
-        return float(d[order][min(np.searchsorted(cum, mass), d.size - 1)])
+        """Radius (km) around (lat, lon) holding ``mass`` of the finest-level probability ``probs`` over ``cells``
+        (default: all finest cells), each cell at its representative point.
+
+        Equal to sorting every cell by distance and accumulating, in O(n): cells are binned by the cosine of their
+        angle to (lat, lon) (monotone in distance), the bin where the mass is reached is found from a weighted
+        histogram, and only that bin is sorted."""
+        p = np.asarray(probs, np.float64)
+        xyz = self._xyz if cells is None else self._xyz[:, cells]
+        u = unit_vectors(lat, lon)
+        key = xyz[0] * -u[0]  # 1 - cos(angle to (lat, lon)): 0 (same point) .. 2 (antipode), monotone in km
+        key -= xyz[1] * u[1]
+        key -= xyz[2] * u[2]
+        key += 1.0
+        nb = 4096
+        b = np.clip((key * (nb / 2)).astype(np.int64), 0, nb - 1)
+        cum = np.cumsum(np.bincount(b, weights=p, minlength=nb))
+        j = int(np.searchsorted(cum, mass))
+        if j >= nb:  # the mass is never reached: the farthest cell
+            pick = int(np.argmax(key))
+        else:
+            members = np.flatnonzero(b == j)
+            members = members[np.argsort(key[members], kind="stable")]
+            within = (cum[j - 1] if j > 0 else 0.0) + np.cumsum(p[members])
+            pick = int(members[min(int(np.searchsorted(within, mass)), members.size - 1)])
+        cell = pick if cells is None else cells[pick]
+        return float(haversine_km(lat, lon, self.rep_lat[cell], self.rep_lon[cell]))
+
+
+def _dot(z: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(N, d) x (m, d) -> (N, m) float32; a few queries take numpy's own loops, not BLAS (see NO_BLAS_ROWS)."""
+    if z.ndim == 1:
+        return np.einsum("md,d->m", rows, z)
+    if len(z) <= NO_BLAS_ROWS:
+        return np.einsum("nd,md->nm", z, rows)
+    return z @ rows.T

@@ -37,6 +37,8 @@ class Localizer:
         self.output = self.bundle.manifest["io"]["outputs"][0]["name"]
         self.static_batch = self.bundle.manifest["io"]["inputs"][0]["shape"][0]
         self.beam = beam
+        if beam is None:
+            self.scorer.prepare_search()  # build the exact search's int8 scoring graph now, not on the first photo
 
     # ---- stages ----------------------------------------------------------------------------------------------
     def preprocess(self, image) -> np.ndarray:
@@ -55,26 +57,35 @@ class Localizer:
         radius holding 68% of the probability, the nearest place, and the top-k cells. For a pruned bundle also
         ``region_mass`` (the share of probability on the kept region) and ``outside_region``; the confidence is
         then scaled by the region mass."""
-        cells, score = self.scorer.candidates(emb, self.beam)
-        probs = np.exp(log_softmax(score))
-        kk = min(top_k, score.size)
-        top = np.argpartition(-score, kk - 1)[:kk]
-        top = top[np.argsort(-score[top], kind="stable")]
+        if self.beam is None:
+            r = self.scorer.search(emb, top_k, with_scores=True)
+            cells, top = r.indices[0], np.arange(r.indices.shape[1])
+            top_probs = np.exp(r.log_probs[0])
+            probs = np.exp(r.scores[0] - np.float32(r.log_norm[0]))  # every finest cell (bounded; see docs)
+            radius_cells = None
+        else:
+            cells, score = self.scorer.candidates(emb, self.beam)
+            probs = np.exp(log_softmax(score))
+            kk = min(top_k, score.size)
+            top = np.argpartition(-score, kk - 1)[:kk]
+            top = top[np.argsort(-score[top], kind="stable")]
+            top_probs = probs[top]
+            radius_cells = cells
         best = int(cells[top[0]])
         lat, lon = float(self.scorer.rep_lat[best]), float(self.scorer.rep_lon[best])
         mass = self.scorer.region_mass(emb)
-        confidence = float(probs[top[0]]) * (1.0 if mass is None else float(mass))
+        confidence = float(top_probs[0]) * (1.0 if mass is None else float(mass))
         region = {} if mass is None else {"region_mass": round(float(mass), 6),
                                           "outside_region": bool(mass < OUTSIDE_REGION_MASS)}
         return {
             "lat": round(lat, 6), "lon": round(lon, 6),
             "confidence": round(confidence, 6), **region,
-            "uncertainty_km": round(self.scorer.uncertainty_km(probs, lat, lon, cells), 1),
+            "uncertainty_km": round(self.scorer.uncertainty_km(probs, lat, lon, radius_cells), 1),
             "place": self.places.nearest(lat, lon) if self.places is not None else None,
             "top_k": [{"cell": self.scorer.tokens[cells[i]], "index": int(cells[i]),
                        "lat": round(float(self.scorer.rep_lat[cells[i]]), 6),
-                       "lon": round(float(self.scorer.rep_lon[cells[i]]), 6), "prob": round(float(probs[i]), 6)}
-                      for i in top],
+                       "lon": round(float(self.scorer.rep_lon[cells[i]]), 6), "prob": round(float(p), 6)}
+                      for i, p in zip(top, top_probs)],
         }
 
     def locate(self, image, top_k: int = 5) -> dict:

@@ -116,11 +116,15 @@ def test_beam_search_equals_brute_force_when_wide(tiny_bundle):
     loc = Localizer(tiny_bundle[0])
     sc = loc.scorer
     emb = np.load(tiny_bundle[0] / "golden.npz")["embedding"]
+    r = sc.search(emb, k=10)
     idx, val = sc.topk(emb, k=10)
+    np.testing.assert_array_equal(idx, r.indices)
     widest = max(sc.hierarchy.sizes)
     bidx, bval = sc.topk(emb, k=10, beam=widest)
     np.testing.assert_array_equal(idx, bidx)
-    np.testing.assert_allclose(val, bval, rtol=1e-5, atol=1e-5)
+    # both are log-probabilities renormalised over the finest level: the exact search's normaliser is within its
+    # stated bound; 1e-4 covers the beam's own float32 logits (|logit| < 15, 7 levels)
+    assert (np.abs(val - bval) <= r.log_norm_error[:, None] + 1e-4).all()
     # brute force by hand: sum of per-level log-probs along each finest cell's ancestor chain
     lps = sc.level_log_probs(emb[:1])
     anc = sc.hierarchy.ancestors()
