@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import GeosurgeError
+from ..registry import Registry
 from .config import BackboneConfig
 
 
@@ -23,15 +23,8 @@ class BackboneOutput:
     feature_map: torch.Tensor
 
 
-BACKBONES: dict[str, Callable[[BackboneConfig], nn.Module]] = {}
-
-
-def register_backbone(name: str):
-    def deco(cls):
-        BACKBONES[name] = cls
-        return cls
-
-    return deco
+BACKBONES: Registry = Registry("backbone family")
+register_backbone = BACKBONES.register
 
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:

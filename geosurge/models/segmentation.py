@@ -8,17 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GeosurgeError
+from ..registry import Registry
 from .config import SegmenterConfig
 
-SEGMENTERS: dict[str, type] = {}
-
-
-def register_segmenter(name: str):
-    def deco(cls):
-        SEGMENTERS[name] = cls
-        return cls
-
-    return deco
+SEGMENTERS: Registry = Registry("segmenter")
+register_segmenter = SEGMENTERS.register
 
 
 def build_segmenter(cfg: SegmenterConfig, backbone_channels: int, input_mean, input_std) -> nn.Module:
