@@ -4,7 +4,7 @@ other file.
 
 * :func:`atomic_write_bytes`: temp file in the same folder, fsync, rename over the target.
 * :func:`make_staging_dir` / :func:`sweep_stale_staging`: a hidden sibling folder to build a directory in, marked as
-  ours with its owner's pid; a later run removes the ones whose owner is gone (``kill -9``, power loss).
+  ours by an owner file with its pid; a later run removes the ones whose owner is gone (``kill -9``, power loss).
 * :func:`replace_dir`: swap a finished folder into place with no moment where the target is missing
   (``renameat2(RENAME_EXCHANGE)`` on Linux, ``renamex_np(RENAME_SWAP)`` on macOS).
 """
@@ -22,9 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-#: the file that marks a folder as a geosurge staging folder (only folders holding it are ever swept)
-STAGING_MARKER = ".geosurge-staging.json"
+#: staging folders are ``.<target>.staging-<pid>-<hex>``, marked by ``<that>.owner`` beside them (only folders with
+#: such a marker are ever swept)
 STAGING_TAG = ".staging-"
+OWNER_SUFFIX = ".owner"
 
 
 def umask() -> int:
@@ -81,57 +82,78 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def owner_file(staging: Path) -> Path:
+    """The marker beside a staging folder: ``<staging>.owner`` (JSON: pid, host, process start token, time)."""
+    staging = Path(staging)
+    return staging.with_name(staging.name + OWNER_SUFFIX)
+
+
 def make_staging_dir(target: Path) -> Path:
-    """A new hidden folder beside ``target`` (``.<name>.staging-<pid>-<random>``), mode 0777 & ~umask, holding a
-    marker with this process's pid, host and start token."""
+    """A new hidden folder beside ``target`` (``.<name>.staging-<pid>-<random>``, mode 0777 & ~umask) and, written
+    first, its owner marker. The marker sits beside the folder, not in it, so it marks the folder through every
+    step: while parts are written, and after :func:`replace_dir` has exchanged the old bundle into it."""
     target = Path(target)
     for _ in range(100):
         path = target.parent / f".{target.name}{STAGING_TAG}{os.getpid()}-{os.urandom(4).hex()}"
+        mark = owner_file(path)
         try:
-            os.mkdir(path)  # mode 0o777 & ~umask, unlike mkdtemp's 0700
-            break
+            with open(mark, "x") as f:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
+                           "created": time.time(), "target": target.name}, f)
         except FileExistsError:
             continue
-    else:  # pragma: no cover - 100 random collisions
-        raise FileExistsError(f"{target.parent}: cannot create a staging folder")
-    (path / STAGING_MARKER).write_text(json.dumps({
-        "pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
-        "created": time.time(), "target": target.name}))
-    return path
+        try:
+            os.mkdir(path)  # mode 0o777 & ~umask, unlike mkdtemp's 0700
+        except BaseException:
+            mark.unlink()
+            raise
+        return path
+    raise FileExistsError(f"{target.parent}: cannot create a staging folder")  # pragma: no cover
 
 
-def is_stale(staging: Path, grace_s: float = 24 * 3600) -> bool:
-    """Whether a staging folder's owner is gone. Only folders with our marker qualify. On this host: the owner pid
-    is not running, or runs under another start token (the pid was reused). From another host (a shared disk): only
-    after ``grace_s`` seconds, since its owner cannot be asked."""
+def release_staging(staging: Path) -> None:
+    """Remove a staging folder (whatever it holds now) and then its owner marker."""
+    staging = Path(staging)
+    if staging.is_dir() and not staging.is_symlink():
+        shutil.rmtree(staging, ignore_errors=True)
+    if not staging.exists():
+        owner_file(staging).unlink(missing_ok=True)
+
+
+def is_stale(mark: Path, grace_s: float = 24 * 3600) -> bool:
+    """Whether the owner of a staging marker is gone. On this host: its pid is not running, or runs under another
+    start token (the pid was reused). From another host (a shared disk): only after ``grace_s`` seconds, since its
+    owner cannot be asked. An unreadable marker is not stale (left alone)."""
     try:
-        mark = json.loads((Path(staging) / STAGING_MARKER).read_text())
-        pid, host, created = int(mark["pid"]), str(mark["host"]), float(mark["created"])
+        rec = json.loads(Path(mark).read_text())
+        pid, host, created = int(rec["pid"]), str(rec["host"]), float(rec["created"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
     if host != socket.gethostname():
         return time.time() - created > grace_s
     if pid != os.getpid() and not _alive(pid):
         return True
-    token, now = mark.get("start"), _process_start(pid)
+    token, now = rec.get("start"), _process_start(pid)
     return token is not None and now is not None and now != token  # the pid runs another process now
 
 
 def sweep_stale_staging(parent: Path, log=None) -> list[Path]:
-    """Remove the stale staging folders (:func:`is_stale`) in ``parent``; returns what was removed. A folder without
-    our marker, or whose owner still runs, is never touched."""
+    """Remove the staging folders in ``parent`` whose owner is gone (:func:`is_stale`), with their markers; returns
+    the folders removed. Only names with our marker are looked at: nothing else in ``parent`` is touched, nor the
+    folder of a writer that still runs."""
     removed = []
     try:
-        entries = list(Path(parent).iterdir())
+        marks = [p for p in Path(parent).iterdir() if p.name.startswith(".") and STAGING_TAG in p.name
+                 and p.name.endswith(OWNER_SUFFIX) and p.is_file()]
     except OSError:
         return removed
-    for p in entries:
-        if p.name.startswith(".") and STAGING_TAG in p.name and p.is_dir() and not p.is_symlink() and is_stale(p):
-            shutil.rmtree(p, ignore_errors=True)
-            if not p.exists():
-                removed.append(p)
-                if log:
-                    log(f"removed {p.name}: left by an interrupted run")
+    for mark in marks:
+        if is_stale(mark):
+            staging = mark.with_name(mark.name[:-len(OWNER_SUFFIX)])
+            release_staging(staging)
+            removed.append(staging)
+            if log:
+                log(f"removed {staging.name}: left by an interrupted run")
     return removed
 
 

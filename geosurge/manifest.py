@@ -56,9 +56,9 @@ MODEL_FILES = {Format.ONNX: "model.onnx", Format.COREML: "model.mlpackage"}
 PART_FILES = {"cells": "cells.npz", "cell_table": "cell_table.npz", "places": "places.npz", "golden": "golden.npz"}
 #: roles every bundle has (``places`` is optional)
 REQUIRED_PARTS = ("model", "cells", "cell_table", "golden")
-#: the TensorRT engine a device builds beside the bundle's ONNX (not a part: never shipped, never checksummed)
+#: the TensorRT engine a device builds beside the bundle's ONNX (not a part: never shipped, never checksummed; its
+#: JSON sidecar is ``geosurge.runtime.trt.sidecar_path``)
 ENGINE_FILE = "model.plan"
-ENGINE_SIDECAR = ENGINE_FILE + ".json"
 
 
 def parts_for(format: Format | str) -> dict[str, str]:

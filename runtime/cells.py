@@ -17,6 +17,25 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 TABLE_DTYPES = ("float32", "float16", "int8")
 TABLE_ALIASES = {"fp32": "float32", "fp16": "float16"}
+#: what a user may type (``--table``)
+TABLE_CHOICES = (*TABLE_DTYPES, *TABLE_ALIASES)
+
+
+def table_dtype(name: str) -> str:
+    """A table storage name (``fp16``, ``float16``, ``int8``, ...) as its canonical dtype; GeosurgeError otherwise."""
+    dtype = TABLE_ALIASES.get(name, name)
+    if dtype not in TABLE_DTYPES:
+        raise GeosurgeError(f"cell table dtype must be one of {', '.join(TABLE_DTYPES)}, not {name!r}")
+    return dtype
+
+
+def stored_rows(t: np.ndarray, dtype: str) -> np.ndarray:
+    """What a table level reads back as after :func:`save_cell_table` with ``dtype`` (fp16 rounding, or per-row
+    int8 with its scales), in float32."""
+    if table_dtype(dtype) == "int8":
+        q, scale = quantize_rows(t)
+        return q.astype(np.float32) * scale[:, None]
+    return np.asarray(t, dtype=table_dtype(dtype)).astype(np.float32)
 
 
 def quantize_rows(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -34,9 +53,7 @@ def save_cell_table(path, tables: list[np.ndarray], temperatures: np.ndarray, dt
     (default), float32, or int8 (per-row scales; scored in float32). ``projection`` (D, K): the rows are K-d PCA
     coordinates and the image embedding is projected the same way before scoring. ``outside``: embeddings of the
     first level's cells that a pruning dropped (the runtime's "outside the kept region" probes)."""
-    dtype = TABLE_ALIASES.get(dtype, dtype)
-    if dtype not in TABLE_DTYPES:
-        raise GeosurgeError(f"cell table dtype must be one of {', '.join(TABLE_DTYPES)}, not {dtype!r}")
+    dtype = table_dtype(dtype)
     arrays = {}
     for k, t in enumerate(tables):
         if dtype == "int8":
@@ -94,6 +111,15 @@ class CellScorer:
         except (OSError, KeyError, ValueError) as e:
             raise GeosurgeError(f"{table_path}: not a geosurge cell table ({e})") from None
         return cls(h, tables, temps, proj, outside)
+
+    @classmethod
+    def from_arrays(cls, hierarchy: CellHierarchy, tables: list[np.ndarray], temperatures: np.ndarray,
+                    dtype: str = "float16", projection: np.ndarray | None = None,
+                    outside: np.ndarray | None = None) -> "CellScorer":
+        """The scorer :meth:`load` returns for a table saved with ``dtype`` by :func:`save_cell_table`, built from
+        the in-memory arrays (same storage rounding, no file)."""
+        return cls(hierarchy, [stored_rows(t, dtype) for t in tables], temperatures, projection,
+                   None if outside is None else np.asarray(outside, np.float16))
 
     @property
     def num_levels(self) -> int:

@@ -9,7 +9,7 @@ from geosurge.images import read_image
 from geosurge.inputs import expand_inputs
 from geosurge.preprocess import preprocess
 
-from .backends import open_runner
+from .backends import embed_batches, open_runner
 from .bundle import Bundle, open_bundle
 from .cells import CellScorer, log_softmax
 from .places import Places
@@ -65,10 +65,7 @@ class Localizer:
 
     def embed(self, x: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) preprocessed -> (N, D) embeddings; a static-batch model runs one image at a time."""
-        x = np.asarray(x, np.float32)
-        if self.static_batch is not None and len(x) != self.static_batch:
-            return np.concatenate([self.runner.infer({self.input: x[i:i + 1]})[self.output] for i in range(len(x))])
-        return self.runner.infer({self.input: x})[self.output]
+        return embed_batches(self.runner, x, self.input, self.output, self.static_batch)
 
     def predict_embedding(self, emb: np.ndarray, top_k: int = 5) -> dict:
         """One embedding -> prediction: the hierarchical product over the finest cells (or the beam's), the best

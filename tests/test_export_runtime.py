@@ -11,7 +11,7 @@ import torch
 from geosurge.export.bundle import write_bundle
 from geosurge.export.source import load_model
 from geosurge.runtime import BundleError, Localizer, open_bundle
-from geosurge.runtime.cli import verify_bundle
+from geosurge.runtime.verify import verify_bundle
 from geosurge.samples import sample_photo_paths
 
 from .conftest import run_cli
@@ -33,7 +33,7 @@ def _torch_embed(model, x):
 def test_tiny_bundle_contents_and_roundtrip(tiny_bundle):
     path, model = tiny_bundle
     b = open_bundle(path)
-    m = b.manifest
+    m = b.manifest.to_dict()
     assert sorted(p.name for p in path.iterdir()) == ["cell_table.npz", "cells.npz", "golden.npz", "manifest.json",
                                                       "model.onnx", "places.npz"]
     assert set(m["files"]) == {"cell_table.npz", "cells.npz", "golden.npz", "model.onnx", "places.npz"}

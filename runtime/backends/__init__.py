@@ -101,6 +101,16 @@ def get_runner(name: str) -> type[Runner]:
     return RUNNERS.get(str(name))
 
 
+def embed_batches(runner: Runner, x: np.ndarray, input_name: str, output_name: str,
+                  static_batch: int | None) -> np.ndarray:
+    """(N, 3, S, S) -> the ``output_name`` output (N, ...); a static-batch model (``static_batch`` 1) runs one image
+    at a time."""
+    x = np.asarray(x, np.float32)
+    if static_batch is not None and len(x) != static_batch:
+        return np.concatenate([runner.infer({input_name: x[i:i + 1]})[output_name] for i in range(len(x))])
+    return runner.infer({input_name: x})[output_name]
+
+
 def open_runner(bundle, backend: str | None = None, threads: int | None = None) -> Runner:
     """Open ``bundle`` with ``backend`` (default: the one its format implies; BundleError if the backend cannot read
     the format)."""
