@@ -131,8 +131,8 @@ def prune(bundle, output: PathLike, *, bbox: str | None = None, geojson: PathLik
 
 def prune_cost(source, pruned, *, images=None, probes: int = 512, threads: int | None = 2,
                log: Log = print) -> list[dict]:
-    """What a cut costs against its unpruned source on the same embeddings: one row per (embedding set, bundle)
-    with cells, levels, table MB, search ms, the outside share and flag rates, per-level agreement and drift in
+    """What a cut costs against its unpruned source on the same embeddings: one row per (embedding set, bundle:
+    "unpruned" / "cut") with cells, levels, table MB, search ms, the outside share and flag rates, per-level agreement and drift in
     km. Embedding sets: ``images`` (default: the sample photos) and ``probes`` stand-in embeddings (0: none)."""
     import numpy as np
 
@@ -153,9 +153,8 @@ def prune_cost(source, pruned, *, images=None, probes: int = 512, threads: int |
             sets["probes"], _ = probe_embeddings(src.scorer, probes)
         rows = []
         for name, emb in sets.items():
-            full = evaluate_cut(src.scorer, source, emb)
-            rows += [{"on": name, "bundle": "unpruned", **full}, {"on": name, "bundle": "cut",
-                                                                  **evaluate_cut(src.scorer, pruned, emb)}]
+            for label, b in (("unpruned", source), ("cut", pruned)):
+                rows.append({"on": name, **evaluate_cut(src.scorer, b, emb), "bundle": label})
     return rows
 
 

@@ -74,8 +74,9 @@ class TargetSpec:
     format: Format
     precisions: tuple[Precision, ...]
     default_precision: Precision
-    #: how a user names this target on the command line (for messages)
+    #: how a user names this target on the command line, and its product name (for messages)
     flag: str
+    label: str
     summary: str
 
 
@@ -83,15 +84,15 @@ TARGETS: dict[Target, TargetSpec] = {
     Target.ONNXRUNTIME: TargetSpec(
         Target.ONNXRUNTIME, Format.ONNX,
         (Precision.FP32, Precision.FP16, Precision.INT8, Precision.INT8_DYNAMIC), Precision.FP32,
-        "--target onnxruntime", "ONNX for onnxruntime (CPU path; QDQ / dynamic INT8 from onnxruntime's quantizer)"),
+        "--target onnxruntime", "onnxruntime", "ONNX for onnxruntime (CPU path; QDQ / dynamic INT8 from onnxruntime's quantizer)"),
     Target.TENSORRT: TargetSpec(
         Target.TENSORRT, Format.ONNX,
         (Precision.FP32, Precision.FP16, Precision.INT8, Precision.FP8), Precision.FP32,
-        "--target tensorrt", "TensorRT-bound ONNX (modelopt QDQ for INT8 / FP8; the engine is built on the device)"),
+        "--target tensorrt", "TensorRT", "TensorRT-bound ONNX (modelopt QDQ for INT8 / FP8; the engine is built on the device)"),
     Target.COREML: TargetSpec(
         Target.COREML, Format.COREML,
         (Precision.FP32, Precision.FP16, Precision.INT8_WEIGHTS, Precision.PALETTIZE4), Precision.FP16,
-        "--format coreml", "Core ML mlprogram package (iOS 17+ / macOS 14+)"),
+        "--format coreml", "Core ML", "Core ML mlprogram package (iOS 17+ / macOS 14+)"),
 }
 
 #: which backends read which format; the first is the default for a bundle of that format
@@ -133,7 +134,7 @@ def check_precision(target: TargetSpec | Target | str, precision: str | None = N
         return spec.default_precision
     p = _enum(Precision, precision, "precision")
     if p not in spec.precisions:
-        others = [s.flag for s in TARGETS.values() if p in s.precisions]
+        others = [f"{s.label}: {s.flag}" for s in TARGETS.values() if p in s.precisions]
         raise GeosurgeError(f"{spec.flag} takes --precision {', '.join(x.value for x in spec.precisions)}, not {p}"
                             + (f" ({p} is for {' / '.join(others)})" if others else ""))
     return p
