@@ -18,8 +18,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from geosurge.errors import GeosurgeError
-from geosurge.formats import Precision
-from geosurge.manifest import (SCHEMA_VERSION, CellTableSection, HierarchySection, ParityRecord, PruningSection)
+from geosurge.manifest import SCHEMA_VERSION, CellTableSection, HierarchySection, PruningSection
 from geosurge.runtime.bundle import Bundle, open_bundle
 from geosurge.runtime.cells import CellScorer, save_cell_table, table_dtype
 from geosurge.runtime.places import Places, save_places
@@ -174,9 +173,6 @@ def prune_bundle(src_dir, out_dir, cut: Cut, log=print) -> Bundle:
             cut={k: v for k, v in asdict(cut).items() if v not in (None, [])}, describe=cut.describe(),
             source_manifest_sha256=sm.manifest_sha256, source_hierarchy_digest=h.digest(), source_sizes=h.sizes,
             kept_per_source_level=[int(masks[k].sum()) if k in levels else 0 for k in range(h.num_levels)])
-        if m.model.precision != Precision.FP32 and m.check is None:  # a schema-1 source recorded none
-            m.quantization.check = ParityRecord(passed=None, skipped="the source bundle (schema 1) recorded no "
-                                                                     "held-out parity")
         m.schema_version, m.read_version, m.files, m.manifest_sha256 = SCHEMA_VERSION, SCHEMA_VERSION, {}, None
         out = w.commit(m)
     log(f"pruned bundle: {out.root} ({cut.describe()}): {sub.num_levels} levels, {len(sub):,} of {len(h):,} cells, "

@@ -501,10 +501,15 @@ def check_schema(d, where: str = "manifest") -> None:
 
 def upgrade(d: dict) -> dict:
     """A schema-1 manifest as schema 2 (in memory; the JSON on disk and its checksum are untouched). Version 1 had
-    no output shapes (read as unknown) and no held-out parity record for TensorRT-bound models (read as absent)."""
+    no output shapes (read as unknown) and, for TensorRT-bound and Core ML models, no held-out parity record (read
+    as not measured, saying why)."""
     if d.get("schema_version") == SCHEMA_VERSION:
         return d
-    return {**d, "schema_version": SCHEMA_VERSION}
+    d = {**d, "schema_version": SCHEMA_VERSION}
+    q = d.get("quantization")
+    if isinstance(q, dict) and q.get("precision", "fp32") != "fp32" and "check" not in q:
+        d["quantization"] = {**q, "check": {"passed": None, "skipped": "not recorded (a schema 1 bundle)"}}
+    return d
 
 
 def manifest_digest(manifest: dict) -> str:

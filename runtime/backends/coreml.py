@@ -5,7 +5,6 @@ turned back into 0..255 RGB pixels before ``predict``, as an app hands the model
 """
 from __future__ import annotations
 
-import importlib
 import platform
 import sys
 from pathlib import Path
@@ -30,8 +29,8 @@ class CoreMLRunner(Runner):
             raise BackendUnavailable(f"{model_path}: Core ML predicts only on macOS (this is {platform.system()}); "
                                      "on this machine use the onnxruntime backend with an ONNX bundle, or inspect "
                                      "the package with coremltools")
-        try:  # imported by name: the runtime never imports coremltools unless this backend is chosen
-            ct = importlib.import_module("coremltools")
+        try:  # imported here: the runtime imports coremltools only when this backend is chosen
+            import coremltools as ct
         except ImportError:
             raise BackendUnavailable("the coreml backend needs coremltools (pip install coremltools)") from None
         self.spec = spec
