@@ -88,18 +88,12 @@ def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: 
 def time_torch_vs_runtime(model, loc, x: np.ndarray, iters: int = 50, warmup: int = 5) -> list[dict]:
     """Batch latency of torch eager ``model.embed`` and the runtime's backend on the same input, interleaved run
     by run so both see the same machine state. Returns one row per engine (p50/p95 in ms)."""
+    from geosurge.timing import interleaved
+
     xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-    t_torch, t_rt = [], []
     with torch.inference_mode():
-        for i in range(warmup + iters):
-            t0 = time.perf_counter()
-            model.embed(xt)
-            t1 = time.perf_counter()
-            loc.embed(x)
-            t2 = time.perf_counter()
-            if i >= warmup:
-                t_torch.append((t1 - t0) * 1e3)
-                t_rt.append((t2 - t1) * 1e3)
+        t = interleaved({"torch": lambda: model.embed(xt), "runtime": lambda: loc.embed(x)}, iters, warmup)
+    t_torch, t_rt = t["torch"], t["runtime"]
     precision = loc.bundle.manifest.model.precision.value.upper()
     return [{"engine": "torch eager FP32", "p50_ms": float(np.median(t_torch)),
              "p95_ms": float(np.percentile(t_torch, 95))},

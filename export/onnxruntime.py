@@ -12,6 +12,8 @@ import numpy as np
 from geosurge.errors import GeosurgeError
 from geosurge.formats import Precision, Target
 from geosurge.manifest import MODEL_FILES, QuantizationSection
+from geosurge.runtime.backends.onnxruntime import OnnxRuntimeRunner
+from geosurge.timing import interleaved
 
 from .onnx import INPUT_NAME, export_onnx, onnx_sections, onnx_versions
 from .precision import PrecisionSearchFailed, QuantConfig, Quantizer, convert_fp16, search_precision
@@ -89,20 +91,9 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
 
 def latency_vs_fp32(fp32: Path, deployed: Path, input_hw: list[int], threads: int | None, iters: int = 20) -> dict:
     """p50 of the FP32 and the deployed ONNX on onnxruntime CPU, interleaved run by run (same machine state)."""
-    from geosurge.runtime.backends.onnxruntime import OnnxRuntimeRunner
-
     feed = {INPUT_NAME: np.zeros((1, 3, *input_hw), np.float32)}
-    ta, tb = [], []
     with OnnxRuntimeRunner(fp32, threads) as a, OnnxRuntimeRunner(deployed, threads) as b:
-        for i in range(iters + 3):
-            t0 = time.perf_counter()
-            a.infer(feed)
-            t1 = time.perf_counter()
-            b.infer(feed)
-            t2 = time.perf_counter()
-            if i >= 3:
-                ta.append(t1 - t0)
-                tb.append(t2 - t1)
-    pa, pb = float(np.median(ta)) * 1e3, float(np.median(tb)) * 1e3
+        t = interleaved({"fp32": lambda: a.infer(feed), "deployed": lambda: b.infer(feed)}, iters, warmup=3)
+    pa, pb = float(np.median(t["fp32"])), float(np.median(t["deployed"]))
     return {"fp32_p50_ms": round(pa, 2), "p50_ms": round(pb, 2), "speedup": round(pa / pb, 3), "threads": threads,
             "note": "onnxruntime CPU, batch 1, interleaved; a zero image"}

@@ -29,6 +29,7 @@ def cmd_demo(args) -> int:
 
     from .. import api
     from ..export.compare import time_torch_vs_runtime
+    from ..export.source import load_model
     from ..geo import build_default_hierarchy
     from ..parity import format_parity
     from ..report import format_table, write_json
@@ -52,8 +53,6 @@ def cmd_demo(args) -> int:
                                       f"{time.perf_counter() - t0:.2f}s")
 
     print(f"\n[2/7] {args.checkpoint or args.model} model (EfficientNet-Lite0 ImageNet weights, GeoCLIP cell init)")
-    from ..export.source import load_model
-
     model, source = load_model(args.model, args.checkpoint, seed=0, hierarchy=h)
     samples = copy_samples(out / "samples")
     print(f"      {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {len(samples)} sample photos "
@@ -120,6 +119,7 @@ def quantized_bundles(model, source, samples, out, fp32_bundle, args) -> list[di
     from ..report import format_table
     from ..runtime import Localizer
     from ..runtime.golden import Golden
+    from ..timing import interleaved
 
     print("\n[7/7] quantized bundles: FP16, and INT8 with the precision search (calibration: augmented views of "
           "the sample photos)")
@@ -131,14 +131,8 @@ def quantized_bundles(model, source, samples, out, fp32_bundle, args) -> list[di
                                         threads=args.threads, log=indent)
     x = Golden.load(fp32_bundle.path("golden")).inputs[:1]
     locs = {k: Localizer(v, threads=args.threads) for k, v in bundles.items()}
-    times = {k: [] for k in locs}
     try:
-        for i in range(25):
-            for k, loc in locs.items():
-                t0 = time.perf_counter()
-                loc.embed(x)
-                if i >= 5:
-                    times[k].append((time.perf_counter() - t0) * 1e3)
+        times = interleaved({k: (lambda loc=loc: loc.embed(x)) for k, loc in locs.items()}, iters=20, warmup=5)
     finally:
         for loc in locs.values():
             loc.close()
