@@ -37,6 +37,13 @@ Log = Callable[[str], None]
 PathLike = str | Path
 
 
+def _paths(x) -> list | None:
+    """One path or several (files / folders) as a list; None stays None."""
+    if x is None:
+        return None
+    return [x] if isinstance(x, (str, Path)) else list(x)
+
+
 def load_model(model, seed: int = 0, cells: PathLike | None = None):
     """``model``: a config name (``geosurge.models.CONFIGS``, built from ``seed``), a checkpoint directory (a
     ``Path`` is always read as one; a string names a config first), or a GeoSurge instance. Returns (model, source record for the manifest). An in-memory model's source records no seed:
@@ -105,8 +112,7 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     if threads:
         torch.set_num_threads(threads)
     model, src = load_model(model, seed, cells)
-    photos = expand_inputs([golden] if isinstance(golden, (str, Path)) else golden) if golden else \
-        sample_photo_paths()
+    photos = expand_inputs(_paths(golden)) if golden else sample_photo_paths()
     calib = calibration_set(calibration, model.config.preprocess, calib_size, model.hierarchy, calib_cache, log) \
         if options.precision.needs_calibration else None
     return write_bundle(output, model, source or src, photos, options, calibration=calib, gates=gates, log=log)
@@ -143,7 +149,7 @@ def prune_cost(source, pruned, *, images=None, probes: int = 512, threads: int |
 
     with Localizer(source, threads=threads) as src:
         xs = []
-        for p in expand_inputs(images) if images else sample_photo_paths():
+        for p in expand_inputs(_paths(images)) if images else sample_photo_paths():
             try:
                 xs.append(src.preprocess(p))
             except GeosurgeError as e:  # an unreadable image is reported and skipped
@@ -166,8 +172,7 @@ def parity(bundle, images=None, *, checkpoint: PathLike | None = None, backend: 
     from .export.compare import torch_vs_bundle
     from .samples import sample_photo_paths
 
-    images = [images] if isinstance(images, (str, Path)) else images
-    return torch_vs_bundle(bundle, images or sample_photo_paths(), str(checkpoint) if checkpoint else None,
+    return torch_vs_bundle(bundle, _paths(images) or sample_photo_paths(), str(checkpoint) if checkpoint else None,
                            backend, threads, gates, log=log)
 
 
@@ -184,4 +189,4 @@ def bench(bundle, backend: str | None = None, threads: int | None = None, images
     """Latency per stage, throughput, peak RSS (``geosurge.runtime.bench_bundle``)."""
     from .runtime.bench import bench_bundle
 
-    return bench_bundle(bundle, backend, threads, images, iters, warmup)
+    return bench_bundle(bundle, backend, threads, _paths(images), iters, warmup)
