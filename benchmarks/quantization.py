@@ -27,6 +27,7 @@ from geosurge.export.compare import torch_vs_bundle
 from geosurge.export.precision import QuantConfig
 from geosurge.export.source import load_model
 from geosurge.images import read_image
+from geosurge.manifest import MANIFEST_FILE
 from geosurge.preprocess import preprocess
 from geosurge.report import format_table, write_json
 from geosurge.runtime import Localizer, open_bundle
@@ -57,7 +58,7 @@ def main() -> int:
     export_s = {}
     for name, cfg in PRECISIONS.items():
         path = out / f"edge-{name}"
-        if args.reuse and (path / "manifest.json").is_file():
+        if args.reuse and (path / MANIFEST_FILE).is_file():
             continue
         if cfg.needs_calibration and calib is None:
             calib = sample_views_set(model.config.preprocess, args.calib_size, log=print)

@@ -299,3 +299,16 @@ def test_bundle_errors_name_the_file(tmp_path):
     (b / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(BundleError, match=r"manifest.json.model.precision: fp8 is not a precision of target"):
         open_bundle(b, verify=False)
+
+
+def test_listing_a_calibration_folder_imports_no_torch(tmp_path):
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    code = ("import sys\nfrom geosurge.calibration.dataset import _candidates\n"
+            f"files, lat, lon = _candidates({str(tmp_path)!r})\n"
+            "print(len(files), lat is None, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm') "
+            "or m.startswith('geosurge.training')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["1", "True", "[]"]

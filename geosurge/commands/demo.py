@@ -107,7 +107,9 @@ def cmd_demo(args) -> int:
 
 def bundle_mb(bundle) -> float:
     """The bundle's size (every checksummed file and the manifest), MB."""
-    return (sum(f.bytes for f in bundle.manifest.files.values()) + (bundle / "manifest.json").stat().st_size) / 1e6
+    from ..manifest import MANIFEST_FILE
+
+    return (sum(f.bytes for f in bundle.manifest.files.values()) + (bundle / MANIFEST_FILE).stat().st_size) / 1e6
 
 
 def quantized_bundles(model, source, samples, out, fp32_bundle, args) -> list[dict]:
