@@ -10,9 +10,8 @@ def register(sub) -> None:
     from ..models.config import CONFIGS
     from ..runtime.cells import TABLE_CHOICES
 
-    def rows(fmt=None):
-        return "; ".join(f"{s.flag}: {', '.join(p.value for p in s.precisions)} (default {s.default_precision})"
-                         for s in TARGETS.values() if fmt is None or s.format == fmt)
+    precision_help = "; ".join(f"{s.flag}: {', '.join(p.value for p in s.precisions)} (default {s.default_precision})"
+                               for s in TARGETS.values())
 
     p = sub.add_parser("export", help="export a model into a bundle")
     p.add_argument("--model", choices=list(CONFIGS), help="config to build (with --seed) when no --checkpoint is "
@@ -25,7 +24,7 @@ def register(sub) -> None:
     p.add_argument("--target", default=None, choices=[t.value for t in Target if TARGETS[t].format == Format.ONNX],
                    help="with --format onnx: onnxruntime (default; the CPU path) or tensorrt (modelopt QDQ ONNX + "
                         "readiness report; the engine is built on the device)")
-    p.add_argument("--precision", default=None, choices=PRECISIONS, help=rows())
+    p.add_argument("--precision", default=None, choices=PRECISIONS, help=precision_help)
     p.add_argument("--precision-search", choices=["auto"], help="int8: exclude the nodes with the worst measured "
                    "error, group by group, until the parity gates pass on held-out calibration images")
     p.add_argument("--calib", metavar="DIR|CSV", help="calibration images: a folder or a manifest (path,lat,lon; "
