@@ -150,3 +150,26 @@ def test_threads_and_backends_are_checked_when_a_bundle_opens(tiny_bundle):
         Localizer(tiny_bundle, backend="coreml")
     with pytest.raises(GeosurgeError, match="tensorrt backend does not take a thread count"):
         Localizer(tiny_bundle, backend="tensorrt", threads=2)
+
+
+def test_a_schema_1_bundle_opens_locates_and_verifies(tiny_bundle, tmp_path):
+    """A bundle written before the typed manifest (schema 1, ``tests/data``) over this bundle's files: read through
+    the upgrade, it locates and verifies like any other."""
+    import shutil
+    from pathlib import Path
+
+    from geosurge.manifest import manifest_digest
+    from geosurge.runtime import verify_bundle
+
+    old = tmp_path / "v1"
+    shutil.copytree(tiny_bundle.root, old)
+    v1 = json.loads((Path(__file__).parent / "data" / "manifest_v1_fp32.json").read_text())
+    now = tiny_bundle.manifest.to_dict()
+    v1.update(files=now["files"], parts=now["parts"], golden=now["golden"])
+    v1["manifest_sha256"] = manifest_digest(v1)
+    (old / "manifest.json").write_text(json.dumps(v1))
+    b = open_bundle(old)
+    assert b.manifest.read_version == 1 and b.manifest.io.embedding.shape is None
+    with Localizer(b) as loc:
+        assert -90 <= loc.locate(sample_photo_paths()[0])["lat"] <= 90
+    assert verify_bundle(old)["passed"]
