@@ -78,16 +78,16 @@ def _status() -> dict:
 def rss_child(kind: str, bundle: str, queries_path: str, threads: int) -> None:
     """One fresh runtime (model session + places + the cell search of ``kind``), then model + search for every
     query; prints its memory as JSON."""
-    from geosurge.runtime.backends import open_backend
+    from geosurge.runtime.backends import open_runner
     from geosurge.runtime.bundle import open_bundle
     from geosurge.runtime.places import Places
 
     start = _status()
     b = open_bundle(bundle)
-    backend = open_backend("onnxruntime", b, threads)
+    runner = open_runner(b, "onnxruntime", threads)
     with np.load(b.path("golden")) as g:
-        x = g["inputs"][:1]
-    backend.run(x)
+        feed = {b.manifest.io.input.name: g["inputs"][:1]}
+    runner.infer(feed)
     before = _status()
     if kind == "before":
         old = NumpySearchBefore(b.path("cell_table"), CellScorer.load(b.path("cells"), b.path("cell_table"),
@@ -100,7 +100,7 @@ def rss_child(kind: str, bundle: str, queries_path: str, threads: int) -> None:
     loaded = _status()
     places = Places.load(b.path("places")) if b.has("places") else None
     for q in np.load(queries_path):
-        backend.run(x)
+        runner.infer(feed)
         search(q)
     end = _status()
     print(json.dumps({"kind": kind, "start": start, "before_table": before, "table_loaded": loaded, "end": end,
@@ -169,7 +169,7 @@ def main() -> int:
 
     from geosurge.export.prune import probe_embeddings
     from geosurge.runtime import Localizer
-    from geosurge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from geosurge.runtime.backends.onnxruntime import OnnxRuntimeRunner
     from geosurge.samples import sample_photo_paths
 
     work = Path(tempfile.mkdtemp(prefix="geosurge-cellsearch-"))
@@ -223,9 +223,9 @@ def main() -> int:
     print(format_table([exact], title="exactness vs float64 brute force over the stored table"), flush=True)
 
     # ---- latency ----------------------------------------------------------------------------------------------
-    x = photos[0][None]
-    model = {True: OnnxRuntimeBackend(loc.bundle.path("model"), args.threads, spinning=True),
-             False: OnnxRuntimeBackend(loc.bundle.path("model"), args.threads, spinning=False)}
+    feed = {loc.input: photos[0][None]}
+    model = {True: OnnxRuntimeRunner(loc.bundle.path("model"), args.threads, spinning=True),
+             False: OnnxRuntimeRunner(loc.bundle.path("model"), args.threads, spinning=False)}
     contenders = {"numpy FP32 (before)": before.topk, "exact search (now)": lambda e: sc.search(e, 5),
                   "predict_embedding (now)": lambda e: loc.predict_embedding(e, 5)}
     try:
@@ -239,7 +239,7 @@ def main() -> int:
         pass
     for m in model.values():  # warm up
         for _ in range(3):
-            m.run(x)
+            m.infer(feed)
     for f in contenders.values():
         f(queries[0])
     times = {(c, mode, spin): ([], []) for c in contenders for mode in ("paced", "back-to-back") for spin in model}
@@ -247,7 +247,7 @@ def main() -> int:
 
     def one(c, spin, i):
         t0 = time.perf_counter()
-        model[spin].run(x)
+        model[spin].infer(feed)
         t1 = time.perf_counter()
         contenders[c](queries[i % len(queries)])
         t2 = time.perf_counter()
@@ -283,7 +283,7 @@ def main() -> int:
 
     # ---- idle threads: CPU burnt by other threads after each call ---------------------------------------------
     burn = []
-    for name, fn in [(f"model session, spinning={spin}", lambda m=m: m.run(x)) for spin, m in model.items()] + [
+    for name, fn in [(f"model session, spinning={spin}", lambda m=m: m.infer(feed)) for spin, m in model.items()] + [
             ("exact search (now)", lambda: sc.search(queries[0], 5)), ("numpy FP32 (before)",
                                                                        lambda: before.topk(queries[0]))]:
         time.sleep(0.3)

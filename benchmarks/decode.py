@@ -61,7 +61,7 @@ def main() -> int:
         from geosurge.runtime import Localizer
 
         loc = Localizer(args.bundle, threads=args.threads)
-        spec, embed, model_name = loc.spec, loc.embed, f"bundle {args.bundle} ({loc.backend.name})"
+        spec, embed, model_name = loc.spec, loc.embed, f"bundle {args.bundle} ({loc.runner.name.value})"
     else:
         import torch
 

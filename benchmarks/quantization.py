@@ -24,12 +24,13 @@ import torch
 from geosurge.calibration import sample_views_set
 from geosurge.export.bundle import write_bundle
 from geosurge.export.compare import torch_vs_bundle
-from geosurge.export.quantize import QuantConfig
+from geosurge.export.precision import QuantConfig
 from geosurge.export.source import load_model
 from geosurge.images import load_image
+from geosurge.manifest import MANIFEST_FILE
 from geosurge.preprocess import preprocess
 from geosurge.report import format_table, write_json
-from geosurge.runtime import Localizer
+from geosurge.runtime import Localizer, open_bundle
 from geosurge.samples import sample_photo_paths
 
 PRECISIONS = {
@@ -57,7 +58,7 @@ def main() -> int:
     export_s = {}
     for name, cfg in PRECISIONS.items():
         path = out / f"edge-{name}"
-        if args.reuse and (path / "manifest.json").is_file():
+        if args.reuse and (path / MANIFEST_FILE).is_file():
             continue
         if cfg.needs_calibration and calib is None:
             calib = sample_views_set(model.config.preprocess, args.calib_size, log=print)
@@ -147,7 +148,7 @@ def main() -> int:
           f"{sharp['sharpness_margin']:.3f}; samples counted for agreement per level: "
           f"{[lv['counted'] for lv in sharp['levels']]} of {sharp['n']}")
     int8 = next(r for r in table if r["engine"] == "onnxruntime int8")
-    q = json.loads((out / "edge-int8" / "manifest.json").read_text())["quantization"]
+    q = open_bundle(out / "edge-int8").manifest.quantization
     targets = {
         "int8 e2e >= 3x faster than torch fp32 eager": int8["speedup_vs_torch"] >= 3.0,
         "int8 model file <= 30% of fp32": int8["model_vs_fp32"] <= 0.30,
@@ -156,10 +157,11 @@ def main() -> int:
     }
     print(format_table([{"target": k, "met": "yes" if v else "NO"} for k, v in targets.items()],
                        title="\nissue 5 targets"))
-    print(f"int8 mix: {len(q.get('search', {}).get('excluded_nodes', []))} node(s) out of INT8 compute "
-          f"(weights {q.get('excluded_weights')}), held-out check {q['check']['metrics']['cosine_mean']:.4f}")
+    search = q.extra.get("search") or {}
+    print(f"int8 mix: {len(search.get('excluded_nodes', []))} node(s) out of INT8 compute "
+          f"(weights {q.extra.get('excluded_weights')}), held-out check {q.check.metrics['cosine_mean']:.4f}")
     write_json(args.json, {"threads": args.threads, "iters": args.iters, "table": table, "parity": parity,
-                           "targets": targets, "export_seconds": export_s, "int8_search": q.get("search"),
+                           "targets": targets, "export_seconds": export_s, "int8_search": search,
                            "machine_note": "shared 2-core VM; compare ratios within this run only"})
     print(f"wrote {args.json}")
     return 0

@@ -19,6 +19,7 @@ import numpy as np
 from geosurge.errors import GeosurgeError, InputFileError
 from geosurge.fsutil import atomic_write_bytes
 from geosurge.images import ReadSummary, load_image
+from geosurge.inputs import list_image_source
 from geosurge.preprocess import PreprocessSpec, preprocess, random_resized_crop
 
 DEFAULT_SIZE = 256
@@ -95,8 +96,6 @@ def make_ort_reader(inputs: np.ndarray, input_name: str = "image", batch_size: i
 
 
 def _candidates(source, log=print) -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
-    from geosurge.training.data import list_image_source
-
     return list_image_source(source, "calibration source", log=log)
 
 

@@ -1,4 +1,9 @@
-"""Workstation parity: the FP32 torch model vs the deployed bundle through the runtime, on the same images."""
+"""Parity on the workstation: the FP32 torch model vs a deployed model part, through the runtime.
+
+* :func:`heldout_parity`: at export, every non-FP32 model part against the FP32 model on images the quantizer did
+  not calibrate on (the manifest's ``quantization.check``), whatever the target.
+* :func:`torch_vs_bundle`: ``geosurge parity``: a finished bundle against its source model on the user's images.
+"""
 from __future__ import annotations
 
 import time
@@ -8,69 +13,98 @@ import torch
 
 from geosurge.errors import GeosurgeError
 from geosurge.images import list_images, load_image
-from geosurge.parity import evaluate_gates, gates_passed, parity_metrics
+from geosurge.manifest import ParityRecord
+from geosurge.parity import compare
 from geosurge.preprocess import preprocess
+from geosurge.runtime.backends import BackendUnavailable, embed_batches, get_runner
 from geosurge.runtime.localizer import Localizer
 
 from .source import load_source_model
 
+REFERENCE = "FP32 torch (the exported model)"
 
-def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: str = "onnxruntime",
-                    threads: int | None = None, gates: dict | None = None, log=print) -> dict:
-    loc = Localizer(bundle_dir, backend=backend, threads=threads)
-    model = load_source_model(loc.bundle, checkpoint)
-    listing = list_images(images)
-    summary = listing.summary()
-    for line in listing.skip_lines():
-        log(f"  {line}")
-    xs, names, errors = [], [], []
-    for p in listing.paths:  # the same decode and preprocessing for both sides: the manifest's spec
-        try:
-            xs.append(preprocess(load_image(p, loc.spec), loc.spec))
-            names.append(str(p))
-            summary.count(True)
-        except GeosurgeError as e:
-            errors.append({"input": str(p), "error": str(e)})
-            summary.count(False)
-            log(f"  refused {e}")
-    log(f"parity: {summary.line()}")
-    if not xs:
-        raise GeosurgeError("parity: no readable images")
-    x = np.stack(xs)
-    t0 = time.perf_counter()
+
+def torch_embed(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    """FP32 torch embeddings (N, D) of preprocessed images (N, 3, S, S)."""
     with torch.no_grad():
-        ref = model.embed(torch.from_numpy(x)).numpy()
-    t1 = time.perf_counter()
-    dep = loc.embed(x)
-    t2 = time.perf_counter()
-    metrics = parity_metrics(ref, dep, loc.scorer)
-    manifest_gates = {k: tuple(v) for k, v in loc.bundle.manifest.get("parity_gates", {}).items()}
-    rows = evaluate_gates(metrics, gates or manifest_gates or None)
-    return {"bundle": str(bundle_dir), "backend": backend, "images": names, "skipped": errors,
-            "inputs": summary.to_dict(), "not_images": [{"input": str(s.path), "reason": s.reason}
-                                                      for s in listing.skipped],
-            "precision": loc.bundle.manifest["model"]["precision"], "metrics": metrics, "gates": rows,
-            "passed": gates_passed(rows),
-            "seconds": {"torch_fp32": round(t1 - t0, 3), "deployed": round(t2 - t1, 3)}}
+        return np.concatenate([model.eval().embed(torch.from_numpy(np.ascontiguousarray(x[i:i + batch],
+                                                                                       np.float32))).numpy()
+                               for i in range(0, len(x), batch)])
+
+
+def heldout_parity(model, bundle, inputs: np.ndarray, scorer, gates: dict | None = None,
+                   threads: int | None = 2) -> ParityRecord:
+    """The staged model part (``bundle``: its Bundle, parts written) vs the FP32 torch ``model`` on ``inputs``
+    (N, 3, S, S), scored with the bundle's table. Runs on the format's default backend on this machine (onnxruntime
+    for ONNX, also for a TensorRT-bound QDQ model; Core ML on macOS); where that backend cannot run here, the record
+    says so (``passed`` None) instead of inventing a result."""
+    m = bundle.manifest
+    backend = bundle.backend()
+    cls = get_runner(backend)
+    try:
+        runner = cls.open(bundle, threads=threads if cls.thread_option else None)
+    except BackendUnavailable as e:
+        return ParityRecord(passed=None, images=int(len(inputs)), reference=REFERENCE, runner=backend.value,
+                            skipped=f"not measurable on this machine: {e}")
+    with runner:
+        dep = embed_batches(runner, inputs, m.io.input.name, m.io.embedding.name, m.io.static_batch)
+    rep = compare(torch_embed(model, inputs), dep, scorer, gates)
+    metrics = {k: v for k, v in rep["metrics"].items() if k != "levels"}
+    return ParityRecord(passed=rep["passed"], metrics=metrics, gates=rep["gates"], images=int(len(inputs)),
+                        reference=REFERENCE, runner=backend.value)
+
+
+def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: str | None = None,
+                    threads: int | None = None, gates: dict | None = None, log=print) -> dict:
+    """FP32 torch (the manifest's source, or ``checkpoint``) vs the bundle through the runtime on ``images`` (files
+    or folders; folders listed by content), both decoded and preprocessed by the one implementation. Returns the
+    report (``passed``, ``metrics``, ``gates``, ``skipped``: refused images, ``inputs``: read / refused / skipped
+    counts, ``not_images``: folder files that are not images); raises GeosurgeError when no image is readable."""
+    with Localizer(bundle_dir, backend=backend, threads=threads) as loc:
+        model = load_source_model(loc.bundle, checkpoint)
+        listing = list_images(images)
+        summary = listing.summary()
+        for line in listing.skip_lines():
+            log(f"  {line}")
+        xs, names, errors = [], [], []
+        for p in listing.paths:  # the same decode and preprocessing for both sides: the manifest's spec
+            try:
+                xs.append(preprocess(load_image(p, loc.spec), loc.spec))
+                names.append(str(p))
+                summary.count(True)
+            except GeosurgeError as e:
+                errors.append({"input": str(p), "error": str(e)})
+                summary.count(False)
+                log(f"  refused {e}")
+        log(f"parity: {summary.line()}")
+        if not xs:
+            raise GeosurgeError("parity: no readable images")
+        x = np.stack(xs)
+        t0 = time.perf_counter()
+        ref = torch_embed(model, x)
+        t1 = time.perf_counter()
+        dep = loc.embed(x)
+        t2 = time.perf_counter()
+        rep = compare(ref, dep, loc.scorer, gates or loc.bundle.manifest.gates() or None)
+        m = loc.bundle.manifest
+        return {"bundle": str(bundle_dir), "backend": loc.runner.name.value, "images": names, "skipped": errors,
+                "inputs": summary.to_dict(), "not_images": [{"input": str(s.path), "reason": s.reason}
+                                                          for s in listing.skipped],
+                "precision": m.model.precision.value, **rep,
+                "seconds": {"torch_fp32": round(t1 - t0, 3), "deployed": round(t2 - t1, 3)}}
 
 
 def time_torch_vs_runtime(model, loc, x: np.ndarray, iters: int = 50, warmup: int = 5) -> list[dict]:
     """Batch latency of torch eager ``model.embed`` and the runtime's backend on the same input, interleaved run
     by run so both see the same machine state. Returns one row per engine (p50/p95 in ms)."""
+    from geosurge.timing import interleaved
+
     xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-    t_torch, t_rt = [], []
     with torch.inference_mode():
-        for i in range(warmup + iters):
-            t0 = time.perf_counter()
-            model.embed(xt)
-            t1 = time.perf_counter()
-            loc.embed(x)
-            t2 = time.perf_counter()
-            if i >= warmup:
-                t_torch.append((t1 - t0) * 1e3)
-                t_rt.append((t2 - t1) * 1e3)
-    precision = loc.bundle.manifest["model"]["precision"].upper()
+        t = interleaved({"torch": lambda: model.embed(xt), "runtime": lambda: loc.embed(x)}, iters, warmup)
+    t_torch, t_rt = t["torch"], t["runtime"]
+    precision = loc.bundle.manifest.model.precision.value.upper()
     return [{"engine": "torch eager FP32", "p50_ms": float(np.median(t_torch)),
              "p95_ms": float(np.percentile(t_torch, 95))},
-            {"engine": f"{loc.backend.name} {precision}", "p50_ms": float(np.median(t_rt)),
+            {"engine": f"{loc.runner.name.value} {precision}", "p50_ms": float(np.median(t_rt)),
              "p95_ms": float(np.percentile(t_rt, 95))}]

@@ -1,4 +1,4 @@
-"""Core ML (iOS 17+ / macOS 14+ ML Program) export through ``torch.export`` (coremltools 9; the ``torch.jit.trace``
+"""Export target ``coreml``: a Core ML (iOS 17+ / macOS 14+ ML Program) package through ``torch.export`` (coremltools 9; the ``torch.jit.trace``
 path fails with numpy 2.x, see TOOLCHAIN.md).
 
 The input is an ``ImageType`` (an app feeds a ``CVPixelBuffer``): Core ML applies one global ``scale`` and a
@@ -16,30 +16,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from geosurge.errors import GeosurgeError
+from geosurge.formats import Format, Target, check_precision
+from geosurge.manifest import MODEL_FILES, IOSection, ModelSection, QuantizationSection, TensorInfo
 
-COREML_PRECISIONS = ("fp32", "fp16", "int8-weights", "palettize4")
+from .target import ExportJob, ExportTarget, TargetOutput
+from .wrapper import INPUT_NAME, ExportWrapper, output_dims, output_names
 
+class CoreMLTarget(ExportTarget):
+    target = Target.COREML
 
-class _CoreMLWrapper(nn.Module):
-    """image (already scaled/biased by Core ML) -> [per-channel std correction] -> model embedding (+ logits)."""
-
-    def __init__(self, model, with_logits: bool, channel_gain: list[float] | None):
-        super().__init__()
-        self.model = model
-        self.with_logits = with_logits
-        gain = torch.tensor(channel_gain or [1.0, 1.0, 1.0], dtype=torch.float32).view(1, 3, 1, 1)
-        self.register_buffer("gain", gain)
-        self.apply_gain = channel_gain is not None
-
-    def forward(self, image):
-        x = image * self.gain if self.apply_gain else image
-        emb = self.model.embed(x)
-        if not self.with_logits:
-            return emb
-        return (emb, *self.model.head.level_logits(emb))
+    def export(self, model, job: ExportJob) -> TargetOutput:
+        o = job.options
+        name = MODEL_FILES[o.spec.format]
+        t0 = time.perf_counter()
+        facts = export_coreml(model, job.stage / name, o.precision.value, o.with_logits,
+                              metadata={"hierarchy_digest": model.hierarchy.digest(),
+                                        "embed_dim": model.config.head.embed_dim}, log=job.log)
+        size = model.config.preprocess.size
+        io = IOSection(inputs=[TensorInfo(INPUT_NAME, shape=[1, 3, size, size], layout="NCHW",
+                                          type="image (RGB, 0..255; the manifest's normalisation is inside the model)")],
+                       outputs=[TensorInfo(n, "float32", [1, d])
+                                for n, d in zip(facts["outputs"], output_dims(model, o.with_logits))])
+        section = ModelSection(format=Format.COREML, precision=o.precision, target=Target.COREML,
+                               config=model.config.to_dict(), coreml=facts)
+        quant = QuantizationSection(precision=o.precision, extra={
+            "converter": "coremltools (torch.export)", "seconds": round(time.perf_counter() - t0, 1)})
+        return TargetOutput(name, section, io, quant, {"coremltools": facts["coremltools"]})
 
 
 def image_scale_bias(spec) -> tuple[float, list[float], list[float] | None]:
@@ -65,21 +69,20 @@ def export_coreml(model, path: Path, precision: str = "fp16", with_logits: bool 
         import coremltools as ct
     except ImportError:
         raise GeosurgeError("--format coreml needs coremltools (pip install coremltools==9.0)") from None
-    if precision not in COREML_PRECISIONS:
-        raise GeosurgeError(f"Core ML precision must be one of {', '.join(COREML_PRECISIONS)}")
+    check_precision(Target.COREML, precision)
     model = model.eval()
     spec = model.config.preprocess
     size = spec.size
     scale, bias, gain = image_scale_bias(spec)
-    wrapper = _CoreMLWrapper(model, with_logits, gain).eval()
+    wrapper = ExportWrapper(model, with_logits, gain).eval()
     x = torch.zeros(1, 3, size, size)
     t0 = time.perf_counter()
     with torch.no_grad():
         exported = torch.export.export(wrapper, (x,)).run_decompositions({})
-    names = ["embedding"] + ([f"logits_{k}" for k in range(model.head.num_levels)] if with_logits else [])
+    names = output_names(model, with_logits)
     mlmodel = ct.convert(
         exported, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
-        inputs=[ct.ImageType(name="image", shape=(1, 3, size, size), scale=scale, bias=bias,
+        inputs=[ct.ImageType(name=INPUT_NAME, shape=(1, 3, size, size), scale=scale, bias=bias,
                              color_layout=ct.colorlayout.RGB)],
         outputs=[ct.TensorType(name=n, dtype=np.float32) for n in names],
         compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16)

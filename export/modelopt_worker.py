@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     from modelopt.onnx.quantization import quantize
 
     quantize(job["onnx_path"], quantize_mode=job["mode"],
-             calibration_data={"image": np.load(job["calibration_npy"])}, calibration_method=job["method"],
+             calibration_data={job["input_name"]: np.load(job["calibration_npy"])}, calibration_method=job["method"],
              calibration_eps=["cpu"], output_path=job["output_path"], nodes_to_exclude=job["nodes_to_exclude"] or None,
              disable_mha_qdq=True, high_precision_dtype="fp16", log_level="WARNING")
     return 0

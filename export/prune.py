@@ -9,23 +9,21 @@ checksums.
 """
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
+import copy
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 
 from geosurge.errors import GeosurgeError
-from geosurge.fsutil import replace_dir
-from geosurge.runtime.bundle import open_bundle
-from geosurge.runtime.cells import TABLE_DTYPES, CellScorer, save_cell_table
+from geosurge.manifest import SCHEMA_VERSION, CellTableSection, HierarchySection, PruningSection
+from geosurge.runtime.bundle import Bundle, open_bundle
+from geosurge.runtime.cells import CellScorer, save_cell_table, table_dtype
 from geosurge.runtime.places import Places, save_places
 
-from .bundle import finalize_manifest
+from .writer import BundleWriter
 
 
 @dataclass
@@ -113,11 +111,14 @@ def pca(tables: list[np.ndarray], dim: int) -> np.ndarray:
     return np.ascontiguousarray(v[:, np.argsort(-w)[:dim]], np.float32)
 
 
-def prune_bundle(src_dir, out_dir, cut: Cut, log=print) -> Path:
-    """Write the pruned bundle at ``out_dir`` (temp dir + rename)."""
+def prune_bundle(src_dir, out_dir, cut: Cut, log=print) -> Bundle:
+    """Write the pruned bundle at ``out_dir`` (the one bundle writer: staged, checksummed, swapped into place) and
+    return it. The model part and golden probes are copied unchanged; hierarchy, table, places and the manifest's
+    hierarchy / cell table / places / pruning sections are the cut's."""
     t0 = time.perf_counter()
     src = open_bundle(src_dir)
-    if src.manifest.get("pruning"):
+    sm = src.manifest
+    if sm.is_pruned:
         log("note: the source bundle is itself pruned; the cut applies to its hierarchy")
     full = CellScorer.load(src.path("cells"), src.path("cell_table"))
     if full.projection is not None and cut.dim:
@@ -131,33 +132,30 @@ def prune_bundle(src_dir, out_dir, cut: Cut, log=print) -> Path:
         if isinstance(meta.get(key), list) and len(meta[key]) == h.num_levels:
             meta[key] = [meta[key][k] for k in levels]
     sub.meta.update(meta)
-    tables = [full.tables[k][masks[k]] for k in levels]
+    # the stored rows as float32, converted once (``CellScorer.tables`` converts on every access)
+    full_tables = list(full.tables)
+    tables = [full_tables[k][masks[k]] for k in levels]
     temps = full.temperatures[levels]
-    first_dropped = full.tables[levels[0]][~masks[levels[0]]]
+    first_dropped = full_tables[levels[0]][~masks[levels[0]]]
     proj, energy = None, None
     if cut.dim:
-        proj = pca([t for t in full.tables], cut.dim)
-        energy = float(sum(np.square(t @ proj).sum() for t in full.tables) / sum(np.square(t).sum()
-                                                                                for t in full.tables))
+        proj = pca(full_tables, cut.dim)
+        energy = float(sum(np.square(t @ proj).sum() for t in full_tables) / sum(np.square(t).sum()
+                                                                                for t in full_tables))
         tables = [t @ proj for t in tables]
         first_dropped = first_dropped @ proj
-    src_dtype = src.manifest.get("cell_table", {}).get("dtype", "float16")
-    dtype = cut.table or src_dtype
-    if dtype not in TABLE_DTYPES:
-        raise GeosurgeError(f"--table must be one of {', '.join(TABLE_DTYPES)}")
-    out_dir = Path(out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        parts = dict(src.manifest["parts"])
+    del full_tables
+    dtype = table_dtype(cut.table or sm.cell_table.dtype)
+    embed_dim = int(full.dim if proj is None else proj.shape[0])
+    m = copy.deepcopy(sm)
+    with BundleWriter(out_dir, log=log) as w:
         for role in ("model", "golden"):
-            (shutil.copytree if src.path(role).is_dir() else shutil.copyfile)(src.path(role), tmp / parts[role])
-        sub.save(tmp / parts["cells"])
-        save_cell_table(tmp / parts["cell_table"], tables, temps, dtype=dtype,
-                        meta={"embed_dim": int(full.tables[0].shape[1] if proj is None else proj.shape[0]),
-                              "table_dim": int(tables[0].shape[1]), "hierarchy_digest": sub.digest()},
+            w.copy(role, src.path(role), sm.parts[role])
+        sub.save(w.add("cells", sm.parts["cells"]))
+        save_cell_table(w.add("cell_table", sm.parts["cell_table"]), tables, temps, dtype=dtype,
+                        meta={"embed_dim": embed_dim, "table_dim": int(tables[0].shape[1]),
+                              "hierarchy_digest": sub.digest()},
                         projection=proj, outside=first_dropped if first_dropped.size else None)
-        places_rec = None
         if src.has("places"):
             pl = Places.load(src.path("places"))
             inside = sub.locate(pl.lat, pl.lon, strict=False)[:, 0] >= 0
@@ -166,35 +164,24 @@ def prune_bundle(src_dir, out_dir, cut: Cut, log=print) -> Path:
                 from geosurge.geo.regions import contains_points
 
                 inside &= contains_points(region, pl.lat, pl.lon)
-            save_places(tmp / parts["places"], pl.lat[inside], pl.lon[inside], pl.name[inside], pl.admin1[inside],
-                        pl.country[inside], meta={**pl.meta, "restricted_to": cut.describe()})
-            places_rec = {**src.manifest.get("places", {}), "places": int(inside.sum())}
-        m = json.loads(json.dumps(src.manifest))
-        m["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        m["hierarchy"] = {"levels": sub.num_levels, "sizes": sub.sizes, "digest": sub.digest(),
-                          "tau_max": sub.meta.get("tau_max"), "tau_min": sub.meta.get("tau_min"),
-                          "source_levels": levels}
-        m["cell_table"] = {"dtype": dtype, "embed_dim": m["cell_table"]["embed_dim"],
-                           "table_dim": int(tables[0].shape[1]), "pca": proj is not None,
-                           "pca_energy": energy,
-                           "outside_probes": int(len(first_dropped))}
-        if places_rec is not None:
-            m["places"] = places_rec
-        m["pruning"] = {"cut": {k: v for k, v in asdict(cut).items() if v not in (None, [])},
-                        "describe": cut.describe(), "source_manifest_sha256": src.manifest["manifest_sha256"],
-                        "source_hierarchy_digest": h.digest(), "source_sizes": h.sizes,
-                        "kept_per_source_level": [int(masks[k].sum()) if k in levels else 0
-                                                  for k in range(h.num_levels)]}
-        m["parts"] = parts
-        finalize_manifest(tmp, m)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"pruned bundle: {out_dir} ({cut.describe()}): {sub.num_levels} levels, {len(sub):,} of {len(h):,} cells, "
-        f"table {(out_dir / parts['cell_table']).stat().st_size / 1e6:.1f} MB ({dtype}, "
+            save_places(w.add("places", sm.parts["places"]), pl.lat[inside], pl.lon[inside], pl.name[inside],
+                        pl.admin1[inside], pl.country[inside], meta={**pl.meta, "restricted_to": cut.describe()})
+            m.places = dataclasses.replace(sm.places, places=int(inside.sum())) if sm.places else None
+        m.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        m.hierarchy = HierarchySection.of(sub, source_levels=levels)
+        m.cell_table = CellTableSection(dtype=dtype, embed_dim=sm.cell_table.embed_dim,
+                                        table_dim=int(tables[0].shape[1]), pca=proj is not None, pca_energy=energy,
+                                        outside_probes=int(len(first_dropped)))
+        m.pruning = PruningSection(
+            cut={k: v for k, v in asdict(cut).items() if v not in (None, [])}, describe=cut.describe(),
+            source_manifest_sha256=sm.manifest_sha256, source_hierarchy_digest=h.digest(), source_sizes=h.sizes,
+            kept_per_source_level=[int(masks[k].sum()) if k in levels else 0 for k in range(h.num_levels)])
+        m.schema_version, m.read_version, m.files, m.manifest_sha256 = SCHEMA_VERSION, SCHEMA_VERSION, {}, None
+        out = w.commit(m)
+    log(f"pruned bundle: {out.root} ({cut.describe()}): {sub.num_levels} levels, {len(sub):,} of {len(h):,} cells, "
+        f"table {out.path('cell_table').stat().st_size / 1e6:.1f} MB ({dtype}, "
         f"{tables[0].shape[1]}-d) in {time.perf_counter() - t0:.1f}s")
-    return out_dir
+    return out
 
 
 # ---- what a cut costs ------------------------------------------------------------------------------------------
@@ -216,14 +203,15 @@ def probe_embeddings(scorer: CellScorer, n: int, seed: int = 0, noise: float = 0
 def evaluate_cut(full: CellScorer, cut_dir, embeddings: np.ndarray, iters: int = 1) -> dict:
     """A pruned bundle vs its unpruned source on the same embeddings: on embeddings whose unpruned top-1 finest
     cell the cut keeps, per-level top-1 agreement and drift (km) between predicted points; the share of unpruned
-    predictions outside the cut, and how many of those the runtime flags; table size and cell-search latency."""
+    predictions outside the cut, and how many of those the runtime flags; table size and the latency of the
+    runtime's exact top-5 search (``search_ms``, ms per embedding)."""
     from geosurge.geo import haversine_km
     from geosurge.runtime.localizer import OUTSIDE_REGION_MASS
 
     b = open_bundle(cut_dir)
     cut = CellScorer.load(b.path("cells"), b.path("cell_table"))
-    pr = b.manifest.get("pruning") or {}
-    levels = b.manifest["hierarchy"].get("source_levels", list(range(full.num_levels)))
+    bm = b.manifest
+    levels = bm.hierarchy.source_levels or list(range(full.num_levels))
     hf, hc = full.hierarchy, cut.hierarchy
     # map each source cell to its index in the cut (-1 = dropped), per kept level, via the S2 cell ids
     maps = []
@@ -248,15 +236,15 @@ def evaluate_cut(full: CellScorer, cut_dir, embeddings: np.ndarray, iters: int =
         per_level.append(float(agree[inside].mean()) if inside.any() else float("nan"))
     mass = cut.region_mass(embeddings)
     flagged = (mass < OUTSIDE_REGION_MASS) if mass is not None else np.zeros(len(embeddings), bool)
+    cut.prepare_search()  # built once when a bundle opens (Localizer), not per search: left out of the timing
     t0 = time.perf_counter()
     for _ in range(iters):
         for z in embeddings[:64]:
-            cut.candidates(z)
+            cut.topk(z, 5)  # the runtime's search: exact top-5
     search_ms = (time.perf_counter() - t0) * 1e3 / (iters * min(64, len(embeddings)))
-    return {"bundle": str(cut_dir), "cut": pr.get("describe", "full"), "cells": int(len(hc)),
+    return {"bundle": str(cut_dir), "cut": bm.pruning.describe if bm.pruning else "full", "cells": int(len(hc)),
             "levels": hc.num_levels, "table_mb": b.path("cell_table").stat().st_size / 1e6,
-            "table_dtype": b.manifest["cell_table"]["dtype"],
-            "table_dim": b.manifest["cell_table"].get("table_dim", b.manifest["cell_table"]["embed_dim"]),
+            "table_dtype": bm.cell_table.dtype, "table_dim": bm.cell_table.dim,
             "n": int(len(embeddings)), "inside": int(inside.sum()), "outside_share": float(1 - inside.mean()),
             "outside_flagged": float(flagged[~inside].mean()) if (~inside).any() else float("nan"),
             "inside_flagged": float(flagged[inside].mean()) if inside.any() else float("nan"),

@@ -10,7 +10,7 @@ from geosurge.errors import GeosurgeError
 
 
 def load_model(model: str | None = None, checkpoint: str | None = None, seed: int = 0, hierarchy=None):
-    """Returns (model, source dict)."""
+    """Returns (model, source dict: ``checkpoint``, ``config``, ``seed``; the manifest's ``source`` section)."""
     from geosurge.models import GeoSurge, build_model
 
     if checkpoint:
@@ -27,16 +27,18 @@ def load_source_model(bundle, checkpoint: str | None = None):
     """The FP32 torch model behind a bundle (``checkpoint`` overrides the manifest's record)."""
     from geosurge.geo import load_hierarchy
 
-    src = bundle.manifest.get("source", {})
-    ck = checkpoint or src.get("checkpoint")
+    src = bundle.manifest.source
+    ck = checkpoint or src.checkpoint
     if ck:
         if not Path(ck).is_dir():
             raise GeosurgeError(f"{ck}: the bundle's source checkpoint is not here; pass --checkpoint DIR")
         model, _ = load_model(checkpoint=ck)
+    elif src.seed is None:
+        raise GeosurgeError(f"{bundle.root}: exported from an in-memory model (no checkpoint, no seed recorded); "
+                            "pass --checkpoint DIR of that model")
     else:
-        model, _ = load_model(model=src.get("config"), seed=src.get("seed", 0),
-                              hierarchy=load_hierarchy(bundle.path("cells")))
-    if model.hierarchy.digest() != bundle.manifest["hierarchy"]["digest"]:
+        model, _ = load_model(model=src.config, seed=src.seed, hierarchy=load_hierarchy(bundle.path("cells")))
+    if model.hierarchy.digest() != bundle.manifest.hierarchy.digest:
         raise GeosurgeError(f"{bundle.root}: the torch model's hierarchy differs from the bundle's "
                             "(a pruned bundle is compared through its own golden outputs: geosurge-run verify)")
     return model

@@ -1,6 +1,7 @@
-"""The TensorRT-bound ONNX (the engine itself is built on the target: ``geosurge-run build-engine``).
+"""Export target ``tensorrt``: the TensorRT-bound ONNX (the engine itself is built on the device:
+``geosurge-run build-engine``).
 
-``--target tensorrt``: fp32 / fp16 ONNX, or INT8 / FP8 QDQ ONNX from nvidia-modelopt's ONNX PTQ (its MHA QDQ is
+fp32 / fp16 ONNX, or INT8 / FP8 QDQ ONNX from nvidia-modelopt's ONNX PTQ (its MHA QDQ is
 disabled: its fixed softmax scale wrecked attention outputs here, see TOOLCHAIN.md; float parts in fp16). Every
 TensorRT-bound model gets a readiness report: opset in TensorRT 10's range, every op parseable, LayerNormalization
 fused, QDQ placement, static shapes, no external data.
@@ -14,6 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from geosurge.errors import GeosurgeError
+from geosurge.formats import Precision, Target
+from geosurge.manifest import MODEL_FILES, QuantizationSection
+
+from .onnx import export_onnx, onnx_sections, onnx_versions
+from .target import ExportJob, ExportTarget, TargetOutput
+from .wrapper import INPUT_NAME
 
 #: TensorRT 10.x parses ONNX opsets 9..20 (onnx-tensorrt docs/operators.md for TensorRT 10.0)
 TRT_OPSET_RANGE = (9, 20)
@@ -39,30 +46,47 @@ QUANTIZED_COMPUTE = ("Conv", "MatMul", "Gemm", "ConvTranspose")
 MODELOPT_METHODS = {"minmax": "max", "entropy": "entropy"}
 
 
+class TensorRTTarget(ExportTarget):
+    target = Target.TENSORRT
+
+    def export(self, model, job: ExportJob) -> TargetOutput:
+        o = job.options
+        fp32 = job.workdir / "model-fp32.onnx"
+        facts = export_onnx(model, fp32, opset=o.opset, dynamic_batch=o.dynamic_batch, with_logits=o.with_logits,
+                            log=job.log)
+        name = MODEL_FILES[o.spec.format]
+        record = apply_tensorrt_precision(fp32, job.stage / name, o.quant, job.workdir, job.calibration, log=job.log)
+        section, io = onnx_sections(model, facts, o.spec, o.precision)
+        versions = onnx_versions()
+        if o.precision.needs_calibration:
+            from importlib.metadata import version
+
+            versions["nvidia-modelopt"] = version("nvidia-modelopt")
+        return TargetOutput(name, section, io, QuantizationSection.from_dict(record, "quantization"), versions)
+
+
 def apply_tensorrt_precision(fp32: Path, dst: Path, cfg, workdir: Path, calibration=None, log=print) -> dict:
-    """FP32 ONNX -> the TensorRT-bound ONNX at ``cfg.precision`` plus its readiness report."""
+    """FP32 ONNX -> the TensorRT-bound ONNX at ``cfg.precision`` plus its readiness report. ``calibration``: the
+    CalibrationSet modelopt calibrates on (int8 / fp8). Raises GeosurgeError when the ONNX is not TensorRT-ready."""
     import shutil
 
+    from .precision import convert_fp16
+
     t0 = time.perf_counter()
-    record: dict = {"precision": cfg.precision, "target": "tensorrt", "config": cfg.to_dict()}
-    if cfg.precision == "fp32":
+    record: dict = {"precision": cfg.precision, "target": Target.TENSORRT.value, "config": cfg.to_dict()}
+    if cfg.precision == Precision.FP32:
         shutil.copyfile(fp32, dst)
         record["builder"] = {"flags": []}
-    elif cfg.precision == "fp16":
-        from .quantize import convert_fp16
-
+    elif cfg.precision == Precision.FP16:
         record.update(convert_fp16(fp32, dst))
         record["builder"] = {"flags": ["FP16"], "note": "typed FP16 ONNX: TensorRT 11 builds it strongly typed; "
                                                         "TensorRT 10 with the FP16 flag"}
-    elif cfg.precision in ("int8", "fp8"):
+    else:  # int8 / fp8 (the precisions geosurge.formats gives this target)
         if calibration is None:
             raise GeosurgeError(f"--target tensorrt --precision {cfg.precision} needs a calibration set")
         record.update(modelopt_quantize(fp32, dst, cfg, calibration, workdir, log))
-        record["calibration"] = calibration.summary()
         record["builder"] = {"flags": ["FP16", cfg.precision.upper()], "note": "QDQ network: TensorRT 10 builds "
                              "it with INT8/FP8 + FP16 flags, TensorRT 11 strongly typed"}
-    else:
-        raise GeosurgeError(f"--target tensorrt supports fp32, fp16, int8, fp8 (not {cfg.precision})")
     record["readiness"] = readiness_report(dst, expect_layernorm=_count(fp32, "LayerNormalization"))
     record["seconds"] = round(time.perf_counter() - t0, 1)
     failed = [c for c in record["readiness"]["checks"] if c["status"] == "FAIL"]
@@ -90,6 +114,7 @@ def modelopt_quantize(fp32: Path, dst: Path, cfg, calibration, workdir: Path, lo
         "disabled, float parts fp16) ...")
     np.save(workdir / "calibration.npy", calibration.modelopt_input())
     job = {"onnx_path": str(fp32), "mode": cfg.precision, "calibration_npy": str(workdir / "calibration.npy"),
+           "input_name": INPUT_NAME,
            "method": method, "output_path": str(dst), "nodes_to_exclude": list(cfg.nodes_to_exclude)}
     (workdir / "modelopt-job.json").write_text(json.dumps(job))
     r = subprocess.run([sys.executable, "-m", "geosurge.export.modelopt_worker", str(workdir / "modelopt-job.json")],

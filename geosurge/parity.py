@@ -85,3 +85,12 @@ def format_parity(metrics: dict, rows: list[dict], title: str) -> str:
              f"{metrics['sharpness_top1_prob']:.3f}, margin {metrics['sharpness_margin']:.3f}"
              + ("  (a flat head: parity numbers mean little)" if metrics["sharpness_top1_prob"] < 0.05 else ""))
     return f"{title}\n{lv}\n\n{gates}\n{extra}"
+
+
+def compare(ref_emb: np.ndarray, dep_emb: np.ndarray, scorer, gates: dict | None = None) -> dict:
+    """FP32 reference vs deployed embeddings under ``gates`` (default :data:`DEFAULT_GATES`): ``{"metrics":
+    parity_metrics(...), "gates": evaluate_gates(...) rows, "passed": bool}``. The one comparison behind the export's
+    held-out check, the precision search, ``geosurge parity`` and ``geosurge-run verify``."""
+    metrics = parity_metrics(ref_emb, dep_emb, scorer)
+    rows = evaluate_gates(metrics, gates)
+    return {"metrics": metrics, "gates": rows, "passed": gates_passed(rows)}

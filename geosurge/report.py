@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,17 +42,10 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, tit
 
 
 def write_json(path, obj: Any) -> Path:
-    """Write JSON atomically (temp file in the same folder + rename)."""
+    """Write JSON atomically (temp file in the same folder + rename; the user's umask applies)."""
+    from .fsutil import atomic_write_bytes
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
     return path

@@ -1,102 +1,102 @@
-"""Reading a bundle on the device: the manifest, sha256 of every file, schema and backend checks (no torch)."""
+"""Opening a bundle on the device: the typed manifest, sha256 of every file, schema and backend checks (no torch).
+
+A :class:`Bundle` is a bundle directory with its :class:`geosurge.manifest.Manifest`. It stands for its directory
+wherever a path is expected (``os.fspath(bundle)``, ``bundle / "model.onnx"``, ``Localizer(bundle)``).
+"""
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from geosurge.errors import GeosurgeError
+from geosurge.formats import Backend, check_backend, default_backend
+from geosurge.manifest import MANIFEST_FILE, BundleError, Manifest, check_schema, manifest_digest, sha256_file
 
-MANIFEST = "manifest.json"
-SCHEMA = "geosurge.bundle"
-SCHEMA_VERSION = 1
-
-
-class BundleError(GeosurgeError):
-    """A bundle that is missing, tampered with, or of another schema/backend; the message says which file."""
-
-
-def manifest_digest(manifest: dict) -> str:
-    """sha256 of the manifest's canonical JSON without its own ``manifest_sha256`` field: a changed byte anywhere in
-    manifest.json is caught, as for every other file."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["Bundle", "BundleError", "open_bundle", "sha256_file"]
 
 
 @dataclass
 class Bundle:
     root: Path
-    manifest: dict
+    manifest: Manifest
 
-    def path(self, key: str) -> Path:
+    # ---- a bundle is its directory -------------------------------------------------------------------------------
+    def __fspath__(self) -> str:
+        return os.fspath(self.root)
+
+    def __truediv__(self, name) -> Path:
+        return self.root / name
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    # ---- parts ---------------------------------------------------------------------------------------------------
+    def path(self, role: str) -> Path:
         """Path of a bundle part by its manifest role (``model``, ``cells``, ``cell_table``, ``places``, ``golden``)."""
         try:
-            return self.root / self.manifest["parts"][key]
+            return self.root / self.manifest.parts[role]
         except KeyError:
-            raise BundleError(f"{self.root}: the manifest names no {key!r} file") from None
+            raise BundleError(f"{self.root}: the manifest names no {role!r} file") from None
 
-    def has(self, key: str) -> bool:
-        return key in self.manifest.get("parts", {})
+    def has(self, role: str) -> bool:
+        return role in self.manifest.parts
 
     @property
     def preprocess(self):
-        from geosurge.preprocess import PreprocessSpec
+        return self.manifest.preprocess
 
-        return PreprocessSpec.from_dict(self.manifest["preprocess"])
+    def backend(self, name: str | None = None) -> Backend:
+        """The backend to run this bundle with: ``name`` checked against the bundle's format, or the format's default
+        (``geosurge.formats.FORMAT_BACKENDS``). Raises BundleError for a backend that cannot read it."""
+        fmt = self.manifest.model.format
+        try:
+            return check_backend(fmt, name) if name is not None else default_backend(fmt)
+        except GeosurgeError as e:
+            raise BundleError(f"{self.root}: {e}") from None
 
     def verify_checksums(self) -> list[dict]:
         """sha256 of every file listed; raises BundleError on the first missing or mismatching file."""
         rows = []
-        for name, rec in sorted(self.manifest["files"].items()):
+        for name, rec in sorted(self.manifest.files.items()):
             p = self.root / name
             if not p.is_file():
                 raise BundleError(f"{p}: missing bundle file")
             got = sha256_file(p)
-            if got != rec["sha256"]:
+            if got != rec.sha256:
                 raise BundleError(f"{p}: sha256 mismatch (file changed since export: expected "
-                                  f"{rec['sha256'][:12]}..., found {got[:12]}...); re-export the bundle")
+                                  f"{rec.sha256[:12]}..., found {got[:12]}...); re-export the bundle")
             rows.append({"file": name, "bytes": p.stat().st_size, "sha256": got[:16], "ok": "ok"})
         return rows
 
 
-def open_bundle(root, verify: bool = True, backend: str | None = None) -> Bundle:
+def read_manifest(root) -> Manifest:
+    """The bundle's manifest, typed: refuses a missing or unreadable file, another schema or version (naming it),
+    a checksum mismatch of the manifest itself, or a manifest that breaks the schema (naming the key)."""
     root = Path(root)
-    mpath = root / MANIFEST
+    mpath = root / MANIFEST_FILE
     if not root.is_dir():
         raise BundleError(f"{root}: bundle directory not found")
     if not mpath.is_file():
         raise BundleError(f"{mpath}: missing (not a geosurge bundle)")
     try:
-        manifest = json.loads(mpath.read_text())
+        raw = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{mpath}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{mpath}: not a geosurge bundle manifest")
-    if manifest.get("schema") != SCHEMA:
-        raise BundleError(f"{mpath}: not a geosurge bundle manifest (schema {manifest.get('schema')!r})")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(f"{mpath}: bundle schema version {manifest.get('schema_version')} is not supported by "
-                          f"this runtime (reads version {SCHEMA_VERSION}); re-export or upgrade geosurge")
-    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+    check_schema(raw, str(mpath))
+    if raw.get("manifest_sha256") != manifest_digest(raw):
         raise BundleError(f"{mpath}: manifest checksum mismatch (edited or corrupted since export); re-export")
-    bundle = Bundle(root, manifest)
+    return Manifest.from_dict(raw, str(mpath))
+
+
+def open_bundle(root, verify: bool = True, backend: str | None = None) -> Bundle:
+    """Open a bundle: the typed manifest (:func:`read_manifest`), a check that ``backend`` (when given) reads the
+    bundle's format, and with ``verify`` the sha256 of every file. Raises BundleError naming the file."""
+    root = Path(root)
+    bundle = Bundle(root, read_manifest(root))
     if backend is not None:
-        formats = {"onnxruntime": "onnx", "tensorrt": "onnx", "coreml": "coreml"}
-        want = formats.get(backend)
-        if want is None:
-            raise BundleError(f"unknown backend {backend!r}")
-        if manifest["model"]["format"] != want:
-            raise BundleError(f"{root}: the bundle holds a {manifest['model']['format']} model; backend {backend!r} "
-                              f"needs {want}")
+        bundle.backend(backend)
     if verify:
         bundle.verify_checksums()
     return bundle

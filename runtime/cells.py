@@ -34,6 +34,16 @@ CHUNK_ROWS = 8192
 #: up to this many queries, small products use numpy's own loops (einsum) instead of BLAS, whose worker threads
 #: would wake up and then spin against ONNX Runtime's
 NO_BLAS_ROWS = 4
+#: what a user may type (``--table``)
+TABLE_CHOICES = (*TABLE_DTYPES, *TABLE_ALIASES)
+
+
+def table_dtype(name: str) -> str:
+    """A table storage name (``fp16``, ``float16``, ``int8``, ...) as its canonical dtype; GeosurgeError otherwise."""
+    dtype = TABLE_ALIASES.get(name, name)
+    if dtype not in TABLE_DTYPES:
+        raise GeosurgeError(f"cell table dtype must be one of {', '.join(TABLE_DTYPES)}, not {name!r}")
+    return dtype
 
 
 def quantize_rows(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -52,9 +62,7 @@ def save_cell_table(path, tables: list[np.ndarray], temperatures: np.ndarray, dt
     image embedding is projected the same way before scoring. ``outside``: embeddings of the first level's cells
     that a pruning dropped (the runtime's "outside the kept region" probes). Written uncompressed (``np.savez``)
     so the runtime can memory-map the rows."""
-    dtype = TABLE_ALIASES.get(dtype, dtype)
-    if dtype not in TABLE_DTYPES:
-        raise GeosurgeError(f"cell table dtype must be one of {', '.join(TABLE_DTYPES)}, not {dtype!r}")
+    dtype = table_dtype(dtype)
     arrays = {}
     for k, t in enumerate(tables):
         if dtype == "int8":
@@ -182,6 +190,23 @@ class CellScorer:
         sc = cls(h, tables, temps, proj, outside, scales)
         sc._mmap = mm
         return sc
+
+    @classmethod
+    def from_arrays(cls, hierarchy: CellHierarchy, tables: list[np.ndarray], temperatures: np.ndarray,
+                    dtype: str = "float16", projection: np.ndarray | None = None,
+                    outside: np.ndarray | None = None) -> "CellScorer":
+        """The scorer :meth:`load` returns for a table saved with ``dtype`` by :func:`save_cell_table`, built from
+        in-memory (n_k, dim) float32 arrays without a file: the rows are held in the stored dtype (float32 arrays as
+        passed, float16 rounded, or int8 with per-row scales), never as a second FP32 copy. Raises GeosurgeError
+        for an unknown ``dtype`` or a table that disagrees with ``hierarchy``."""
+        dtype = table_dtype(dtype)
+        scales = None
+        if dtype == "int8":
+            rows, scales = map(list, zip(*(quantize_rows(t) for t in tables)))
+        else:
+            rows = [np.asarray(t, dtype) for t in tables]
+        return cls(hierarchy, rows, temperatures, projection,
+                   None if outside is None else np.asarray(outside, np.float16), scales)
 
     # ---- the stored rows ---------------------------------------------------------------------------------------
     @property

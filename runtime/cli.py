@@ -1,4 +1,5 @@
-"""``geosurge-run``: the on-device command line (torch-free): locate, verify, bench."""
+"""``geosurge-run``: the on-device command line (torch-free): locate, verify, bench, build-engine. Thin: the work is
+in ``localizer`` / ``stream`` (locate), ``verify``, ``bench`` and ``trt`` (build-engine)."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,8 @@ import time
 
 from geosurge import __version__
 from geosurge.errors import GeosurgeError, run_command
-
-BACKENDS = ["onnxruntime", "tensorrt", "coreml"]
+from geosurge.formats import Backend
+from geosurge.manifest import ENGINE_FILE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp):
         sp.add_argument("bundle", help="bundle directory")
-        sp.add_argument("--backend", default=None, choices=BACKENDS,
-                        help="default: coreml for a Core ML bundle, else onnxruntime")
+        sp.add_argument("--backend", default=None, choices=[b.value for b in Backend],
+                        help="default: the one the bundle's format implies (geosurge.formats.FORMAT_BACKENDS)")
         sp.add_argument("--threads", type=int, default=None, help="inference threads (default: backend's)")
 
     lo = sub.add_parser("locate", help="locate images (files or folders), or frames of a camera / stream / video")
@@ -75,30 +76,21 @@ def main(argv=None) -> int:
     return run_command(build_parser(), argv, "geosurge-run")
 
 
-def default_backend(bundle_dir) -> str:
-    """The backend a bundle's model format implies (the user's --backend wins)."""
-    from .bundle import open_bundle
-
-    return "coreml" if open_bundle(bundle_dir, verify=False).manifest["model"]["format"] == "coreml" else "onnxruntime"
-
-
-def _resolve_backend(args) -> None:
-    if getattr(args, "backend", "x") is None:
-        args.backend = default_backend(args.bundle)
-
-
 # ---- locate --------------------------------------------------------------------------------------------------
 def cmd_locate(args) -> int:
-    from geosurge.images import list_images
-
     from .localizer import Localizer
 
     if not args.inputs and not args.source:
         raise GeosurgeError("locate: give image paths or --source")
-    _resolve_backend(args)
-    loc = Localizer(args.bundle, backend=args.backend, threads=args.threads, beam=args.beam)
-    if args.source is not None:
-        return locate_stream(loc, args)
+    with Localizer(args.bundle, backend=args.backend, threads=args.threads, beam=args.beam) as loc:
+        if args.source is not None:
+            return locate_stream(loc, args)
+        return locate_files(loc, args)
+
+
+def locate_files(loc, args) -> int:
+    from geosurge.images import list_images
+
     features, failed = [], 0
     listing = list_images(args.inputs)
     summary = listing.summary()
@@ -137,55 +129,18 @@ def cmd_locate(args) -> int:
     return 1 if failed else 0
 
 
-def open_source(source: str):
-    """cv2.VideoCapture for a camera index, a file / URL, or a GStreamer pipeline (contains '!')."""
-    import cv2
-
-    if source.isdigit():
-        cap = cv2.VideoCapture(int(source))
-    elif "!" in source:
-        cap = cv2.VideoCapture(source, cv2.CAP_GSTREAMER)
-    else:
-        cap = cv2.VideoCapture(source)
-    if not cap.isOpened():
-        hint = " (is this OpenCV built with GStreamer? cv2.getBuildInformation())" if "!" in source else ""
-        raise GeosurgeError(f"{source}: cannot open the video source{hint}")
-    return cap
-
-
 def locate_stream(loc, args) -> int:
-    """Locate frames of a stream: one JSON line (or text line) per located frame; with --fuse K the prediction
-    uses the mean embedding of the last K located frames."""
-    import cv2
-    import numpy as np
+    """One JSON line (or text line) per located frame of ``--source``."""
+    from .stream import locate_frames
 
-    from geosurge.preprocess import preprocess
-
-    cap = open_source(args.source)
-    window, n_frames, located = [], 0, 0
-    try:
-        while args.max_frames is None or located < args.max_frames:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            n_frames += 1
-            if (n_frames - 1) % max(1, args.every):
-                continue
-            t0 = time.perf_counter()
-            x = preprocess(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), loc.spec)[None]
-            emb = loc.embed(x)[0]
-            window = (window + [emb / np.linalg.norm(emb)])[-max(1, args.fuse):]
-            pred = loc.predict_embedding(np.mean(window, axis=0), args.top_k)
-            located += 1
-            rec = {"frame": n_frames - 1, "fused_frames": len(window), **pred,
-                   "ms": round((time.perf_counter() - t0) * 1e3, 2)}
-            if args.json:
-                print(json.dumps(rec), flush=True)
-            else:
-                print(f"frame {rec['frame']}: {pred['lat']:.4f}, {pred['lon']:.4f}  confidence "
-                      f"{pred['confidence']:.3f}  ±{pred['uncertainty_km']:.0f} km", flush=True)
-    finally:
-        cap.release()
+    located = 0
+    for rec in locate_frames(loc, args.source, args.every, args.max_frames, args.fuse, args.top_k):
+        located += 1
+        if args.json:
+            print(json.dumps(rec), flush=True)
+        else:
+            print(f"frame {rec['frame']}: {rec['lat']:.4f}, {rec['lon']:.4f}  confidence "
+                  f"{rec['confidence']:.3f}  ±{rec['uncertainty_km']:.0f} km", flush=True)
     if not located:
         print(f"geosurge-run: no frames read from {args.source}", file=sys.stderr)
         return 1
@@ -194,64 +149,43 @@ def locate_stream(loc, args) -> int:
 
 # ---- build-engine ----------------------------------------------------------------------------------------------
 def cmd_build_engine(args) -> int:
+    from geosurge.formats import Target
+
     from .bundle import open_bundle
-    from .trt import BuildSettings, build_engine, settings_for_bundle, trtexec_command, PLAN
+    from .trt import BuildSettings, build_engine, require_onnx, settings_for_bundle, trtexec_command
 
     bundle = open_bundle(args.bundle)
-    if bundle.manifest["model"]["format"] != "onnx":
-        raise GeosurgeError(f"{args.bundle}: build-engine needs an ONNX bundle")
-    if bundle.manifest["model"].get("target") != "tensorrt":
-        print(f"note: {args.bundle} was exported for {bundle.manifest['model'].get('target')}; "
-              "`geosurge export --target tensorrt` checks TensorRT readiness and writes the QDQ ONNX for INT8/FP8",
-              file=sys.stderr)
-    rep = (bundle.manifest.get("quantization") or {}).get("readiness")
+    require_onnx(bundle)
+    m = bundle.manifest
+    if m.model.target != Target.TENSORRT:
+        print(f"note: {args.bundle} was exported for {m.model.target}; `geosurge export --target tensorrt` checks "
+              "TensorRT readiness and writes the QDQ ONNX for INT8/FP8", file=sys.stderr)
+    rep = m.quantization.readiness if m.quantization is not None else None
     if rep:
         print("TensorRT readiness (checked at export): " + ", ".join(f"{c['check']} {c['status']}"
                                                                      for c in rep["checks"]))
-    s = settings_for_bundle(bundle.manifest, BuildSettings(
+    s = settings_for_bundle(m.quantization, BuildSettings(
         fp16=args.fp16, int8=args.int8, fp8=args.fp8, workspace_gb=args.workspace, dla_core=args.dla_core,
         timing_cache=args.timing_cache, strongly_typed=args.strongly_typed, max_batch=args.max_batch))
-    plan = args.output or str(bundle.root / PLAN)
-    shape = bundle.manifest["io"]["inputs"][0]["shape"]
+    plan = args.output or str(bundle / ENGINE_FILE)
+    shape = m.io.input.shape or []
     shown = BuildSettings(**{**s.__dict__, "strongly_typed": bool(s.strongly_typed)})
     print("trtexec equivalent (TensorRT " + ("11+" if s.strongly_typed else "10") + "):\n  "
-          + trtexec_command(bundle.path("model"), plan, shown, shape=[1 if isinstance(d, str) else d
-                                                                     for d in shape]))
+          + trtexec_command(bundle.path("model"), plan, shown, input_name=m.io.input.name,
+                            shape=[1 if isinstance(d, str) else d for d in shape]))
     build_engine(bundle, s, plan)
     return 0
 
 
 # ---- verify --------------------------------------------------------------------------------------------------
-def verify_bundle(bundle_dir, backend: str = "onnxruntime", threads: int | None = None) -> dict:
-    """Checksums + golden replay under the bundle's parity gates. Raises BundleError for a tampered bundle."""
-    import numpy as np
-
-    from geosurge.parity import evaluate_gates, gates_passed, parity_metrics
-
-    from .bundle import open_bundle
-    from .localizer import Localizer
-
-    bundle = open_bundle(bundle_dir, verify=False, backend=backend)
-    files = bundle.verify_checksums()
-    loc = Localizer(bundle_dir, backend=backend, threads=threads, verify=False)
-    with np.load(bundle.path("golden"), allow_pickle=False) as z:
-        inputs, ref = z["inputs"], z["embedding"]
-    dep = loc.embed(inputs)
-    metrics = parity_metrics(ref, dep, loc.scorer)
-    gates = {k: tuple(v) for k, v in bundle.manifest.get("parity_gates", {}).items()} or None
-    rows = evaluate_gates(metrics, gates)
-    return {"bundle": str(bundle_dir), "backend": backend, "files": files, "metrics": metrics, "gates": rows,
-            "passed": gates_passed(rows)}
-
-
 def cmd_verify(args) -> int:
     from geosurge.parity import format_parity
     from geosurge.report import format_table, write_json
 
     from .bundle import BundleError
+    from .verify import verify_bundle
 
     try:
-        _resolve_backend(args)
         rep = verify_bundle(args.bundle, args.backend, args.threads)
     except BundleError as e:
         print(f"verify: FAIL: {e}", file=sys.stderr)
@@ -261,7 +195,7 @@ def cmd_verify(args) -> int:
     print(format_table(rep["files"], title=f"{args.bundle}: {len(rep['files'])} files, sha256 ok"))
     print()
     print(format_parity(rep["metrics"], rep["gates"],
-                        title=f"golden replay ({args.backend}) vs FP32 torch reference stored in the bundle"))
+                        title=f"golden replay ({rep['backend']}) vs FP32 torch reference stored in the bundle"))
     print(f"verify: {'PASS' if rep['passed'] else 'FAIL'}")
     if args.json:
         write_json(args.json, rep)
@@ -269,79 +203,12 @@ def cmd_verify(args) -> int:
 
 
 # ---- bench ---------------------------------------------------------------------------------------------------
-def _percentile(v, q):
-    import numpy as np
-
-    return float(np.percentile(np.asarray(v), q))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. Linux: VmHWM (getrusage's ru_maxrss survives exec, so a child started
-    from a large parent would report the parent's peak)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-    import sys as _sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024.0 * 1024.0) if _sys.platform == "darwin" else peak / 1024.0
-
-
-def golden_jpegs(bundle) -> list[bytes]:
-    """The bundle's golden photos, de-normalised and JPEG-encoded, so the decode stage has real work."""
-    import cv2
-    import numpy as np
-
-    spec = bundle.preprocess
-    with np.load(bundle.path("golden"), allow_pickle=False) as z:
-        inputs = z["inputs"]
-    out = []
-    for x in inputs:
-        rgb = x.transpose(1, 2, 0) * np.asarray(spec.std, np.float32) + np.asarray(spec.mean, np.float32)
-        rgb = np.clip(rgb * 255 + 0.5, 0, 255).astype(np.uint8)
-        if spec.channel_order == "BGR":
-            rgb = rgb[..., ::-1]
-        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 92])
-        out.append(buf.tobytes())
-    return out
-
-
-def bench_bundle(bundle_dir, backend="onnxruntime", threads=None, images=None, iters=50, warmup=5) -> dict:
-    from geosurge.images import list_images
-
-    from .localizer import Localizer
-
-    loc = Localizer(bundle_dir, backend=backend, threads=threads)
-    sources = [p.read_bytes() for p in list_images(images).paths if p.is_file()] if images else \
-        golden_jpegs(loc.bundle)
-    if not sources:
-        raise GeosurgeError("bench: no images")
-    stages = {k: [] for k in ("decode", "preprocess", "inference", "cell_search", "total")}
-    for i in range(warmup + iters):
-        pred = loc.locate(sources[i % len(sources)])
-        if i >= warmup:
-            for k, v in pred["timing_ms"].items():
-                stages[k].append(v)
-            stages["total"].append(sum(pred["timing_ms"].values()))
-    rows = [{"stage": k, "p50_ms": _percentile(v, 50), "p95_ms": _percentile(v, 95), "mean_ms": sum(v) / len(v)}
-            for k, v in stages.items()]
-    total_mean = rows[-1]["mean_ms"]
-    return {"bundle": str(bundle_dir), "backend": backend, "threads": threads, "iters": iters, "stages": rows,
-            "throughput_img_s": 1000.0 / total_mean, "peak_rss_mb": peak_rss_mb(),
-            "precision": loc.bundle.manifest["model"]["precision"],
-            "model_mb": loc.bundle.path("model").stat().st_size / 1e6}
-
-
 def cmd_bench(args) -> int:
     from geosurge.report import format_table, write_json
 
+    from .bench import bench_bundle
+
     t0 = time.perf_counter()
-    _resolve_backend(args)
     rep = bench_bundle(args.bundle, args.backend, args.threads, args.images, args.iters, args.warmup)
     print(format_table(rep["stages"], title=f"{args.bundle} ({rep['backend']}, {rep['precision']}, "
                                             f"{args.iters} runs, {time.perf_counter() - t0:.1f}s)"))

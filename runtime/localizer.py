@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
-from geosurge.images import list_images, load_image
+from geosurge.images import load_image
+from geosurge.inputs import expand_inputs
 from geosurge.preprocess import preprocess
 
-from .backends import open_backend
-from .bundle import open_bundle
+from .backends import embed_batches, open_runner
+from .bundle import Bundle, open_bundle
 from .cells import CellScorer, log_softmax
 from .places import Places
+
+__all__ = ["Localizer", "OUTSIDE_REGION_MASS", "expand_inputs"]
 
 
 #: a pruned bundle flags a photo "outside the kept region" when less than this share of the first level's
@@ -21,24 +23,43 @@ OUTSIDE_REGION_MASS = 0.5
 
 
 class Localizer:
-    """Locate photos with a bundle: ``Localizer(bundle_dir).locate("photo.jpg")``.
+    """Locate photos with a bundle: ``Localizer(bundle_dir).locate("photo.jpg")``, or as a context manager that
+    closes the backend: ``with Localizer(bundle_dir) as loc: ...``.
 
-    The bundle's checksums are verified on load (``verify=False`` skips it); ``beam`` bounds the cell search work
-    for very large tables (see :meth:`CellScorer.topk`).
+    ``bundle``: a bundle directory or an open :class:`Bundle`. The bundle's checksums are verified on load
+    (``verify=False`` skips it). ``backend``: a name from ``geosurge.formats.Backend`` (default: the one the bundle's
+    format implies); ``threads``: the backend's thread count (a backend that cannot honour it refuses it).
+    ``beam`` bounds the cell search work for very large tables (see :meth:`CellScorer.topk`).
     """
 
-    def __init__(self, bundle_dir, backend: str = "onnxruntime", threads: int | None = None, verify: bool = True,
+    def __init__(self, bundle, backend: str | None = None, threads: int | None = None, verify: bool = True,
                  beam: int | None = None):
-        self.bundle = open_bundle(bundle_dir, verify=verify, backend=backend)
-        self.spec = self.bundle.preprocess
-        self.backend = open_backend(backend, self.bundle, threads)
+        if isinstance(bundle, Bundle):
+            self.bundle = bundle
+            if verify:
+                bundle.verify_checksums()
+        else:
+            self.bundle = open_bundle(bundle, verify=verify)
+        m = self.bundle.manifest
+        self.spec = m.preprocess
+        self.runner = open_runner(self.bundle, backend, threads)
         self.scorer = CellScorer.load(self.bundle.path("cells"), self.bundle.path("cell_table"))
         self.places = Places.load(self.bundle.path("places")) if self.bundle.has("places") else None
-        self.output = self.bundle.manifest["io"]["outputs"][0]["name"]
-        self.static_batch = self.bundle.manifest["io"]["inputs"][0]["shape"][0]
+        self.input = m.io.input.name
+        self.output = m.io.embedding.name
+        self.static_batch = m.io.static_batch
         self.beam = beam
         if beam is None:
             self.scorer.prepare_search()  # build the exact search's int8 scoring graph now, not on the first photo
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> "Localizer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- stages ----------------------------------------------------------------------------------------------
     def preprocess(self, image) -> np.ndarray:
@@ -46,10 +67,7 @@ class Localizer:
 
     def embed(self, x: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) preprocessed -> (N, D) embeddings; a static-batch model runs one image at a time."""
-        x = np.asarray(x, np.float32)
-        if isinstance(self.static_batch, int) and self.static_batch > 0 and len(x) != self.static_batch:
-            return np.concatenate([self.backend.run(x[i:i + 1])[self.output] for i in range(len(x))])
-        return self.backend.run(x)[self.output]
+        return embed_batches(self.runner, x, self.input, self.output, self.static_batch)
 
     def predict_embedding(self, emb: np.ndarray, top_k: int = 5) -> dict:
         """One embedding -> prediction: the hierarchical product over the finest cells (or the beam's), the best
@@ -105,9 +123,3 @@ class Localizer:
         pred["timing_ms"] = {"decode": round((t1 - t0) * 1e3, 2), "preprocess": round((t2 - t1) * 1e3, 2),
                              "inference": round((t3 - t2) * 1e3, 2), "cell_search": round((t4 - t3) * 1e3, 2)}
         return pred
-
-
-def expand_inputs(paths) -> list[Path]:
-    """Files as given; folders expand (recursively, sorted) to the images they hold, by content. Prefer
-    :func:`geosurge.images.list_images`, which also says which files were skipped and why."""
-    return list_images(paths).paths

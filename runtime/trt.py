@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from geosurge.errors import GeosurgeError
+from geosurge.formats import Format
+from geosurge.manifest import ENGINE_FILE, QuantizationSection, sha256_file
 
 from .backends import BackendUnavailable
-from .bundle import sha256_file
 
-PLAN = "model.plan"
 SIDECAR_SCHEMA = "geosurge.trt-engine"
 
 
@@ -53,15 +53,23 @@ def trt_major(version: str) -> int:
     return int(str(version).split(".")[0])
 
 
-def settings_for_bundle(manifest: dict, requested: BuildSettings) -> BuildSettings:
-    """Builder flags from the bundle: a QDQ INT8 / FP8 network needs the matching flag on TensorRT 10 (weakly typed),
-    and FP16 for its float parts (modelopt writes them in fp16)."""
+def settings_for_bundle(quantization: QuantizationSection | None, requested: BuildSettings) -> BuildSettings:
+    """Builder flags from the bundle's quantization record (``manifest.quantization``): a QDQ INT8 / FP8 network
+    needs the matching flag on TensorRT 10 (weakly typed), and FP16 for its float parts (modelopt writes them in
+    fp16)."""
     s = BuildSettings(**asdict(requested))
-    flags = (manifest.get("quantization") or {}).get("builder", {}).get("flags", [])
+    builder = quantization.builder if quantization is not None else None
+    flags = builder.flags if builder is not None else []
     s.fp16 = s.fp16 or "FP16" in flags
     s.int8 = s.int8 or "INT8" in flags
     s.fp8 = s.fp8 or "FP8" in flags
     return s
+
+
+def sidecar_path(plan_path: Path) -> Path:
+    """``<plan>.json`` beside a plan (``model.plan.json`` for the bundle's own engine)."""
+    plan_path = Path(plan_path)
+    return plan_path.with_suffix(plan_path.suffix + ".json")
 
 
 def device_facts() -> dict:
@@ -123,15 +131,20 @@ def trtexec_command(onnx: Path, plan: Path, s: BuildSettings, input_name: str = 
     return " ".join(shlex.quote(a) for a in args)
 
 
+def require_onnx(bundle) -> None:
+    """TensorRT parses ONNX: refuse another format, naming it."""
+    fmt = bundle.manifest.model.format
+    if fmt != Format.ONNX:
+        raise GeosurgeError(f"{bundle.root}: build-engine needs an ONNX bundle, not {fmt}")
+
+
 def build_engine(bundle, settings: BuildSettings, plan_path: Path | None = None, log=print) -> Path:
     """Parse the bundle's ONNX and build a serialized engine on this device; writes the plan and its sidecar."""
-    if bundle.manifest["model"]["format"] != "onnx":
-        fmt = bundle.manifest["model"]["format"]
-        raise GeosurgeError(f"{bundle.root}: build-engine needs an ONNX bundle, not {fmt}")
+    require_onnx(bundle)
     trt = import_tensorrt()
     onnx_path = bundle.path("model")
-    plan_path = Path(plan_path or bundle.root / PLAN)
-    s = settings_for_bundle(bundle.manifest, settings)
+    plan_path = Path(plan_path or bundle.root / ENGINE_FILE)
+    s = settings_for_bundle(bundle.manifest.quantization, settings)
     if s.strongly_typed is None:
         s.strongly_typed = trt_major(trt.__version__) >= 11
     if not s.strongly_typed and not hasattr(trt.BuilderFlag, "FP16"):
@@ -195,7 +208,7 @@ def build_engine(bundle, settings: BuildSettings, plan_path: Path | None = None,
         atomic_write_bytes(Path(s.timing_cache), bytes(config.get_timing_cache().serialize()))
     sidecar = sidecar_for(device_facts(), s, sha256_file(onnx_path), trt.__version__)
     sidecar["build_seconds"] = round(time.perf_counter() - t0, 1)
-    atomic_write_bytes(plan_path.with_suffix(plan_path.suffix + ".json"), json.dumps(sidecar, indent=2).encode())
+    atomic_write_bytes(sidecar_path(plan_path), json.dumps(sidecar, indent=2).encode())
     log(f"engine: {plan_path} ({plan_path.stat().st_size / 1e6:.1f} MB) in {sidecar['build_seconds']}s")
     return plan_path
 

@@ -314,14 +314,16 @@ def test_query_quantization_is_an_exact_decomposition():
 def test_model_session_threads_do_not_spin(tmp_path):
     """One owner of threads: the model session's workers sleep between calls (see
     geosurge.runtime.backends.onnxruntime.SPINNING); an explicit choice is honoured."""
-    from geosurge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from geosurge.runtime.backends.onnxruntime import OnnxRuntimeRunner
 
     path = tmp_path / "id.onnx"
     path.write_bytes(onnxgraph.model([onnxgraph.node("Identity", ["x"], ["y"])],
                                      [onnxgraph.value_info("x", np.float32, [1, 3])],
                                      [onnxgraph.value_info("y", np.float32, [1, 3])]))
     key = "session.intra_op.allow_spinning"
-    assert OnnxRuntimeBackend(path, threads=2).session.get_session_options().get_session_config_entry(key) == "0"
-    spin = OnnxRuntimeBackend(path, threads=2, spinning=True)
-    assert spin.session.get_session_options().get_session_config_entry(key) == "1"
-    np.testing.assert_array_equal(spin.run(np.ones((1, 3)))["y"], np.ones((1, 3)))
+    with OnnxRuntimeRunner(path, threads=2) as default:
+        assert default.session.get_session_options().get_session_config_entry(key) == "0"
+    with OnnxRuntimeRunner(path, threads=2, spinning=True) as spin:
+        assert spin.session.get_session_options().get_session_config_entry(key) == "1"
+        assert spin.session.get_session_options().intra_op_num_threads == 2  # threads still honoured
+        np.testing.assert_array_equal(spin.infer({"x": np.ones((1, 3))})["y"], np.ones((1, 3)))

@@ -11,7 +11,7 @@ import torch
 from geosurge.export.bundle import write_bundle
 from geosurge.export.source import load_model
 from geosurge.runtime import BundleError, Localizer, open_bundle
-from geosurge.runtime.cli import verify_bundle
+from geosurge.runtime.verify import verify_bundle
 from geosurge.samples import sample_photo_paths
 
 from .conftest import run_cli
@@ -33,7 +33,7 @@ def _torch_embed(model, x):
 def test_tiny_bundle_contents_and_roundtrip(tiny_bundle):
     path, model = tiny_bundle
     b = open_bundle(path)
-    m = b.manifest
+    m = b.manifest.to_dict()
     assert sorted(p.name for p in path.iterdir()) == ["cell_table.npz", "cells.npz", "golden.npz", "manifest.json",
                                                       "model.onnx", "places.npz"]
     assert set(m["files"]) == {"cell_table.npz", "cells.npz", "golden.npz", "model.onnx", "places.npz"}
@@ -296,7 +296,7 @@ def test_runtime_decodes_jpeg_per_the_manifest_rule(tiny_bundle, tmp_path):
     from geosurge.preprocess import PreprocessSpec, preprocess
 
     loc = Localizer(tiny_bundle[0])
-    assert loc.spec.decode == "jpeg_dct" and loc.bundle.manifest["preprocess"]["decode"] == "jpeg_dct"
+    assert loc.spec.decode == "jpeg_dct" and loc.bundle.manifest.to_dict()["preprocess"]["decode"] == "jpeg_dct"
     rgb = cv2.resize(np.asarray(load_image(sample_photo_paths()[0])), (1600, 1200))
     data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
     reduced = preprocess(load_image(data, loc.spec), loc.spec)

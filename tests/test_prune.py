@@ -13,7 +13,7 @@ from geosurge.export.source import load_model
 from geosurge.geo import regions
 from geosurge.runtime import Localizer
 from geosurge.runtime.cells import CellScorer
-from geosurge.runtime.cli import verify_bundle
+from geosurge.runtime.verify import verify_bundle
 from geosurge.samples import sample_photo_paths
 
 from .conftest import random_sphere_points, run_cli

@@ -13,12 +13,12 @@ from geosurge.calibration import sample_views_set
 from geosurge.errors import GeosurgeError
 from geosurge.export import bundle as bundle_mod
 from geosurge.export.bundle import write_bundle
-from geosurge.export.quantize import PrecisionSearchFailed, QuantConfig
+from geosurge.export.precision import PrecisionSearchFailed, QuantConfig
 from geosurge.export.source import load_model
 from geosurge.export.tensorrt import readiness_report
 from geosurge.runtime import Localizer
 from geosurge.runtime.cells import CellScorer, quantize_rows, save_cell_table
-from geosurge.runtime.cli import verify_bundle
+from geosurge.runtime.verify import verify_bundle
 from geosurge.samples import sample_photo_paths
 
 from .conftest import run_cli
@@ -179,7 +179,7 @@ def test_search_that_cannot_pass_writes_nothing(tmp_path, tiny, calib):
 
 
 def test_interrupted_quantization_leaves_no_bundle(tmp_path, tiny, calib, monkeypatch):
-    import geosurge.export.quantize as qmod
+    import geosurge.export.precision.ort_static as qmod
 
     def boom(*a, **k):
         raise KeyboardInterrupt

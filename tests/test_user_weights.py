@@ -131,11 +131,11 @@ def user_checkpoint(folders, hierarchy, tmp_path_factory):
 
 def test_export_and_model_info_of_a_checkpoint_on_user_weights(user_checkpoint, folders, tmp_path, capsys):
     from geosurge.cli import main
-    from geosurge.runtime.cli import verify_bundle
+    from geosurge.runtime import open_bundle, verify_bundle
 
     assert main(["export", "--checkpoint", str(user_checkpoint), "-o", str(tmp_path / "bundle")]) == 0
-    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
-    assert manifest["preprocess"]["size"] == 32 and manifest["preprocess"]["mean"] == [0.5, 0.4, 0.3]
+    spec = open_bundle(tmp_path / "bundle").manifest.preprocess
+    assert spec.size == 32 and spec.mean == (0.5, 0.4, 0.3)
     # the exported graph reproduces the torch model on the golden photos (onnxruntime vs FP32 torch)
     assert verify_bundle(tmp_path / "bundle")["passed"]
     capsys.readouterr()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from ..models.config import CONFIGS
+
+    names = ", ".join(CONFIGS)
     p = sub.add_parser("distill", help="distil a teacher into a smaller student from unlabelled images")
-    p.add_argument("--teacher", required=True, help="checkpoint directory, or a config name (paper, edge, tiny) "
-                                                     "built from --teacher-seed")
-    p.add_argument("--student", required=True, help="config name (edge, tiny, nano) or a JSON config file; with "
-                                                     "--eval, a student checkpoint directory")
+    p.add_argument("--teacher", required=True, help=f"checkpoint directory, or a config name ({names}) built "
+                                                     "from --teacher-seed")
+    p.add_argument("--student", required=True, help=f"config name ({names}) or a JSON config file; with --eval, a "
+                                                     "student checkpoint directory")
     p.add_argument("--images", required=True, help="image folder or CSV manifest (no labels needed)")
     p.add_argument("-o", "--output", help="output folder (checkpoint/, best/, teacher-cache/)")
     p.add_argument("--cells", help="student hierarchy, a subset of the teacher's (default: the teacher's)")

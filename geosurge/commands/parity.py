@@ -1,29 +1,31 @@
-"""``geosurge parity``: FP32 torch vs the deployed bundle on the same images; table + JSON; exit 1 on a failed
-gate."""
+"""``geosurge parity``: FP32 torch vs the deployed bundle on the same images (``geosurge.api.parity``); table + JSON;
+exit 1 on a failed gate."""
 from __future__ import annotations
 
 
 def register(sub) -> None:
+    from ..formats import Backend
+
     p = sub.add_parser("parity", help="FP32 torch model vs a bundle through the runtime")
     p.add_argument("bundle")
     p.add_argument("--images", nargs="+", help="image files/folders (default: the sample photos)")
     p.add_argument("--checkpoint", help="the FP32 model (default: the source recorded in the manifest)")
-    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--backend", default=None, choices=[b.value for b in Backend],
+                   help="default: the one the bundle's format implies")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(func=cmd_parity)
 
 
 def cmd_parity(args) -> int:
-    from ..export.compare import torch_vs_bundle
+    from .. import api
     from ..parity import format_parity
     from ..report import write_json
-    from ..samples import sample_photo_paths
 
-    rep = torch_vs_bundle(args.bundle, args.images or sample_photo_paths(), args.checkpoint, args.backend,
-                          args.threads)
+    rep = api.parity(args.bundle, args.images, checkpoint=args.checkpoint, backend=args.backend,
+                     threads=args.threads)
     print(format_parity(rep["metrics"], rep["gates"], title=f"parity: FP32 torch vs {args.bundle} "
-                                                            f"({rep['precision']}, {args.backend}), "
+                                                            f"({rep['precision']}, {rep['backend']}), "
                                                             f"{rep['metrics']['n']} images"))
     print(f"parity: {'PASS' if rep['passed'] else 'FAIL'}")
     if args.json:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from ..models.config import CONFIGS
+
     p = sub.add_parser("train", help="train from a CSV manifest (path, lat, lon); DDP through torchrun")
     p.add_argument("--manifest", required=True, help="CSV with path, lat, lon (paths relative to the CSV)")
     p.add_argument("-o", "--output", required=True, help="output folder (checkpoint/, best/)")
-    p.add_argument("--model", default="tiny", choices=["paper", "edge", "tiny", "nano"], help="config for a new model")
+    p.add_argument("--model", default="tiny", choices=list(CONFIGS), help="config for a new model")
     p.add_argument("--init", help="start from this checkpoint (weights only)")
     p.add_argument("--resume", help="resume training from OUTPUT/checkpoint (weights, optimizer, epoch)")
     p.add_argument("--cells", help="hierarchy file for a new model (default: the default hierarchy)")

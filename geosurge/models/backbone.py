@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import GeosurgeError
 from ..preprocess import PreprocessSpec
+from ..registry import Registry
 from .config import BackboneConfig
 from .weights import (config_record, load_folder_model, load_state_checked, processor_spec, read_folder_config,
                       read_state_dict)
@@ -26,15 +26,8 @@ class BackboneOutput:
     feature_map: torch.Tensor
 
 
-BACKBONES: dict[str, Callable[[BackboneConfig], nn.Module]] = {}
-
-
-def register_backbone(name: str):
-    def deco(cls):
-        BACKBONES[name] = cls
-        return cls
-
-    return deco
+BACKBONES: Registry = Registry("backbone family")
+register_backbone = BACKBONES.register
 
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
@@ -50,10 +43,7 @@ def resolve_backbone(cfg: BackboneConfig, spec: PreprocessSpec) -> tuple[Backbon
 
 
 def _family(cfg: BackboneConfig):
-    try:
-        return BACKBONES[cfg.family]
-    except KeyError:
-        raise ValueError(f"unknown backbone family {cfg.family!r}; registered: {', '.join(BACKBONES)}") from None
+    return BACKBONES.get(cfg.family)  # ValueError naming the registered families
 
 
 # our BackboneConfig field -> transformers CLIPVisionConfig attribute

@@ -9,18 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import GeosurgeError
+from ..registry import Registry
 from .config import SegmenterConfig
 from .weights import config_record, load_folder_model, read_folder_config, read_processor
 
-SEGMENTERS: dict[str, type] = {}
-
-
-def register_segmenter(name: str):
-    def deco(cls):
-        SEGMENTERS[name] = cls
-        return cls
-
-    return deco
+SEGMENTERS: Registry = Registry("segmenter")
+register_segmenter = SEGMENTERS.register
 
 
 def build_segmenter(cfg: SegmenterConfig, backbone_channels: int, input_mean, input_std) -> nn.Module:
@@ -35,10 +29,7 @@ def resolve_segmenter(cfg: SegmenterConfig) -> SegmenterConfig:
 
 
 def _kind(cfg: SegmenterConfig):
-    try:
-        return SEGMENTERS[cfg.kind]
-    except KeyError:
-        raise ValueError(f"unknown segmenter {cfg.kind!r}; registered: {', '.join(SEGMENTERS)}") from None
+    return SEGMENTERS.get(cfg.kind)  # ValueError naming the registered segmenters
 
 
 class ImageSegmenter(nn.Module):

@@ -1,58 +1,15 @@
 """Training data: a CSV manifest (path, lat, lon) -> preprocessed images + per-level cell labels."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..errors import InputFileError
 from ..geo import CellHierarchy
-from ..geo.points import read_coordinate_csv
-from ..images import list_images, load_image
+from ..images import load_image
+from ..inputs import ImageManifest as Manifest, list_image_source, read_manifest  # noqa: F401 (re-exported)
 from ..preprocess import PreprocessSpec, preprocess
-
-
-@dataclass
-class Manifest:
-    paths: list[Path]
-    lat: np.ndarray
-    lon: np.ndarray
-    source: Path
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def list_image_source(source, what: str = "image source",
-                      log=None) -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
-    """An image folder (recursive, sorted; images found by content, ``geosurge.images.list_images``) or a CSV
-    manifest -> (paths, lat, lon); lat/lon None for a folder. With ``log``, each file of the folder that is not an
-    image is named with what it is, then a count."""
-    source = Path(source)
-    if source.is_dir():
-        listing = list_images([source])
-        if log is not None:
-            for line in listing.skip_lines():
-                log(f"{what}: {line}")
-            log(f"{what}: {len(listing)} image file(s) in {source}, {len(listing.skipped)} other file(s) skipped "
-                "(not an image)")
-        return listing.paths, None, None
-    if source.is_file() and source.suffix.lower() == ".csv":
-        m = read_manifest(source)
-        return m.paths, m.lat, m.lon
-    raise InputFileError(f"{source}: {what} must be an image folder or a CSV manifest (path, lat, lon)")
-
-
-def read_manifest(path) -> Manifest:
-    """A CSV with ``path``, ``lat``, ``lon`` columns; relative paths are relative to the CSV's folder."""
-    path = Path(path)
-    cols = read_coordinate_csv(path, text_columns=("path",))
-    base = path.parent
-    paths = [Path(p) if Path(p).is_absolute() else base / p for p in cols["path"]]
-    return Manifest(paths, cols["lat"], cols["lon"], path)
 
 
 class ManifestDataset(Dataset):

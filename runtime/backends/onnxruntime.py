@@ -1,10 +1,13 @@
-"""ONNX Runtime backend (CPU by default; CUDA when onnxruntime-gpu is installed and asked for)."""
+"""ONNX Runtime runner (CPU by default; CUDA when onnxruntime-gpu is installed and asked for)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
+from geosurge.formats import Backend
+
+from . import Runner
 
 #: whether the model session's idle worker threads busy-wait for the next parallel section (ORT's
 #: ``session.intra_op.allow_spinning``). Off: measured on 2 shared cores (benchmarks/cell_search.py), spinning
@@ -13,14 +16,20 @@ import numpy as np
 SPINNING: bool | None = False
 
 
-class OnnxRuntimeBackend:
-    name = "onnxruntime"
+class OnnxRuntimeRunner(Runner):
+    """onnxruntime InferenceSession; ``threads`` sets the intra-op thread count (one inter-op thread);
+    ``spinning`` whether idle intra-op threads busy-wait (default :data:`SPINNING`)."""
+
+    name = Backend.ONNXRUNTIME
+    thread_option = "intra_op_num_threads"
 
     def __init__(self, model_path: Path, threads: int | None = None, providers: list[str] | None = None,
                  spinning: bool | None = None):
         import onnxruntime as ort
 
+        threads = self.check_threads(threads)
         opts = ort.SessionOptions()
+        opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
@@ -31,11 +40,19 @@ class OnnxRuntimeBackend:
         avail = ort.get_available_providers()
         providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in avail] or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
-        self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.version = ort.__version__
         self.providers = self.session.get_providers()
 
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+    @classmethod
+    def open(cls, bundle, threads: int | None = None) -> "OnnxRuntimeRunner":
+        return cls(bundle.path("model"), threads=threads)
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_open()
+        outs = self.session.run(None, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feed.items()})
         return dict(zip(self.output_names, outs))
+
+    def _release(self) -> None:
+        self.session = None

@@ -1,4 +1,4 @@
-"""TensorRT backend (TensorRT 10 / 11 name-based I/O: ``set_tensor_address`` + ``execute_async_v3``), device buffers,
+"""TensorRT runner (TensorRT 10 / 11 name-based I/O: ``set_tensor_address`` + ``execute_async_v3``), device buffers,
 pinned host memory and a stream through cuda-python. Loads the plan built on this device by
 ``geosurge-run build-engine`` and refuses one whose sidecar does not match the running TensorRT / GPU / ONNX."""
 from __future__ import annotations
@@ -9,22 +9,29 @@ from pathlib import Path
 
 import numpy as np
 
-from . import BackendUnavailable
+from geosurge.formats import Backend
+from geosurge.manifest import ENGINE_FILE
+
+from . import BackendUnavailable, Runner
 
 
-class TensorRTBackend:
-    name = "tensorrt"
+class TensorRTRunner(Runner):
+    """A TensorRT engine on the GPU, through one CUDA stream."""
+
+    name = Backend.TENSORRT
+    no_threads_reason = "inference runs on the GPU (one CUDA stream); CPU threads do not apply"
 
     def __init__(self, plan_path: Path, onnx_sha256: str, threads: int | None = None):
-        from ..trt import _check, _cudart, check_sidecar, device_facts, import_tensorrt
+        from ..trt import _check, _cudart, check_sidecar, device_facts, import_tensorrt, sidecar_path
 
+        self.check_threads(threads)
         plan_path = Path(plan_path)
-        sidecar_path = plan_path.with_suffix(plan_path.suffix + ".json")
-        if not plan_path.is_file() or not sidecar_path.is_file():
+        sidecar_file = sidecar_path(plan_path)
+        if not plan_path.is_file() or not sidecar_file.is_file():
             raise BackendUnavailable(f"{plan_path}: no engine here; build it on this device first: "
                                      f"geosurge-run build-engine {plan_path.parent}")
         trt = import_tensorrt()
-        sidecar = json.loads(sidecar_path.read_text())
+        sidecar = json.loads(sidecar_file.read_text())
         problems = check_sidecar(sidecar, trt.__version__, device_facts(), onnx_sha256)
         if problems:
             raise BackendUnavailable(f"{plan_path}: " + "; ".join(problems) + " — engines are not portable: rebuild "
@@ -44,14 +51,12 @@ class TensorRTBackend:
             name = self.engine.get_tensor_name(i)
             mode = self.engine.get_tensor_mode(name)
             (self.inputs if mode == trt.TensorIOMode.INPUT else self.outputs).append(name)
-        self._buffers: dict[str, tuple] = {}  # name -> (device ptr, pinned host array, nbytes)
+        self._buffers: dict[str, tuple] = {}  # name -> (device ptr, pinned host array, nbytes, host ptr)
+        self.input_names, self.output_names = list(self.inputs), list(self.outputs)
 
     @classmethod
-    def from_bundle(cls, bundle, threads: int | None = None):
-        from ..trt import PLAN
-
-        return cls(bundle.root / PLAN, bundle.manifest["files"][bundle.manifest["parts"]["model"]]["sha256"],
-                   threads=threads)
+    def open(cls, bundle, threads: int | None = None) -> "TensorRTRunner":
+        return cls(bundle.root / ENGINE_FILE, bundle.manifest.file_record("model").sha256, threads=threads)
 
     def _buffer(self, name: str, shape: tuple, dtype) -> tuple:
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -68,10 +73,11 @@ class TensorRTBackend:
         host = buf[1][:nbytes].view(dtype).reshape(shape)
         return buf[0], host, nbytes
 
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_open()
         cudart, check, trt = self.cudart, self._check, self.trt
+        (name, x), = feed.items()
         x = np.ascontiguousarray(x, np.float32)
-        name = self.inputs[0]
         if -1 in tuple(self.engine.get_tensor_shape(name)):
             self.context.set_input_shape(name, x.shape)
         dptr, host, nbytes = self._buffer(name, x.shape, np.float32)
@@ -95,11 +101,10 @@ class TensorRTBackend:
         check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return {k: np.array(v[1], dtype=np.float32, copy=True) for k, v in outs.items()}
 
-    def __del__(self):  # pragma: no cover - needs a GPU
-        try:
-            for dptr, _, _, hptr in self._buffers.values():
-                self.cudart.cudaFree(dptr)
-                self.cudart.cudaFreeHost(hptr)
-            self.cudart.cudaStreamDestroy(self.stream)
-        except Exception:
-            pass
+    def _release(self) -> None:  # pragma: no cover - needs a GPU
+        for dptr, _, _, hptr in self._buffers.values():
+            self.cudart.cudaFree(dptr)
+            self.cudart.cudaFreeHost(hptr)
+        self._buffers.clear()
+        self.cudart.cudaStreamDestroy(self.stream)
+        self.context = self.engine = self.runtime = None

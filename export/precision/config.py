@@ -1,0 +1,81 @@
+"""The quantization settings (``QuantConfig``) and the policy of which ONNX ops are quantized and which stay float.
+
+What stays in float by default: only Conv / MatMul / Gemm are ever quantized, so LayerNormalization, Softmax, the
+residual Adds and GELU (Erf) keep float; nodes of the cell head (``/head/...``, present with ``--with-logits``) are
+always excluded (TOOLCHAIN.md: quantizing the cell table destroyed top-1 retrieval).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from geosurge.errors import GeosurgeError
+from geosurge.formats import Precision
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+#: the compute ops quantized (ranked, and excluded, by the precision search) ...
+COMPUTE_OP_TYPES = ("Conv", "MatMul", "Gemm")
+#: ... and the clamps that follow them (folded into the producer's output range; they follow its choice). Everything
+#: else (LayerNorm, Softmax, Add, Erf/GELU, ...) stays float.
+FOLLOWER_OP_TYPES = ("Clip", "Relu")
+STATIC_OP_TYPES = COMPUTE_OP_TYPES + FOLLOWER_OP_TYPES
+#: MatMul/Gemm outputs are left unquantized: in the transformer parts they feed Softmax, GELU, residual Adds and
+#: LayerNorm, which must see float (onnxruntime then runs DQ->MatMul as MatMulIntegerToFloat). Conv outputs stay
+#: quantized so conv chains run as QLinearConv.
+FLOAT_OUTPUT_OP_TYPES = ("MatMul", "Gemm")
+#: ops that must read exact float inputs even when their producer's output is quantized (a Conv feeding the
+#: segmentation softmax): their inputs are rewired around the Q/DQ pair after quantization
+FLOAT_INPUT_OP_TYPES = ("LayerNormalization", "Softmax", "Erf", "Gelu", "ReduceL2")
+#: a node kept out of INT8 compute keeps INT8 weights (weight-only) only if that alone costs at most this much
+#: embedding cosine (measured per node by the search); else its weights stay float
+WEIGHT_ONLY_MAX_ERROR = 1e-4
+#: dynamic: MatMul and Gemm (onnxruntime's dynamic quantizer rewrites a Gemm into ``<name>_MatMul`` + Add first,
+#: so exclusions name both). It runs on the unfused export. Dynamic Conv (ConvInteger) is slow on CPU.
+DYNAMIC_OP_TYPES = ("MatMul", "Gemm")
+#: ONNX node-name prefixes that are never quantized (the cell head: scoring against the table is retrieval)
+ALWAYS_FLOAT_PREFIXES = ("/head/",)
+QUANT_TYPES = ("uint8", "int8")
+
+
+@dataclass
+class QuantConfig:
+    """How an ONNX model part is quantized. ``precision`` is any precision of ``geosurge.formats.Precision``;
+    which ones a target takes is checked once, by ``geosurge.formats.check_precision``."""
+
+    precision: str = "int8"
+    calibrate_method: str = "minmax"
+    per_channel: bool = True
+    #: U8 activations / S8 weights: the fast pairing on x86 VNNI CPUs (S8 activations ran slower, TOOLCHAIN.md)
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    nodes_to_exclude: list[str] = field(default_factory=list)
+    search: str | None = None  # None or "auto"
+    #: weights of the nodes kept out of INT8 compute: "int8" = weight-only INT8 (per-channel, dequantized to float
+    #: for the compute: a quarter of the bytes, far smaller error than activation quantization), "fp32" = float
+    excluded_weights: str = "int8"
+    holdout: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self):
+        try:
+            self.precision = Precision(str(self.precision)).value
+        except ValueError:
+            raise GeosurgeError(f"unknown precision {self.precision!r}; choose from "
+                                f"{', '.join(p.value for p in Precision)}") from None
+        if self.calibrate_method not in CALIBRATION_METHODS:
+            raise GeosurgeError(f"unknown calibration method {self.calibrate_method!r}; choose from "
+                                f"{', '.join(CALIBRATION_METHODS)}")
+        if self.activation_type not in QUANT_TYPES or self.weight_type not in QUANT_TYPES:
+            raise GeosurgeError(f"activation/weight types must be one of {QUANT_TYPES}")
+        if self.excluded_weights not in ("int8", "fp32"):
+            raise GeosurgeError("excluded_weights must be int8 or fp32")
+        if self.search not in (None, "auto"):
+            raise GeosurgeError(f"unknown precision search {self.search!r} (use 'auto')")
+        if self.search and self.precision not in ("int8", "int8-dynamic"):
+            raise GeosurgeError("--precision-search auto applies to --precision int8 and int8-dynamic")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return Precision(self.precision).needs_calibration
+
+    def to_dict(self) -> dict:
+        return asdict(self)

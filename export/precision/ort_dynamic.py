@@ -1,0 +1,25 @@
+"""onnxruntime dynamic INT8: weights quantized offline, activations at run time (MatMul; no calibration set)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import DYNAMIC_OP_TYPES, QuantConfig
+from .graph import always_float_nodes
+
+
+def quantize_int8_dynamic(prepared: Path, dst: Path, cfg: QuantConfig, exclude: list[str] = (),
+                          only: list[str] | None = None) -> dict:
+    """Dynamic INT8: weights quantized offline, activations at run time (MatMul only, see DYNAMIC_OP_TYPES). No
+    calibration set needed."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    excluded = sorted(set(exclude) | set(always_float_nodes(prepared)))
+
+    def renamed(names):  # a Gemm becomes "<name>_MatMul" inside quantize_dynamic
+        return [m for n in names for m in (n, f"{n}_MatMul")]
+
+    quantize_dynamic(str(prepared), str(dst), op_types_to_quantize=["MatMul"], per_channel=cfg.per_channel,
+                     weight_type=QuantType.QInt8, nodes_to_exclude=renamed(excluded),
+                     nodes_to_quantize=renamed(only) if only else None)
+    return {"quantizer": "onnxruntime.quantization.quantize_dynamic", "op_types": list(DYNAMIC_OP_TYPES),
+            "per_channel": cfg.per_channel, "weight_type": "int8", "nodes_excluded": excluded}

@@ -1,0 +1,204 @@
+"""The Python API: what the ``geosurge`` CLI does, as functions that return typed results (the CLI commands are thin
+callers of these). Importing this module imports nothing heavy; torch loads when a function that needs it runs.
+
+    from geosurge import api
+
+    bundle = api.export("edge", "bundles/edge-int8", precision="int8", calibration="my_photos/")
+    bundle.manifest.model.precision            # Precision.INT8
+    bundle.manifest.check.passed               # held-out parity vs FP32 (None: not measurable on this machine)
+    report = api.parity(bundle, images="my_photos/")
+    fr = api.prune(bundle, "bundles/edge-fr", countries="FR,BE", table="int8")
+    api.verify(fr)["passed"]
+
+=================  ==========================================  ===============================================
+function           CLI                                         returns
+=================  ==========================================  ===============================================
+:func:`export`     ``geosurge export``                         :class:`geosurge.runtime.Bundle`
+:func:`prune`      ``geosurge prune``                          :class:`geosurge.runtime.Bundle`
+:func:`prune_cost` ``geosurge prune --report``                 report rows (dicts)
+:func:`parity`     ``geosurge parity``                         report dict (``passed``, ``metrics``, ``gates``)
+:func:`verify`     ``geosurge-run verify``                     report dict
+:func:`bench`      ``geosurge-run bench``                      report dict
+(evaluation)       ``geosurge eval`` (being built separately)  its function belongs here, beside :func:`parity`
+=================  ==========================================  ===============================================
+
+Locating images is :class:`geosurge.runtime.Localizer` (the device API).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+from .errors import GeosurgeError
+
+__all__ = ["export", "prune", "prune_cost", "parity", "verify", "bench", "load_model", "calibration_set"]
+
+Log = Callable[[str], None]
+PathLike = str | Path
+
+
+def _paths(x) -> list | None:
+    """One path or several (files / folders) as a list; None stays None."""
+    if x is None:
+        return None
+    return [x] if isinstance(x, (str, Path)) else list(x)
+
+
+def load_model(model, seed: int = 0, cells: PathLike | None = None):
+    """``model``: a config name (``geosurge.models.CONFIGS``, built from ``seed``), a checkpoint directory (a
+    ``Path`` is always read as one; a string names a config first), or a GeoSurge instance. Returns (model, source record for the manifest). An in-memory model's source records no seed:
+    ``parity`` then needs its checkpoint. Raises GeosurgeError for a name that is neither."""
+    from .export.source import load_model as _load
+    from .models.config import CONFIGS
+
+    if not isinstance(model, (str, Path)):
+        return model.eval(), {"checkpoint": None, "config": model.config.name, "seed": None}
+    hierarchy = None
+    if cells is not None:
+        from .geo import load_hierarchy
+
+        hierarchy = load_hierarchy(cells)
+    if isinstance(model, str) and model in CONFIGS:
+        return _load(model=model, seed=seed, hierarchy=hierarchy)
+    if isinstance(model, Path) or Path(model).is_dir():
+        return _load(checkpoint=str(model))
+    raise GeosurgeError(f"{model}: neither a model config ({', '.join(CONFIGS)}) nor a checkpoint directory")
+
+
+def calibration_set(source, spec, size: int = 256, hierarchy=None, cache_dir: PathLike | None = None,
+                    log: Log = print):
+    """A calibration set: ``source`` a folder or CSV manifest (stratified over ``hierarchy`` when it has
+    coordinates), None for augmented views of the packaged sample photos, or a ready CalibrationSet."""
+    from .calibration import CalibrationSet, build_calibration_set, sample_views_set
+
+    if isinstance(source, CalibrationSet):
+        return source
+    if source is None:
+        return sample_views_set(spec, size=size, log=log)
+    return build_calibration_set(source, spec, size=size, hierarchy=hierarchy, cache_dir=cache_dir, log=log)
+
+
+def export(model, output: PathLike, *, format: str | None = None, target: str | None = None,
+           precision: str | None = None, calibration=None, calib_size: int = 256, calib_method: str = "minmax",
+           calib_cache: PathLike | None = None, precision_search: str | None = None,
+           exclude_nodes: Iterable[str] = (), table: str = "float16", dynamic_batch: bool = False,
+           with_logits: bool = False, opset: int = 17, threads: int | None = 2, golden=None, cells=None,
+           seed: int = 0, source: dict | None = None, gates: dict | None = None, log: Log = print):
+    """Export a model to a bundle at ``output`` and return the :class:`geosurge.runtime.Bundle`.
+
+    ``model``: a config name, a checkpoint directory or an in-memory GeoSurge (:func:`load_model`).
+    ``format`` / ``target`` / ``precision``: a row of ``geosurge.formats.TARGETS`` (default ONNX for onnxruntime,
+    FP32); ``calibration`` (int8 / fp8): a folder, a CSV manifest, a CalibrationSet, or None for augmented views
+    of the sample photos, ``calib_size`` images; ``precision_search="auto"``: the measured search (onnxruntime
+    int8 / int8-dynamic); ``table``: the cell table's storage (float16, float32, int8); ``golden``: photos (files
+    or folders) for the golden probes (default: the sample photos). A non-FP32 model records its held-out parity
+    in ``bundle.manifest.check``; ``check.passed`` False means it fails the gates (the bundle is written for
+    inspection). Raises GeosurgeError, writing nothing, for a bad option or a failed precision search."""
+    import torch
+
+    from .export.bundle import write_bundle
+    from .export.precision import QuantConfig
+    from .export.target import ExportOptions
+    from .formats import check_precision, resolve_target
+    from .images import list_images
+    from .samples import sample_photo_paths
+
+    p = check_precision(resolve_target(format, target), precision)
+    quant = QuantConfig(precision=p.value, calibrate_method=calib_method, nodes_to_exclude=list(exclude_nodes),
+                        search=precision_search)
+    options = ExportOptions.create(format=format, target=target, precision=p.value, quant=quant, opset=opset,
+                                   dynamic_batch=dynamic_batch, with_logits=with_logits, table_dtype=table,
+                                   threads=threads)
+    if threads:
+        torch.set_num_threads(threads)
+    model, src = load_model(model, seed, cells)
+    if golden:
+        listing = list_images(_paths(golden))
+        for line in listing.skip_lines():
+            log(f"golden: {line}")
+        photos = listing.paths
+    else:
+        photos = sample_photo_paths()
+    calib = calibration_set(calibration, model.config.preprocess, calib_size, model.hierarchy, calib_cache, log) \
+        if options.precision.needs_calibration else None
+    return write_bundle(output, model, source or src, photos, options, calibration=calib, gates=gates, log=log)
+
+
+def prune(bundle, output: PathLike, *, bbox: str | None = None, geojson: PathLike | None = None,
+          countries: str | None = None, keep_mass: float | None = None, levels: int | None = None,
+          drop_levels: list[int] | None = None, table: str | None = None, dim: int | None = None,
+          log: Log = print):
+    """Cut and compress a bundle's cell hierarchy into a new bundle at ``output`` and return it (the model part and
+    golden probes are unchanged). ``bbox`` "MINLON,MINLAT,MAXLON,MAXLAT", ``geojson`` a (Multi)Polygon file,
+    ``countries`` "FR,BE": keep cells intersecting the region; ``keep_mass`` P: the fewest finest cells carrying P
+    of the photo counts; ``levels`` N / ``drop_levels``: fewer levels; ``table``: float16 / float32 / int8;
+    ``dim`` K: PCA of the embeddings to K dimensions. Raises GeosurgeError for a cut that keeps nothing."""
+    from .export.prune import Cut, prune_bundle
+    from .runtime.cells import table_dtype
+
+    cut = Cut(bbox=bbox, geojson=str(geojson) if geojson else None, countries=countries, keep_mass=keep_mass,
+              levels=levels, drop_levels=drop_levels, table=table_dtype(table) if table else None, dim=dim)
+    return prune_bundle(bundle, output, cut, log=log)
+
+
+def prune_cost(source, pruned, *, images=None, probes: int = 512, threads: int | None = 2,
+               log: Log = print) -> list[dict]:
+    """What a cut costs against its unpruned source on the same embeddings: one row per (embedding set, bundle:
+    "unpruned" / "cut") with cells, levels, table MB, search ms, the outside share and flag rates, per-level agreement and drift in
+    km. Embedding sets: ``images`` (default: the sample photos) and ``probes`` stand-in embeddings (0: none)."""
+    import numpy as np
+
+    from .export.prune import evaluate_cut, probe_embeddings
+    from .images import list_images
+    from .runtime import Localizer
+    from .samples import sample_photo_paths
+
+    with Localizer(source, threads=threads) as src:
+        listing = list_images(_paths(images) if images else sample_photo_paths())
+        xs, summary = [], listing.summary()
+        for line in listing.skip_lines():
+            log(f"  {line}")
+        for p in listing.paths:
+            try:
+                xs.append(src.preprocess(p))
+                summary.count(True)
+            except GeosurgeError as e:  # an unreadable image is reported and counted; the rest go on
+                summary.count(False)
+                log(f"  refused {e}")
+        log(f"prune: {summary.line()}")
+        sets = {"images": src.embed(np.stack(xs))} if xs else {}
+        if probes:
+            sets["probes"], _ = probe_embeddings(src.scorer, probes)
+        rows = []
+        for name, emb in sets.items():
+            for label, b in (("unpruned", source), ("cut", pruned)):
+                rows.append({"on": name, **evaluate_cut(src.scorer, b, emb), "bundle": label})
+    return rows
+
+
+def parity(bundle, images=None, *, checkpoint: PathLike | None = None, backend: str | None = None,
+           threads: int | None = None, gates: dict | None = None, log: Log = print) -> dict:
+    """FP32 torch (the manifest's source, or ``checkpoint``) vs the bundle through the runtime on ``images``
+    (files / folders; default the sample photos). Returns the report: ``passed``, ``metrics``, ``gates``,
+    ``skipped`` images, seconds."""
+    from .export.compare import torch_vs_bundle
+    from .samples import sample_photo_paths
+
+    return torch_vs_bundle(bundle, _paths(images) or sample_photo_paths(), str(checkpoint) if checkpoint else None,
+                           backend, threads, gates, log=log)
+
+
+def verify(bundle, backend: str | None = None, threads: int | None = None) -> dict:
+    """On-device parity: every sha256, then the golden probes against their FP32 references under the manifest's
+    gates (``geosurge.runtime.verify_bundle``)."""
+    from .runtime.verify import verify_bundle
+
+    return verify_bundle(bundle, backend, threads)
+
+
+def bench(bundle, backend: str | None = None, threads: int | None = None, images=None, iters: int = 50,
+          warmup: int = 5) -> dict:
+    """Latency per stage, throughput, peak RSS (``geosurge.runtime.bench_bundle``)."""
+    from .runtime.bench import bench_bundle
+
+    return bench_bundle(bundle, backend, threads, _paths(images), iters, warmup)
