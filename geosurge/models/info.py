@@ -9,7 +9,8 @@ import torch
 from ..geo import CellHierarchy
 from .config import GeoSurgeConfig
 from .geosurge import GeoSurge, resolve_config, weightless
-from .segmentation import build_segmenter
+from .backbone import BACKBONES
+from .segmentation import SEGMENTERS, build_segmenter
 
 
 def model_info(config: GeoSurgeConfig, hierarchy: CellHierarchy, resolve: bool = True) -> dict:
@@ -77,7 +78,8 @@ def checkpoint_info(directory) -> dict:
 
 def describe_weights(config: GeoSurgeConfig, checkpoint: bool = False) -> list[dict]:
     """One row per part: ``part``, ``source`` (random init, a package, a local folder; in a checkpoint the
-    weights are the checkpoint's and the folder is where they started) and ``architecture`` in words."""
+    weights are the checkpoint's and the folder is where they started) and ``architecture`` in words (each
+    registered backbone / segmenter class describes itself: ``describe``)."""
     bb, seg = config.backbone, config.segmenter
 
     def source(pretrained, package: str | None = None) -> str:
@@ -86,28 +88,9 @@ def describe_weights(config: GeoSurgeConfig, checkpoint: bool = False) -> list[d
         where = f"package {package}" if pretrained == "package" and package else f"folder {pretrained}"
         return f"checkpoint (built on {where})" if checkpoint else where
 
-    if bb.family == "clip_vit":
-        act = (bb.hf_config or {}).get("hidden_act", "quick_gelu")
-        arch = (f"CLIP ViT: {bb.hidden_size} wide, {bb.num_layers} layers, {bb.num_heads} heads, MLP "
-                f"{bb.intermediate_size} ({act}), patch {bb.patch_size} @ {bb.image_size} px")
-    else:
-        arch = f"timm {bb.timm_name} @ {config.preprocess.size} px"
-    package = None
-    if bb.family == "timm" and bb.pretrained == "package":
-        from .backbone import PACKAGED_WEIGHTS
-
-        package = PACKAGED_WEIGHTS.get(bb.timm_name, ("?",))[0]
+    arch, package = BACKBONES.get(bb.family).describe(bb, config.preprocess)
     rows = [{"part": "backbone", "source": source(bb.pretrained, package), "architecture": arch}]
-    if seg.kind == "segformer":
-        arch = (f"SegFormer: widths {list(seg.hidden_sizes)}, depths {list(seg.depths)}, heads "
-                f"{list(seg.num_heads)}, decoder {seg.decoder_hidden_size}, {seg.num_classes} classes")
-    elif seg.kind == "oneformer":
-        hc = seg.hf_config or {}
-        backbone = (hc.get("backbone_config") or {}).get("model_type", "swin")
-        arch = (f"OneFormer ({backbone}): {hc.get('num_queries', 150)} queries, hidden {hc.get('hidden_dim', 256)}, "
-                f"{seg.num_classes} classes, semantic task")
-    else:
-        arch = f"light head on backbone features: {seg.head_hidden} hidden, {seg.num_classes} classes"
+    arch = SEGMENTERS.get(seg.kind).describe(seg)
     rows.append({"part": "segmenter", "source": source(seg.pretrained), "architecture": arch})
     pre = config.preprocess
     rows.append({"part": "input", "source": "config" if not bb.hf_config else "config + backbone folder",

@@ -105,6 +105,12 @@ class SegformerSegmenter(ImageSegmenter):
         self._freeze(cfg)
 
     @classmethod
+    def describe(cls, cfg: SegmenterConfig) -> str:
+        """The architecture in words (``geosurge model info``)."""
+        return (f"SegFormer: widths {list(cfg.hidden_sizes)}, depths {list(cfg.depths)}, heads "
+                f"{list(cfg.num_heads)}, decoder {cfg.decoder_hidden_size}, {cfg.num_classes} classes")
+
+    @classmethod
     def resolve(cls, cfg: SegmenterConfig) -> SegmenterConfig:
         from transformers import SegformerConfig
 
@@ -149,6 +155,14 @@ class OneFormerSegmenter(ImageSegmenter):
         self._freeze(cfg)
 
     @classmethod
+    def describe(cls, cfg: SegmenterConfig) -> str:
+        """The architecture in words (``geosurge model info``)."""
+        hc = cfg.hf_config or {}
+        backbone = (hc.get("backbone_config") or {}).get("model_type", "swin")
+        return (f"OneFormer ({backbone}): {hc.get('num_queries', 150)} queries, hidden {hc.get('hidden_dim', 256)}, "
+                f"{cfg.num_classes} classes, semantic task")
+
+    @classmethod
     def resolve(cls, cfg: SegmenterConfig) -> SegmenterConfig:
         from transformers import OneFormerConfig
 
@@ -187,6 +201,11 @@ class LightSegHead(nn.Module):
     """A light head on the backbone's own feature map (the edge student's): conv-BN-ReLU-conv to K classes."""
 
     uses_image = False
+
+    @classmethod
+    def describe(cls, cfg: SegmenterConfig) -> str:
+        """The architecture in words (``geosurge model info``)."""
+        return f"light head on backbone features: {cfg.head_hidden} hidden, {cfg.num_classes} classes"
 
     def __init__(self, cfg: SegmenterConfig, backbone_channels: int, input_mean=None, input_std=None):
         super().__init__()
