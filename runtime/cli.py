@@ -33,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--max-frames", type=int, default=None, help="--source: stop after N located frames")
     lo.add_argument("--fuse", type=int, default=1, metavar="K",
                     help="--source: fuse evidence over the last K located frames (mean of their embeddings)")
+    lo.add_argument("--open-timeout", type=float, default=10.0, metavar="S",
+                    help="--source: seconds allowed to open / connect (RTSP handshake included)")
+    lo.add_argument("--read-timeout", type=float, default=5.0, metavar="S",
+                    help="--source: seconds without a frame before a live source counts as stalled")
+    lo.add_argument("--reconnects", type=int, default=5, metavar="N",
+                    help="--source: reopen attempts per outage of a live source, with exponential backoff "
+                         "(0: give up at once); when they fail: 'stream lost after N frames', exit 1")
+    lo.add_argument("--backoff", type=float, default=0.5, metavar="S",
+                    help="--source: first reconnect wait; doubles per attempt up to 8 s")
     lo.add_argument("--json", action="store_true", help="one JSON line per input")
     lo.add_argument("--geojson", metavar="FILE", help="also write a GeoJSON FeatureCollection")
     lo.add_argument("--top-k", type=int, default=5)
@@ -130,17 +139,32 @@ def locate_files(loc, args) -> int:
 
 
 def locate_stream(loc, args) -> int:
-    """One JSON line (or text line) per located frame of ``--source``."""
+    """One JSON line (or text line) per located frame of ``--source``. A live source that is lost (stalled or
+    dropped, and not back after ``--reconnects`` attempts) ends with 'stream lost after N frames' on stderr and exit 1;
+    the end of a video file is exit 0."""
+    from .sources import SourceOptions, StreamLost
     from .stream import locate_frames
 
+    import os
+
+    # our own lines say what happened to the source; OpenCV's / FFmpeg's warnings about the same stall are noise here
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    options = SourceOptions(open_timeout_s=args.open_timeout, read_timeout_s=args.read_timeout,
+                            reconnects=args.reconnects, backoff_s=args.backoff)
     located = 0
-    for rec in locate_frames(loc, args.source, args.every, args.max_frames, args.fuse, args.top_k):
-        located += 1
-        if args.json:
-            print(json.dumps(rec), flush=True)
-        else:
-            print(f"frame {rec['frame']}: {rec['lat']:.4f}, {rec['lon']:.4f}  confidence "
-                  f"{rec['confidence']:.3f}  ±{rec['uncertainty_km']:.0f} km", flush=True)
+    try:
+        for rec in locate_frames(loc, args.source, args.every, args.max_frames, args.fuse, args.top_k, options,
+                                 log=lambda m: print(f"geosurge-run: {m}", file=sys.stderr, flush=True)):
+            located += 1
+            if args.json:
+                print(json.dumps(rec), flush=True)
+            else:
+                print(f"frame {rec['frame']}: {rec['lat']:.4f}, {rec['lon']:.4f}  confidence "
+                      f"{rec['confidence']:.3f}  ±{rec['uncertainty_km']:.0f} km", flush=True)
+    except StreamLost as e:
+        print(f"geosurge-run: {e} ({located} located)", file=sys.stderr, flush=True)
+        return 1
     if not located:
         print(f"geosurge-run: no frames read from {args.source}", file=sys.stderr)
         return 1

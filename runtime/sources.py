@@ -179,16 +179,23 @@ class FrameSource:
         raise StreamLost(self.source, self.frames, self.options.reconnects, reason)
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        # FFmpeg's read timeout often surfaces one read late: the read that hit it still returns the partly received
+        # frame, and the next one fails at once; so a failure right after a read that took the whole timeout is a stall
+        previous = 0.0
+        slow = 0.9 * self.options.read_timeout_s
         try:
             while True:
                 t0 = time.monotonic()
                 frame = self._read()
+                took = time.monotonic() - t0
                 if frame is None:
                     if not self.kind.live:
                         return  # the end of a video file: a normal end
-                    stalled = time.monotonic() - t0 >= 0.9 * self.options.read_timeout_s
+                    stalled = max(took, previous) >= slow
                     frame = self._recover(f"no frame for {self.options.read_timeout_s:g}s" if stalled
                                           else "the source ended or dropped")
+                    took = 0.0
+                previous = took
                 yield self.frames, frame
                 self.frames += 1
         finally:

@@ -1,6 +1,7 @@
 """Frame sources: a file ends normally; a live source that stalls is detected by the read timeout, reopened with
 backoff, and reported as lost when it cannot recover; a flapping source is not retried forever."""
 import http.server
+import json
 import itertools
 import threading
 
@@ -117,3 +118,29 @@ def test_options_are_validated():
     with pytest.raises(GeosurgeError):
         SourceOptions(read_timeout_s=0)
     assert SourceOptions(backoff_s=0.5, max_backoff_s=3).backoff(5) == 3
+
+
+def test_locate_reports_a_lost_stream_and_exits_1(tmp_path, clip, default_hierarchy):
+    from geosurge.export.bundle import write_bundle
+    from geosurge.export.source import load_model
+    from geosurge.samples import sample_photo_paths
+
+    from .conftest import run_cli
+
+    model, source = load_model("tiny", seed=0, hierarchy=default_hierarchy)
+    b = write_bundle(tmp_path / "b", model, source, sample_photo_paths()[:2], log=lambda m: None)
+    srv, stop, url = serve(clip.read_bytes(), 0.4, stall=True)
+    try:
+        r = run_cli("geosurge-run", "locate", b, "--source", url, "--read-timeout", "1", "--reconnects", "1",
+                    "--backoff", "0.05", "--json", timeout=120)
+    finally:
+        stop.set()
+        srv.shutdown()
+    assert r.returncode == 1, r.stderr
+    frames = [json.loads(line)["frame"] for line in r.stdout.splitlines()]
+    assert frames and frames == list(range(len(frames))) and len(frames) % 2 == 0  # first connection + 1 reconnect
+    assert f"stream lost after {len(frames)} frame(s)" in r.stderr and "reconnect 1/1" in r.stderr
+    assert "no frame for 1s" in r.stderr  # reported as a stall, within the user's read timeout
+    # the end of a video file stays a normal end
+    r = run_cli("geosurge-run", "locate", b, "--source", clip, "--json", timeout=120)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == N_FRAMES
