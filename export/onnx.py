@@ -64,9 +64,24 @@ def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, dynamic_batch: bo
     if facts["layernorm_ops"] < n_ln_modules:
         raise GeosurgeError(f"{path}: {n_ln_modules} LayerNorm modules but only {facts['layernorm_ops']} "
                             "LayerNormalization ops (split LayerNorm overflows in FP16 on TensorRT)")
+    check_loads(path)
     log(f"ONNX: opset {opset}, {sum(ops.values())} nodes, {facts['layernorm_ops']} LayerNormalization "
         f"(= {n_ln_modules} LayerNorm modules), checker full_check ok, {facts['bytes'] / 1e6:.1f} MB in {dt:.1f}s")
     return facts
+
+
+def check_loads(path: Path) -> None:
+    """The exported graph must open in onnxruntime: the device runtime's base backend and the reference ``verify``
+    and the parity checks run on. Raises GeosurgeError naming the file and what onnxruntime refused (e.g. an op it
+    has no kernel for), so a bundle that cannot run is never written."""
+    from geosurge.runtime.backends import BackendUnavailable
+    from geosurge.runtime.backends.onnxruntime import OnnxRuntimeRunner
+
+    try:
+        OnnxRuntimeRunner(path, threads=1).close()
+    except BackendUnavailable as e:
+        raise GeosurgeError(f"{e}; the model does not export to a graph the runtime can run (a OneFormer segmenter's "
+                            "deformable attention is one such case: distil it into the edge student)") from None
 
 
 def declare_output_shapes(proto, shapes: list[list]) -> None:

@@ -304,3 +304,25 @@ def test_runtime_decodes_jpeg_per_the_manifest_rule(tiny_bundle, tmp_path):
     full = preprocess(load_image(data, full_spec), full_spec)
     np.testing.assert_array_equal(loc.preprocess(data), reduced)  # the device decodes as the manifest says
     assert not np.array_equal(reduced, full)  # (a different rule gives different pixels: the test can fail)
+
+
+def test_a_graph_onnxruntime_cannot_load_is_one_clear_error(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from geosurge.errors import GeosurgeError
+    from geosurge.export.onnx import check_loads
+    from geosurge.runtime.backends import BackendUnavailable
+    from geosurge.runtime.backends.onnxruntime import OnnxRuntimeRunner
+
+    # an op no onnxruntime kernel implements (as the OneFormer segmenter's float64 GridSample turned out to be)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    g = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], domain="org.example")], "g", [x], [y])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("org.example", 1)]),
+              str(path))
+    with pytest.raises(BackendUnavailable, match=r"m\.onnx: onnxruntime .* cannot load this model \(.*Frobnicate"):
+        OnnxRuntimeRunner(path)
+    with pytest.raises(GeosurgeError, match="does not export to a graph the runtime can run"):
+        check_loads(path)

@@ -7,7 +7,7 @@ import numpy as np
 
 from geosurge.formats import Backend
 
-from . import Runner
+from . import BackendUnavailable, Runner
 
 #: whether the model session's idle worker threads busy-wait for the next parallel section (ORT's
 #: ``session.intra_op.allow_spinning``). Off: measured on 2 shared cores (benchmarks/cell_search.py), spinning
@@ -39,7 +39,12 @@ class OnnxRuntimeRunner(Runner):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         avail = ort.get_available_providers()
         providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in avail] or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
+        except Exception as e:  # onnxruntime's own exception types (Fail, NotImplemented, InvalidGraph, ...)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BackendUnavailable(f"{model_path}: onnxruntime {ort.__version__} cannot load this model "
+                                     f"({reason})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.version = ort.__version__
