@@ -219,7 +219,7 @@ def run_benchmark(bundles, *, images=None, truth=None, backends=None, threads: i
     contenders, skipped, opened = open_contenders(bundles, backends, threads, log)
     runtime = list(contenders)
     try:
-        imgs = bench_images(folder_size, images, opened[0], cache_dir)
+        imgs = bench_images(folder_size, images, opened[0], cache_dir, log=log)
         timed = {name: p.read_bytes() for name, p in imgs.timed().items()}
         log(f"images: 12 MP JPEG {imgs.info['12mp']['path']} ({imgs.info['12mp']['mb']:.1f} MB), small photo "
             f"{imgs.info['small']['size'][0]}x{imgs.info['small']['size'][1]}, folder of {len(imgs.folder)}")
@@ -344,10 +344,15 @@ def format_report(report: dict) -> str:
     return "\n".join(parts)
 
 
-def short_form(report: dict, bundle: str | None = None) -> str:
-    """A compact table for one bundle (default: the first that ran), one row per backend: end to end on the 12 MP
+def short_form(report: dict, bundle=None) -> str:
+    """A compact table for one bundle (its label in the report or its path; default: the first that ran), one row
+    per backend: end to end on the 12 MP
     JPEG at 10 fps (p50 / p95 ms), inference p50, speed-up over torch eager FP32 (inference p50 ratio), folder img/s,
     peak RSS. For ``geosurge demo`` and other callers that print a line or two of speed."""
+    if bundle is not None:  # a label of the report, or the bundle's path
+        by_path = {str(Path(c["bundle_path"]).resolve()): c["bundle"] for c in report["contenders"]
+                   if c.get("bundle_path")}
+        bundle = by_path.get(str(Path(bundle).resolve()), str(bundle))
     rows = [r for r in report["summary"] if bundle is None or r["bundle"] == bundle]
     if not rows:
         raise GeosurgeError(f"benchmark: no results for bundle {bundle!r}" if bundle else "benchmark: nothing ran")
@@ -371,6 +376,7 @@ def write_png(report: dict, path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     from geosurge.fsutil import atomic_write_bytes
 
@@ -379,24 +385,32 @@ def write_png(report: dict, path) -> Path:
     use_acc = bool(summary) and all(r.get(f"acc@{km}") is not None for r in summary)
     ykey, ylabel = ((f"acc@{km}", f"accuracy within {km} (deployed, vs ground truth)") if use_acc else
                     ("golden_cos_mean", "embedding cosine vs FP32 torch (golden replay)"))
+    anchors = [r for r in report["latency"] if r["kind"] == "anchor" and (r["image"], r["mode"]) == HEADLINE]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for ax, xkey, xlabel in ((axes[0], "inference_p50_ms", "inference p50 (ms)"),
                              (axes[1], "e2e_p50_ms", "end to end p50 (ms)")):
+        xs = []
         for r in summary:
             if r.get(xkey) is None or r.get(ykey) is None:
                 continue
+            xs.append(r[xkey])
             ax.scatter(r[xkey], r[ykey], s=40)
             ax.annotate(f"{r['bundle']}\n{r['backend']} {r['precision']}", (r[xkey], r[ykey]), fontsize=7,
                         xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel(f"{xlabel}, 12 MP JPEG, paced")
-        ax.set_xlim(left=0)
-        ax.grid(alpha=0.3)
-    for r in report["latency"]:
-        if r["kind"] == "anchor" and (r["image"], r["mode"]) == HEADLINE:
-            axes[0].axvline(r["inference_p50_ms"], ls="--", lw=1, color="grey")
-            axes[0].annotate(r["backend"], (r["inference_p50_ms"], 0.02), xycoords=("data", "axes fraction"),
-                             rotation=90, fontsize=7, color="grey")
-    axes[0].set_xlim(left=0)
+        if ax is axes[0]:  # the torch anchors: FP32 references, inference only
+            for a in anchors:
+                xs.append(a["inference_p50_ms"])
+                ax.axvline(a["inference_p50_ms"], ls="--", lw=1, color="grey")
+                ax.annotate(a["backend"], (a["inference_p50_ms"], 0.03), xycoords=("data", "axes fraction"),
+                            rotation=90, fontsize=7, color="grey", xytext=(-9, 0), textcoords="offset points")
+        if xs:  # log scale: speed-ups read as distances; ticks at 1, 2, 5 x 10^n ms
+            ax.set_xscale("log")
+            ax.set_xlim(min(xs) / 1.5, max(xs) * 2.0)
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"{xlabel}, 12 MP JPEG, paced (log scale)")
+        ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(ylabel)
     fig.suptitle(f"geosurge benchmark: latency vs parity ({report['machine']['machine']}, "
                  f"{report['machine']['cpus']} CPUs, threads {report['settings']['threads'] or 'default'})",

@@ -146,12 +146,13 @@ def _cached_jpeg(cache: Path, name: str, rgb: np.ndarray, make: Callable[[], np.
 
 
 def bench_images(folder_size: int = 4, images=None, bundle: Bundle | None = None, cache_dir=None,
-                 size: tuple[int, int] = PHONE_SIZE) -> BenchImages:
+                 size: tuple[int, int] = PHONE_SIZE, log: Callable[[str], None] | None = None) -> BenchImages:
     """The test images, synthesised deterministically from real photos and cached as JPEG (quality 92) under
     ``cache_dir`` (default :func:`default_cache_dir`): the 12 MP JPEG is :func:`phone_photo` of the first colour
     sample photo (seed 0), the small photo that photo as a JPEG at its own size; the throughput folder is
     ``images`` (files / folders) when given, else ``folder_size`` phone-size JPEGs of the first colour photos
-    (seeds 0, 1, ...). Without the sample photos (a device) the bundle's golden probes are the sources."""
+    (seeds 0, 1, ...). Without the sample photos (a device) the bundle's golden probes are the sources. Files in
+    ``images`` folders that are not images are named through ``log``."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     photos = _colour_photos(bundle, bundle.preprocess if bundle is not None else None)
     tag = f"{size[0]}x{size[1]}"
@@ -163,7 +164,10 @@ def bench_images(folder_size: int = 4, images=None, bundle: Bundle | None = None
             "small": {"path": str(small), "source": name, "size": [rgb.shape[1], rgb.shape[0]],
                       "mb": small.stat().st_size / 1e6}}
     if images:
-        folder = list_images(images).paths
+        listing = list_images(images)
+        for line in listing.skip_lines() if log else ():
+            log(f"  {line}")
+        folder = listing.paths
         if not folder:
             raise GeosurgeError(f"benchmark: no images in {', '.join(map(str, images))}")
         info["folder"] = {"source": "given", "images": len(folder)}
@@ -235,7 +239,12 @@ def open_contenders(bundles: list, backends: list[str] | None = None, threads: i
     """Every bundle on every backend that reads its format and can run here. Every bundle is opened (sha256
     checked) first, so a bad path fails before anything is timed (BundleError naming it). Returns (contenders,
     skipped rows ``{"bundle", "backend", "reason"}``, the open bundles). ``backends``: only these names."""
-    opened = [b if isinstance(b, Bundle) else open_bundle(b) for b in bundles]
+    opened, seen = [], set()
+    for b in bundles:  # each bundle once, however often it is named
+        b = b if isinstance(b, Bundle) else open_bundle(b)
+        if b.root.resolve() not in seen:
+            seen.add(b.root.resolve())
+            opened.append(b)
     labels = bundle_labels([b.root for b in opened])
     contenders, skipped = [], []
     for label, bundle in zip(labels, opened):
@@ -416,9 +425,9 @@ class DecodePools:
 def folder_throughput(loc: Localizer, paths: list[Path], pool=None, prefetch: int | None = None) -> dict:
     """Locate every image of ``paths`` once: decode + preprocess on ``pool`` (an executor; None: on this thread
     before each inference) while this thread runs inference and cell search, with up to ``prefetch`` (default 4)
-    images decoded ahead. An unreadable image is counted (``refused``) and the pass goes
-    on. Returns ``{"img_s", "images", "refused", "seconds"}`` (img/s over the images located)."""
-    spec, done, refused = loc.spec, 0, 0
+    images decoded ahead. An unreadable image is refused (its error line kept) and the pass goes on. Returns
+    ``{"img_s", "images", "refused": [error lines], "seconds"}`` (img/s over the images located)."""
+    spec, done, refused = loc.spec, 0, []
 
     def infer(x):
         loc.predict_embedding(loc.embed(x[None])[0])
@@ -428,8 +437,8 @@ def folder_throughput(loc: Localizer, paths: list[Path], pool=None, prefetch: in
         for p in paths:
             try:
                 x = decode_preprocess(p, spec)
-            except ImageDecodeError:
-                refused += 1
+            except ImageDecodeError as e:
+                refused.append(str(e))
                 continue
             infer(x)
             done += 1
@@ -444,8 +453,8 @@ def folder_throughput(loc: Localizer, paths: list[Path], pool=None, prefetch: in
                 queue.append(pool.submit(decode_preprocess, nxt, spec))
             try:
                 x = fut.result()
-            except ImageDecodeError:
-                refused += 1
+            except ImageDecodeError as e:
+                refused.append(str(e))
                 continue
             infer(x)
             done += 1
@@ -457,17 +466,21 @@ def throughput_table(contenders: list[Contender], paths: list[Path], pools: Deco
                      log: Callable[[str], None] | None = None) -> dict[str, dict]:
     """img/s of every runtime contender over ``paths`` with every decode pool, ``passes`` times, the passes
     interleaved (contender by contender, pool by pool). Returns ``{contender name: {pool kind: {"img_s"
-    (median over passes), "passes", "refused"}, "best": kind}}``."""
+    (median over passes), "passes"}, "best": kind, "refused": [error lines of unreadable images]}}``; each
+    refused image is named through ``log`` once."""
     runtime = [c for c in contenders if c.kind == "runtime"]
     if runtime:
         pools.warm(paths[0], runtime[0].localizer.spec)
     got: dict[str, dict[str, list]] = {c.name: {k: [] for k in pools.pools} for c in runtime}
-    refused = 0
+    refused: list[str] = []
     for i in range(passes):
         for c in runtime:
             for kind, pool in pools.pools.items():
                 r = folder_throughput(c.localizer, paths, pool, prefetch=2 * pools.workers)
                 got[c.name][kind].append(r["img_s"])
+                if log and not refused:
+                    for line in r["refused"]:
+                        log(f"  refused {line}")
                 refused = r["refused"]
         if log:
             log(f"  folder pass {i + 1}/{passes}: {len(paths)} images x {len(runtime)} contender(s) x "

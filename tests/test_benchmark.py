@@ -74,7 +74,7 @@ def test_report_has_every_stage_backend_and_bundle(run):
     assert row["golden"] == "PASS" and row["recorded"] == "reference"  # FP32: its own reference, replay exact
     # the folder's images are all accounted for, on every pool
     t = rep["throughput"]["tiny | onnxruntime"]
-    assert {"serial", "threads", "processes"} <= set(t) and t["refused"] == 0
+    assert {"serial", "threads", "processes"} <= set(t) and t["refused"] == []
 
 
 def test_contenders_are_interleaved_call_by_call(run):
@@ -148,6 +148,7 @@ def test_short_form_for_the_demo(run):
     rep, *_ = run
     text = short_form(rep, "tiny")
     assert "tiny" in text and "onnxruntime" in text and "x_torch_eager" in text and "12mp_e2e_p95_ms" in text
+    assert short_form(rep, run[2].root) == text == short_form(rep)  # by path, and the first bundle by default
     with pytest.raises(Exception, match="no results"):
         short_form(rep, "tiny-coreml")
 
@@ -192,3 +193,19 @@ def test_geosurge_run_bench_uses_the_shared_loop(run):
     rep = bench_bundle(tiny.root, iters=3, warmup=1, pause_ms=1)
     assert [r["stage"] for r in rep["stages"]] == [*STAGES, "total"] and rep["pause_ms"] == 1
     assert np.isfinite(rep["throughput_img_s"]) and rep["model_mb"] > 0 and rep["bundle_mb"] > rep["model_mb"]
+
+
+def test_folder_throughput_goes_past_a_bad_image_and_names_it(run, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from geosurge.runtime import Localizer
+    from geosurge.runtime.bench import folder_throughput
+
+    _, _, tiny, _ = run
+    good = sample_photo_paths()[0]
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 20)  # a JPEG signature, then nothing decodable
+    with Localizer(tiny) as loc, ThreadPoolExecutor(1) as pool:
+        for p in (None, pool):
+            r = folder_throughput(loc, [good, bad, good], p)
+            assert r["images"] == 2 and len(r["refused"]) == 1 and "cut.jpg" in r["refused"][0]
