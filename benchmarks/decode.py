@@ -23,8 +23,8 @@ import numpy as np
 from geosurge.images import load_image, read_image
 from geosurge.preprocess import preprocess
 from geosurge.report import format_table, write_json
-from geosurge.runtime.bench import encode_jpeg as jpeg
-from geosurge.runtime.bench import phone_photo as phone_size
+from geosurge.runtime.benchmark import encode_jpeg as jpeg
+from geosurge.runtime.benchmark import phone_photo as phone_size
 from geosurge.samples import sample_photo_paths
 
 

@@ -1,7 +1,7 @@
 """``geosurge benchmark``: bundles x every installed backend, with torch anchors, in one run (in the manner of
 ``yolo benchmark`` and OpenVINO's ``benchmark_app``).
 
-The runtime timing is ``geosurge.runtime.bench`` (torch-free, shared with ``geosurge-run bench``); this module adds
+The runtime timing is ``geosurge.runtime.benchmark`` (torch-free, shared with ``geosurge-run bench``); this module adds
 what needs the workstation: the torch anchors (eager FP32 and ``torch.compile`` of each bundle's source model,
 inference-only rows timed in the same interleaved loop), task-level parity against FP32 torch when ground truth is
 given (``geosurge.parity.compare`` and ``geosurge.geo.metrics.summarize``), the report, its tables and the PNG.
@@ -18,7 +18,7 @@ import numpy as np
 
 from geosurge.errors import GeosurgeError
 from geosurge.report import format_table
-from geosurge.runtime.bench import (CAMERA_PAUSE_MS, E2E, STAGES, Contender, DecodePools, bench_images,
+from geosurge.runtime.benchmark import (CAMERA_PAUSE_MS, E2E, STAGES, Contender, DecodePools, bench_images,
                                     decode_preprocess, latency_rows, open_contenders, runtime_peak_rss, scenarios,
                                     throughput_table, time_scenarios)
 

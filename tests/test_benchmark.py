@@ -12,7 +12,7 @@ from geosurge.cli import main
 from geosurge.formats import backends_for
 from geosurge.manifest import manifest_digest
 from geosurge.runtime.backends import RUNNERS
-from geosurge.runtime.bench import STAGES, open_contenders, runtime_backends
+from geosurge.runtime.benchmark import STAGES, open_contenders, runtime_backends
 from geosurge.samples import sample_photo_paths
 from geosurge.timing import interleaved
 
@@ -199,7 +199,7 @@ def test_folder_throughput_goes_past_a_bad_image_and_names_it(run, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from geosurge.runtime import Localizer
-    from geosurge.runtime.bench import folder_throughput
+    from geosurge.runtime.benchmark import folder_throughput
 
     _, _, tiny, _ = run
     good = sample_photo_paths()[0]
