@@ -1,8 +1,8 @@
 """``geosurge benchmark``: bundles x every installed backend, with torch anchors, in one run (in the manner of
 ``yolo benchmark`` and OpenVINO's ``benchmark_app``).
 
-The runtime timing is ``geosurge.runtime.benchmark`` (torch-free, shared with ``geosurge-run bench``); this module adds
-what needs the workstation: the torch anchors (eager FP32 and ``torch.compile`` of each bundle's source model,
+The runtime timing is ``geosurge.runtime.benchmark`` (torch-free, shared with ``geosurge-run bench``); this module
+adds what needs the workstation: the torch anchors (eager FP32 and ``torch.compile`` of each bundle's source model,
 inference-only rows timed in the same interleaved loop), task-level parity against FP32 torch when ground truth is
 given (``geosurge.parity.compare`` and ``geosurge.geo.metrics.summarize``), the report, its tables and the PNG.
 torch is imported only for the anchors and the FP32 reference; without it those rows are skipped with the reason.
@@ -16,16 +16,18 @@ from typing import Callable
 
 import numpy as np
 
-from geosurge.errors import GeosurgeError
+from geosurge.errors import GeosurgeError, InputFileError
 from geosurge.report import format_table
 from geosurge.runtime.benchmark import (CAMERA_PAUSE_MS, E2E, STAGES, Contender, DecodePools, bench_images,
-                                    decode_preprocess, latency_rows, open_contenders, runtime_peak_rss, scenarios,
-                                    throughput_table, time_scenarios)
+                                        decode_preprocess, latency_rows, open_contenders, runtime_peak_rss,
+                                        scenarios, throughput_table, time_scenarios)
+from geosurge.runtime.verify import replay_golden
 
 #: report format version (the JSON's ``schema``)
 SCHEMA = "geosurge-benchmark/1"
 ANCHORS = ("eager", "compile")
 ANCHOR_NAMES = {"eager": "torch eager FP32", "compile": "torch.compile FP32"}
+POOLS = ("serial", "threads", "processes")
 #: the scenario the summary, the short form and the PNG read: the 12 MP JPEG at 10 fps
 HEADLINE = ("12mp", "paced")
 #: (iters, warmup, folder images, folder passes, RSS calls) of a full and of a --quick run
@@ -73,8 +75,6 @@ def anchor_contenders(contenders: list[Contender], images: dict[str, bytes], whi
             spec = bundle.preprocess
             inputs = {data: torch.from_numpy(decode_preprocess(data, spec)[None]) for data in images.values()}
             for kind in which:
-                if kind not in ANCHOR_NAMES:
-                    raise GeosurgeError(f"unknown anchor {kind!r}; choose from {', '.join(ANCHOR_NAMES)}")
                 fn = model.embed
                 if kind == "compile":
                     log(f"  {c.bundle}: torch.compile of the source model (compiles on the first call) ...")
@@ -203,7 +203,7 @@ def _machine() -> dict:
 
 def run_benchmark(bundles, *, images=None, truth=None, backends=None, threads: int | None = None,
                   iters: int | None = None, warmup: int | None = None, pause_ms: float = CAMERA_PAUSE_MS,
-                  quick: bool = False, anchors=ANCHORS, workers: int = 2, pools=("serial", "threads", "processes"),
+                  quick: bool = False, anchors=ANCHORS, workers: int = 2, pools=POOLS,
                   folder_size: int | None = None, passes: int | None = None, rss: bool = True,
                   cache_dir=None, accuracy_km: float = 25.0, log: Log = print) -> dict:
     """The whole benchmark; returns the report (see docs/benchmarks.md, "geosurge benchmark", for every field).
@@ -215,6 +215,13 @@ def run_benchmark(bundles, *, images=None, truth=None, backends=None, threads: i
     bundles = [bundles] if isinstance(bundles, (str, Path)) else list(bundles)
     if not bundles:
         raise GeosurgeError("benchmark: give at least one bundle")
+    for what, got, known in (("anchor", anchors or (), ANCHOR_NAMES), ("decode pool", pools or (), POOLS)):
+        bad = [x for x in got if x not in known]
+        if bad:
+            raise GeosurgeError(f"benchmark: unknown {what} {', '.join(map(repr, bad))}; choose from "
+                                f"{', '.join(known)}")
+    if truth is not None and not Path(truth).is_file():
+        raise InputFileError(f"{truth}: ground-truth manifest not found")
     log(f"benchmark: {len(bundles)} bundle(s); opening every backend that reads each format")
     contenders, skipped, opened = open_contenders(bundles, backends, threads, log)
     runtime = list(contenders)
@@ -240,8 +247,6 @@ def run_benchmark(bundles, *, images=None, truth=None, backends=None, threads: i
                 throughput = throughput_table(runtime, imgs.folder, dp, passes, log)
         parity = {}
         for c in runtime:
-            from geosurge.runtime.verify import replay_golden
-
             g = replay_golden(c.localizer)
             parity[c.name] = {"recorded": recorded_parity(c.localizer.bundle),
                               "golden": {"passed": g["passed"], "images": g["metrics"]["n"],
@@ -253,7 +258,7 @@ def run_benchmark(bundles, *, images=None, truth=None, backends=None, threads: i
         if rss:
             for c in runtime:
                 log(f"  peak RSS: {c.name} in a fresh runtime process ...")
-                memory[c.name] = runtime_peak_rss(c.info["bundle_path"], c.backend, threads,
+                memory[c.name] = runtime_peak_rss(c.info["bundle_path"], c.backend, c.info["threads"],
                                                   [imgs.phone, imgs.small], rss_calls)
     finally:
         for c in contenders:
@@ -361,9 +366,9 @@ def short_form(report: dict, bundle=None) -> str:
               "12mp_e2e_p95_ms": r["e2e_p95_ms"], "inference_p50_ms": r["inference_p50_ms"],
               "x_torch_eager": r.get("x_eager"), "img_s": r.get("img_s"), "peak_rss_mb": r.get("peak_rss_mb")}
              for r in rows if r["bundle"] == bundle]
-    return format_table(short, title=f"{bundle}: 12 MP JPEG end to end, paced at "
-                                     f"{1000 / report['settings']['pause_ms']:.0f} fps" if report['settings']['pause_ms']
-                        else f"{bundle}: 12 MP JPEG end to end")
+    pause = report["settings"]["pause_ms"]
+    paced = f", paced at {1000 / pause:.0f} fps" if pause else ""
+    return format_table(short, title=f"{bundle}: 12 MP JPEG end to end{paced}")
 
 
 def write_png(report: dict, path) -> Path:

@@ -243,15 +243,16 @@ def open_contenders(bundles: list, backends: list[str] | None = None, threads: i
                 continue
         ran = 0
         for name in names:
-            cls = get_runner(name)
+            used = threads if get_runner(name).thread_option else None  # a backend that takes no count gets none
             try:
-                loc = Localizer(bundle, backend=name, threads=threads if cls.thread_option else None, verify=False)
+                loc = Localizer(bundle, backend=name, threads=used, verify=False)
             except (BackendUnavailable, ImportError, GeosurgeError) as e:
                 reason = f"{type(e).__name__}: {e}" if isinstance(e, ImportError) else str(e)
                 skipped.append({"bundle": label, "backend": name, "reason": reason})
                 log(f"  {label}: {name} skipped: {reason}")
                 continue
             contenders.append(runtime_contender(loc, label, name))
+            contenders[-1].info["threads"] = used
             ran += 1
         if not ran:
             log(f"  {label}: no installed backend runs its {fmt} model")

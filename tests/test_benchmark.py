@@ -209,3 +209,12 @@ def test_folder_throughput_goes_past_a_bad_image_and_names_it(run, tmp_path):
         for p in (None, pool):
             r = folder_throughput(loc, [good, bad, good], p)
             assert r["images"] == 2 and len(r["refused"]) == 1 and "cut.jpg" in r["refused"][0]
+
+
+def test_bad_options_fail_before_anything_runs(run, tmp_path, capsys):
+    _, _, tiny, _ = run
+    rc = main(["benchmark", str(tiny.root), "--truth", str(tmp_path / "truth.csv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "truth.csv" in err[0] and "not found" in err[0]
+    with pytest.raises(Exception, match="unknown anchor 'jit'"):
+        api.benchmark(tiny.root, anchors=("jit",), log=lambda m: None)
