@@ -41,6 +41,8 @@ STAGES = ("decode", "preprocess", "inference", "cell_search")
 E2E = "e2e"
 #: a 12 MP phone photo, landscape (width, height)
 PHONE_SIZE = (4032, 3024)
+#: the synthesised test images' recipe version (part of their cache key: a changed recipe makes new files)
+SYNTH_VERSION = 1
 #: a camera at 10 fps: the pause before each paced call (ms)
 CAMERA_PAUSE_MS = 100.0
 #: top-level modules the runtime must never load (its RSS child reports any it finds)
@@ -99,8 +101,9 @@ class BenchImages:
         return {"12mp": self.phone, "small": self.small}
 
 
-def _colour_photos(bundle: Bundle | None, spec) -> list[tuple[str, np.ndarray]]:
-    """Real colour photos: the packaged sample photos (grayscale ones left out), else the bundle's golden probes."""
+def _colour_photos(n: int, bundle: Bundle | None, spec) -> list[tuple[str, np.ndarray]]:
+    """Up to ``n`` real colour photos: the packaged sample photos (grayscale ones left out), else the bundle's
+    golden probes."""
     from geosurge.samples import sample_photo_paths
 
     out = []
@@ -109,6 +112,8 @@ def _colour_photos(bundle: Bundle | None, spec) -> list[tuple[str, np.ndarray]]:
             rgb = read_image(p)
             if int(np.abs(rgb.astype(np.int16) - rgb[..., :1]).max()) > 8:  # has colour
                 out.append((p.stem, rgb))
+                if len(out) == n:
+                    break
     except GeosurgeError:
         pass
     if not out and bundle is not None:  # a device without the sample photos: the bundle's own (real) probes
@@ -122,7 +127,7 @@ def _colour_photos(bundle: Bundle | None, spec) -> list[tuple[str, np.ndarray]]:
 def _cached_jpeg(cache: Path, name: str, rgb: np.ndarray, make: Callable[[], np.ndarray], tag: str) -> Path:
     from geosurge.fsutil import atomic_write_bytes
 
-    key = hashlib.sha256(rgb.tobytes() + tag.encode()).hexdigest()[:12]
+    key = hashlib.sha256(rgb.tobytes() + f"{tag} v{SYNTH_VERSION}".encode()).hexdigest()[:12]
     path = cache / f"{name}-{tag}-{key}.jpg"
     if not path.is_file():
         cache.mkdir(parents=True, exist_ok=True)
@@ -139,10 +144,11 @@ def bench_images(folder_size: int = 4, images=None, bundle: Bundle | None = None
     (seeds 0, 1, ...). Without the sample photos (a device) the bundle's golden probes are the sources. Files in
     ``images`` folders that are not images are named through ``log``."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    photos = _colour_photos(bundle, bundle.preprocess if bundle is not None else None)
+    n = 1 if images else max(1, folder_size)
+    photos = _colour_photos(n, bundle, bundle.preprocess if bundle is not None else None)
     tag = f"{size[0]}x{size[1]}"
     phone = [_cached_jpeg(cache, name, rgb, lambda rgb=rgb, i=i: phone_photo(rgb, i, size), f"{tag}-s{i}")
-             for i, (name, rgb) in enumerate(photos[:max(1, folder_size)])]
+             for i, (name, rgb) in enumerate(photos[:n])]
     name, rgb = photos[0]
     small = _cached_jpeg(cache, name, rgb, lambda: rgb, "native")
     info = {"12mp": {"path": str(phone[0]), "source": name, "size": list(size), "mb": phone[0].stat().st_size / 1e6},

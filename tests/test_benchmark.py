@@ -218,3 +218,22 @@ def test_bad_options_fail_before_anything_runs(run, tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "truth.csv" in err[0] and "not found" in err[0]
     with pytest.raises(Exception, match="unknown anchor 'jit'"):
         api.benchmark(tiny.root, anchors=("jit",), log=lambda m: None)
+
+
+def test_test_images_are_deterministic_and_fall_back_to_the_golden_probes(run, tmp_path, monkeypatch):
+    import geosurge.samples
+    from geosurge.errors import GeosurgeError
+    from geosurge.runtime.benchmark import bench_images
+
+    _, _, tiny, _ = run
+    a = bench_images(2, cache_dir=tmp_path / "a", size=(400, 300))
+    b = bench_images(2, cache_dir=tmp_path / "b", size=(400, 300))
+    assert [p.read_bytes() for p in a.folder] == [p.read_bytes() for p in b.folder] and len(a.folder) == 2
+    assert a.info["12mp"]["size"] == [400, 300] and a.phone == a.folder[0]
+
+    def no_samples():  # a device: scikit-image / matplotlib not installed
+        raise GeosurgeError("no sample photos found")
+
+    monkeypatch.setattr(geosurge.samples, "sample_photo_paths", no_samples)
+    c = bench_images(1, bundle=tiny, cache_dir=tmp_path / "c", size=(400, 300))
+    assert c.info["12mp"]["source"].startswith("golden-") and c.phone.is_file()
