@@ -237,3 +237,14 @@ def test_test_images_are_deterministic_and_fall_back_to_the_golden_probes(run, t
     monkeypatch.setattr(geosurge.samples, "sample_photo_paths", no_samples)
     c = bench_images(1, bundle=tiny, cache_dir=tmp_path / "c", size=(400, 300))
     assert c.info["12mp"]["source"].startswith("golden-") and c.phone.is_file()
+
+
+@pytest.mark.slow
+def test_the_compile_anchor_joins_the_run(run, tmp_path):
+    """torch.compile of the source model (compiles for a minute or more on 2 cores) is a timed, inference-only row
+    and the summary's x_compile."""
+    _, _, tiny, _ = run
+    rep = api.benchmark(tiny.root, quick=True, iters=2, warmup=1, pause_ms=5, anchors=("compile",), pools=(),
+                        rss=False, cache_dir=tmp_path, log=lambda m: None)
+    assert [c["backend"] for c in rep["contenders"] if c["kind"] == "anchor"] == ["torch.compile FP32"]
+    assert rep["summary"][0]["x_compile"] > 0
