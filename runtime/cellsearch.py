@@ -150,7 +150,7 @@ class PathIndex:
         n, levels = ancestors.shape
         inv_t = 1.0 / np.asarray(temperatures, np.float64)
         table = np.empty((dim, n), np.int8)  # MatMulInteger's B: (dim, n_finest)
-        self.scale = np.empty(n, np.float64)
+        self.scale = np.empty(n, np.float32)  # float32 values (exactly; see below), half the bytes per pass
         self.resid_norm = np.empty(n, np.float64)
         self.quant_norm = np.empty(n, np.float64)
         for c0 in range(0, n, chunk):
@@ -215,14 +215,13 @@ class PathIndex:
                    acc: np.ndarray | None = None, s: float | None = None, ry: float | None = None) -> TopK:
         """Exact top-k for one (dim,) float64 query ``y``. ``exact(cells)`` -> the exact ``A`` (float64) of an
         int64 array of finest cells. ``acc`` (2, n) int32, ``s``, ``ry``: this query's approximate pass when the
-        caller ran it for a batch (otherwise it runs here, into preallocated buffers: no per-call allocation of
-        n-sized arrays besides the index lists).
+        caller ran it for a batch (otherwise it runs here, into this thread's preallocated buffers).
 
-        Steps 2-3 of the module docstring, with the threshold taken from exact scores: the k cells of largest
-        ``Ã`` are re-scored first and ``tau`` = the smallest of their exact ``A`` (k cells reach it for
-        certain); the candidates ``Ã + E >= tau`` are then re-scored in decreasing order of ``Ã + E``, a step of
-        RESCORE_STEP at a time, until the next one's upper bound falls below the k-th best exact ``A`` found (no
-        cell left can enter the top-k, not even by a tie: its ``A`` is below the k-th)."""
+        Steps 2-3 of the module docstring, with few passes over the n cells: ``tau`` = the smallest lower bound
+        ``Ã - E`` of the k cells of largest ``Ã`` (k cells reach it for certain); the candidates ``Ã + E >= tau``
+        are then re-scored in decreasing order of ``Ã + E``, RESCORE_STEP at a time, until the next one's upper
+        bound falls below the k-th best exact ``A`` found so far (no cell left can enter the top-k, not even by a
+        tie: its ``A`` is below the k-th). Raises nothing for finite input."""
         n = self.n
         k = min(k, n)
         w = self._work()
@@ -232,47 +231,49 @@ class PathIndex:
             self.session.run_with_iobinding(w.io)
             acc = w.acc
         ynorm = float(np.sqrt(np.einsum("i,i->", y, y)))
-        t, v, u = w.t, w.v, w.u
+        t, v = w.t, w.v
         np.multiply(acc[0], 2 * QUERY_LEVELS, out=t)
         np.add(t, acc[1], out=t)  # <126 p_1 + p_2, q_f>, exact in int32 (|.| <= 127 * 63 * 127 * dim < 2^31)
         np.multiply(t, self.scale, out=v)  # v = Ã / s (one float64 rounding)
-        # per-cell upper bound in the same units: u = (Ã + E) / s; E as in bound()
-        c = ry * self.quant_norm_max * (1 + BOUND_REL) + BOUND_ABS
+        # the bound in the same units: E(f) / s = ys resid_f + cs (as in bound())
         ys = ynorm * (1 + BOUND_REL) / s
-        np.multiply(self.resid_norm, ys, out=u)
-        u += c / s
-        emax_s = self.resid_norm_max * ys + c / s
-        u += v
-        # the k cells of largest Ã: among those within 2 max E of the best (few), else over every cell
-        pre = np.flatnonzero(v >= v.max() - 2 * emax_s)
+        cs = (ry * self.quant_norm_max * (1 + BOUND_REL) + BOUND_ABS) / s
+        emax_s = self.resid_norm_max * ys + cs
+        # the k cells of largest Ã: among those within 3 max E of the best (few), else over every cell
+        vmax = float(v.max())
+        pre = np.flatnonzero(v >= vmax - 3 * emax_s)
         if pre.size < k:
             pre = np.argpartition(v, n - k)[n - k:]
         first = pre if pre.size == k else pre[np.argpartition(v[pre], pre.size - k)[pre.size - k:]]
-        cells, vals = [first], [exact(first)]
-        top_c, top_v = first, vals[0]
-        kth = float(top_v.min())
-        u[first] = -np.inf  # scored already
-        rest = np.flatnonzero(u >= kth / s)
-        rest = rest[np.argsort(-u[rest], kind="stable")]
-        for p0 in range(0, rest.size, RESCORE_STEP):
-            if u[rest[p0]] < kth / s:  # u is sorted: no cell left can reach the k-th
-                break
-            step = rest[p0:p0 + RESCORE_STEP]
+        tau = float((v[first] - (self.resid_norm[first] * ys + cs)).min())
+        # candidates: Ã + E >= tau (every one has Ã >= tau - max E: within pre when that reaches so low)
+        lo = tau - emax_s
+        cand = pre[v[pre] >= lo] if lo >= vmax - 3 * emax_s else np.flatnonzero(v >= lo)
+        upper = v[cand] + (self.resid_norm[cand] * ys + cs)
+        keep = upper >= tau
+        cand, upper = cand[keep], upper[keep]
+        order = np.argsort(-upper, kind="stable")
+        cand, upper = cand[order], upper[order]
+        cells, vals = [], []
+        top_c = top_v = np.empty(0)
+        p0, kth = 0, -np.inf
+        while p0 < cand.size and not upper[p0] < kth / s:  # upper is sorted: no cell left can reach the k-th
+            step = cand[p0:p0 + max(RESCORE_STEP, k - p0)]
             cells.append(step)
             vals.append(exact(step))
             top_c, top_v = np.concatenate([top_c, step]), np.concatenate([top_v, vals[-1]])
             order = np.lexsort((top_c, -top_v))[:k]
-            top_c, top_v = top_c[order], top_v[order]
-            kth = float(top_v[-1])
-        order = np.lexsort((top_c, -top_v))
+            top_c, top_v = top_c[order].astype(np.int64), top_v[order]
+            p0 += step.size
+            if top_c.size == k:
+                kth = float(top_v[-1])
         cells, vals = np.concatenate(cells), np.concatenate(vals)
         # the normaliser over every cell: exact A of the re-scored cells, Ã of the others (float32)
         scores = w.scores
         np.multiply(v, s, out=scores, casting="same_kind")
         log_norm, err, scores = log_norm_bounds(scores, emax_s * s, cells, vals, keep=with_scores,
                                                 bound_abs=(ynorm + ry) * self.quant_norm_max + emax_s * s)
-        return TopK(top_c[order], top_v[order], log_norm, err, cells.size, emax_s * s,
-                    scores if with_scores else None)
+        return TopK(top_c, top_v, log_norm, err, cells.size, emax_s * s, scores if with_scores else None)
 
 
 #: re-scored cells per step of the lazy exact re-scoring (after the first k)
