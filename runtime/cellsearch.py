@@ -14,20 +14,23 @@ ranking depends only on the *logit sum* ``A(f) = <y, W_f>`` with the *path embed
 
        |A(f) - Ã(f)| <= E(f) = ||y|| ||r_f|| + ||r_y|| ||s_f q_f||        (+ a 1e-9 relative float64 margin)
 
-2. **Candidates**: ``tau`` = the k-th largest lower bound ``Ã - E``; every cell with ``Ã + E >= tau`` may be in
-   the top-k (a cell outside that set is beaten by k cells for certain).
+2. **Candidates**: ``tau`` = the smallest lower bound ``Ã - E`` of the k cells of largest ``Ã`` (k cells reach it
+   for certain); every cell with ``Ã + E >= tau`` may be in the top-k (a cell outside that set is beaten by k
+   cells for certain). :func:`select_candidates` is the textbook form (``tau`` = the k-th largest lower bound).
 3. **Exact re-scoring** of the candidates in float64 over the stored rows (fp32 / fp16 exactly, int8 as
-   ``q * scale``), so the returned indices and their order are those of brute force over the stored table in
+   ``q * scale``), lazily, in decreasing order of ``Ã + E`` until the next upper bound is below the k-th exact
+   score found, so the returned indices and their order are those of brute force over the stored table in
    exact arithmetic (float64 rounding, ~1e-12, can only swap cells tied to that precision; ties go to the lower
    index).
 
 The normaliser ``logsumexp_f A(f)`` (for probabilities renormalised over the finest level) is not exact: it is
-estimated with the exact ``A`` of the candidates and ``Ã`` of the rest, and bounded by shifting every non-candidate
+estimated with the exact ``A`` of the re-scored cells and ``Ã`` of the rest, and bounded by shifting every other cell
 by its bound (``log_norm_error``).
 
 Memory: the int8 path table (n_finest x dim bytes) lives only inside ONNX Runtime (packed); the stored rows stay in
 their stored dtype. The scoring session runs on the calling thread (``intra_op_num_threads=1``: no thread pool, so
-nothing spins), and no BLAS call is on the hot path (no OpenBLAS worker wakes up).
+nothing spins), and no BLAS call is on the hot path (no OpenBLAS worker wakes up). One query's pass writes into
+per-thread preallocated buffers through an ONNX Runtime I/O binding (no n-sized allocation per call).
 """
 from __future__ import annotations
 
