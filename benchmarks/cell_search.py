@@ -1,7 +1,9 @@
 """Exact top-5 cell search on the device (issue 16 items 2-3): latency p50/p95 of the runtime's search before
-(numpy: an FP32 copy of the table, BLAS products) and now (int8 path-table scoring graph in ONNX Runtime + exact
-float64 re-scoring of the candidates), on the default hierarchy with the real GeoCLIP-initialised table of an edge
-bundle; whether each returns the exact top-5; and the runtime's peak RSS with the table loaded.
+(numpy: an FP32 copy of the table, BLAS products), as first made exact (int8 path-table scoring graph in ONNX
+Runtime, every bound candidate re-scored in float64; :class:`ExactSearchBefore`) and now (the same int8 pass into
+preallocated buffers, candidates from the lower bounds of the k best approximate cells, lazy re-scoring in
+decreasing upper bound), on the default hierarchy with the real GeoCLIP-initialised table of an edge bundle;
+whether each returns the exact top-5; and the runtime's peak RSS with the table loaded.
 
 Each search follows a model inference, as in a camera loop, in two modes: *paced* (a camera at 10 fps: a
 ``--pause-ms`` sleep before the inference) and *back-to-back*; with the model session's ONNX Runtime worker threads
@@ -10,7 +12,7 @@ spinning (ORT's default) and not. Contenders are interleaved per iteration (pace
 processes (VmHWM; anonymous vs file-backed pages: the new runtime memory-maps the table's rows).
 
     .venv/bin/python benchmarks/cell_search.py [--bundle DIR] [--iters 40] [--pause-ms 100] [--threads 2]
-        [--json benchmarks/results/cell_search.json]
+        [--json benchmarks/results/cell_search.json] [--skip-rss]
 
 The machine is shared: figures are indicative; compare the contenders within one run.
 """
@@ -59,6 +61,40 @@ class NumpySearchBefore:
         score = score[0]
         best = np.argpartition(-score, k - 1)[:k]
         return best[np.argsort(-score[best], kind="stable")]
+
+
+class ExactSearchBefore:
+    """The runtime's exact search as first merged (issue 16 item 3), kept here to be measured beside the current
+    one: the int8 pass through ``session.run`` (new output arrays per call), ``Ã`` and the per-cell bound over
+    every cell in float64, ``tau`` = the k-th lower bound by a partition over every cell, all candidates re-scored
+    in float64 one level at a time, the normaliser over a float32 copy of every score."""
+
+    def __init__(self, scorer: CellScorer):
+        self.sc, self.index = scorer, scorer.prepare_search()
+
+    def _exact(self, y: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        sc, anc = self.sc, self.sc.ancestors[cells]
+        rows = np.empty((sc.num_levels, len(cells), sc.dim), np.float64)
+        for k in range(sc.num_levels):
+            rows[k] = sc._rows_f64(k, anc[:, k])
+        vals = np.einsum("lmd,d->lm", rows, y)
+        vals /= sc.temperatures.astype(np.float64)[:, None]
+        return vals.sum(0)
+
+    def topk(self, emb: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        from geosurge.runtime.cellsearch import select_candidates
+
+        y = self.sc._query64(emb)
+        approx, ynorm, ry = self.index.approx(y)
+        e, emax = self.index.bound(ynorm[0], ry[0])
+        cand = select_candidates(approx[0], e, k)
+        exact = self._exact(y[0], cand)
+        scores = approx[0].astype(np.float32)  # the normaliser, as before (float32 copy, exp over every cell)
+        scores[cand] = exact
+        m = float(exact.max())
+        log_norm = m + np.log(np.exp(scores - np.float32(m)).sum(dtype=np.float64))
+        order = np.lexsort((cand, -exact))[:k]
+        return cand[order], exact[order] - log_norm
 
 
 def _status() -> dict:
@@ -161,6 +197,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--probes", type=int, default=30)
     ap.add_argument("--json", default="benchmarks/results/cell_search.json")
+    ap.add_argument("--skip-rss", action="store_true", help="skip the fresh-process memory measurement")
     ap.add_argument("--rss-child", nargs=3, metavar=("KIND", "BUNDLE", "QUERIES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -212,7 +249,10 @@ def main() -> int:
         conf_err.append(abs(np.exp(full.log_probs[i, 0]) - p[best]) / p[best])
         approx_p = np.exp(full.scores[i] - np.float32(full.log_norm[i]))
         radius_err.append(abs(sc.uncertainty_km(approx_p, lat, lon) - sc.uncertainty_km(p, lat, lon)))
+    first = ExactSearchBefore(sc)
+    first5 = np.stack([first.topk(q)[0] for q in queries])
     exact = {"queries": len(queries), "new_top5_equal": int((res.indices == ref5).all(1).sum()),
+             "first_exact_top5_equal": int((first5 == ref5).all(1).sum()),
              "before_top5_equal": int((old5 == ref5).all(1).sum()),
              "candidates_p50": pct(res.candidates, 50), "candidates_p95": pct(res.candidates, 95),
              "candidates_max": int(res.candidates.max()), "bound_max_logit": float(res.bound.max()),
@@ -226,7 +266,8 @@ def main() -> int:
     feed = {loc.input: photos[0][None]}
     model = {True: OnnxRuntimeRunner(loc.bundle.path("model"), args.threads, spinning=True),
              False: OnnxRuntimeRunner(loc.bundle.path("model"), args.threads, spinning=False)}
-    contenders = {"numpy FP32 (before)": before.topk, "exact search (now)": lambda e: sc.search(e, 5),
+    contenders = {"numpy FP32 (before)": before.topk, "exact search (first)": first.topk,
+                  "exact search (now)": lambda e: sc.search(e, 5),
                   "predict_embedding (now)": lambda e: loc.predict_embedding(e, 5)}
     try:
         from threadpoolctl import threadpool_limits
@@ -299,10 +340,13 @@ def main() -> int:
                                        "pause after each; spinning pools keep a core busy after the call)"))
 
     # ---- memory (fresh processes) -----------------------------------------------------------------------------
-    print("peak RSS in fresh processes ...", flush=True)
-    rss = [measure_rss(kind, bundle, qpath, args.threads) for kind in ("before", "now", "in-memory")]
-    print(format_table(rss, title="runtime memory (MB): model session + places + cell search, after "
-                                  f"{len(queries)} inferences + searches"), flush=True)
+    if not args.skip_rss:
+        print("peak RSS in fresh processes ...", flush=True)
+    rss = [] if args.skip_rss else [measure_rss(kind, bundle, qpath, args.threads)
+                                    for kind in ("before", "now", "in-memory")]
+    if rss:
+        print(format_table(rss, title="runtime memory (MB): model session + places + cell search, after "
+                                      f"{len(queries)} inferences + searches"), flush=True)
     index = sc.prepare_search()
     table = {"dtype": sc.table_dtype, "cells": int(sum(sc.hierarchy.sizes)), "finest": int(sc.ancestors.shape[0]),
              "dim": sc.dim, "stored_mb": sc.table_bytes / 1e6,

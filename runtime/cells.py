@@ -18,8 +18,7 @@ import numpy as np
 from geosurge.errors import GeosurgeError
 from geosurge.geo import CellHierarchy, haversine_km, load_hierarchy, unit_vectors
 
-from .cellsearch import (BATCH_CHUNK, PathIndex, SearchResult, kernel_is_exact, log_norm_bounds,
-                         select_candidates)
+from .cellsearch import BATCH_CHUNK, PathIndex, SearchResult, kernel_is_exact
 
 
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -148,10 +147,13 @@ class CellScorer:
         self.hierarchy = hierarchy
         self._rows = [t if t.dtype in (np.float32, np.float16, np.int8) else np.asarray(t, np.float32)
                       for t in tables]
+        dtypes = {t.dtype for t in self._rows}
+        self._rows_dtype = dtypes.pop() if len(dtypes) == 1 else np.dtype(np.float32)  # any mix casts exactly
         if any(t.dtype == np.int8 for t in self._rows) and scales is None:
             raise GeosurgeError("an int8 cell table needs its per-row scales")
         self._scales = None if scales is None else [np.asarray(s, np.float32) for s in scales]
         self.temperatures = np.asarray(temperatures, np.float32)
+        self._temps64 = self.temperatures.astype(np.float64)
         self.projection = None if projection is None else np.asarray(projection, np.float32)
         self.outside = None if outside is None else np.asarray(outside, np.float32)
         self.ancestors = hierarchy.ancestors()
@@ -317,16 +319,18 @@ class CellScorer:
 
     def _exact_sums(self, y: np.ndarray, cells: np.ndarray) -> np.ndarray:
         """(len(cells),) float64: A(f) = sum_k <y, t_k[a_k(f)]> / T_k over the stored rows, in float64 (relative
-        rounding ~1e-15: exact for ranking except between cells tied to that precision)."""
+        rounding ~1e-15: exact for ranking except between cells tied to that precision). The rows of all levels
+        are gathered into one buffer, so the work is a few numpy calls whatever the number of levels."""
         m, levels = len(cells), self.num_levels
         anc = self.ancestors[cells]
-        rows = np.empty((levels, m, self.dim), np.float64)
+        rows = np.empty((levels, m, self.dim), self._rows_dtype)
         for k in range(levels):
-            rows[k] = self._rows[k][anc[:, k]]  # gather + exact cast of the stored values
-            if self._scales is not None:
-                rows[k] *= self._scales[k][anc[:, k]].astype(np.float64)[:, None]
-        vals = np.einsum("lmd,d->lm", rows, y)
-        vals /= self.temperatures.astype(np.float64)[:, None]
+            rows[k] = self._rows[k][anc[:, k]]  # (np.take would copy a whole unaligned memory-mapped level)
+        vals = np.einsum("lmd,d->lm", rows.astype(np.float64), y)  # the cast of the stored values is exact
+        if self._scales is not None:  # int8: <y, q * scale> = <y, q> * scale, each product of exact values
+            for k in range(levels):
+                vals[k] *= self._scales[k][anc[:, k]].astype(np.float64)
+        vals /= self._temps64[:, None]
         return vals.sum(0)
 
     def search(self, emb: np.ndarray, k: int = 5, with_scores: bool = False) -> SearchResult:
@@ -343,27 +347,28 @@ class CellScorer:
                                "bound", "scores")}
         for c0 in range(0, len(y), BATCH_CHUNK):
             yc = y[c0:c0 + BATCH_CHUNK]
-            if index is not None:
-                approx, ynorm, ry = index.approx(yc)
+            if index is not None and len(yc) > 1:
+                acc, s, ry = index.products(yc)
             for i, yi in enumerate(yc):
                 if index is not None:
-                    e, emax = index.bound(ynorm[i], ry[i])
-                    cand = select_candidates(approx[i], e, k)
-                    exact = self._exact_sums(yi, cand)
-                    log_norm, err, scores = log_norm_bounds(approx[i], emax, cand, exact)
+                    part = (None, None, None) if len(yc) == 1 else (acc[2 * i:2 * i + 2], float(s[i]), float(ry[i]))
+                    r = index.search_one(yi, k, lambda cells, yi=yi: self._exact_sums(yi, cells), with_scores,
+                                         *part)
+                    top, top_a, log_norm, err = r.indices, r.logit_sums, r.log_norm, r.log_norm_error
+                    n_exact, emax, scores = r.rescored, r.bound, r.scores
                 else:  # brute force: every cell is a candidate
-                    cand = np.arange(n)
-                    exact = self._exact_sums(yi, cand)
+                    exact = self._exact_sums(yi, np.arange(n))
                     m = exact.max()
-                    log_norm, err, emax = m + np.log(np.exp(exact - m).sum()), 0.0, 0.0
+                    log_norm, err, emax, n_exact = m + np.log(np.exp(exact - m).sum()), 0.0, 0.0, n
                     scores = exact.astype(np.float32)
-                order = np.lexsort((cand, -exact))[:k]
-                res["indices"].append(cand[order])
-                res["logit_sums"].append(exact[order])
-                res["log_probs"].append(exact[order] - log_norm)
+                    order = np.lexsort((np.arange(n), -exact))[:k]
+                    top, top_a = order, exact[order]
+                res["indices"].append(top)
+                res["logit_sums"].append(top_a)
+                res["log_probs"].append(top_a - log_norm)
                 res["log_norm"].append(log_norm)
                 res["log_norm_error"].append(err)
-                res["candidates"].append(len(cand))
+                res["candidates"].append(n_exact)
                 res["bound"].append(emax)
                 if with_scores:
                     res["scores"].append(scores)

@@ -327,3 +327,23 @@ def test_model_session_threads_do_not_spin(tmp_path):
         assert spin.session.get_session_options().get_session_config_entry(key) == "1"
         assert spin.session.get_session_options().intra_op_num_threads == 2  # threads still honoured
         np.testing.assert_array_equal(spin.infer({"x": np.ones((1, 3))})["y"], np.ones((1, 3)))
+
+
+def test_search_on_several_threads_and_large_k(tmp_path, hierarchy_file, default_hierarchy):
+    """Each thread gets its own preallocated buffers and ONNX Runtime I/O binding: concurrent searches return what
+    one thread does; a k beyond the re-scoring step (and beyond the candidates) is still exact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(9)
+    tables = geo_like_tables(default_hierarchy, DIM, rng)
+    sc, path = _scorer(tmp_path, hierarchy_file, tables, "float16")
+    emb = queries(rng, tables, 6, 2)
+    a = brute_force(path, sc.ancestors, emb)
+    want = ref_topk(a, 5)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: sc.search(emb[i % len(emb)], k=5).indices[0], range(4 * len(emb))))
+    for i, g in enumerate(got):
+        np.testing.assert_array_equal(g, want[i % len(emb)])
+    r = sc.search(emb[:2], k=40)
+    np.testing.assert_array_equal(r.indices, ref_topk(a[:2], 40))
+    assert (r.candidates >= 40).all()
