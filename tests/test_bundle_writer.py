@@ -39,7 +39,7 @@ def test_api_export_returns_the_typed_bundle_it_wrote(tiny_bundle):
     assert isinstance(m, Manifest) and m.model.precision == Precision.FP32 and m.model.target == Target.ONNXRUNTIME
     assert m == open_bundle(b).manifest  # what the writer returned is what a reader reads
     raw = json.loads((b / "manifest.json").read_text())
-    assert raw["schema_version"] == 2 and Manifest.from_dict(raw).to_dict() == raw
+    assert raw["schema_version"] == 3 and Manifest.from_dict(raw).to_dict() == raw
     assert m.io.embedding.shape == [1, 32] and m.io.static_batch == 1
     assert m.source.config == "tiny" and m.source.seed == 0 and m.check is None
 
@@ -115,8 +115,10 @@ def test_tensorrt_int8_export_records_held_out_parity_and_exits_1_when_it_fails(
     q = m.quantization
     assert m.model.target == Target.TENSORRT and q.extra["quantizer"].startswith("nvidia-modelopt")
     assert q.check.passed is False and q.check.failed_gates() == ["cosine_mean"]
-    assert q.check.images == q.calibration["holdout_images"] > 0 and q.check.runner == "onnxruntime"
-    assert q.calibration["calibration_images"] + q.calibration["holdout_images"] == 32
+    assert q.check.images == q.calibration["check_images"] > 0 and q.check.runner == "onnxruntime"
+    assert q.calibration["calibrate_images"] + q.calibration["check_images"] == 32 and q.calibration["choose_images"] == 0
+    assert q.check.split == {"calibrate": q.calibration["calibrate_images"], "choose": 0,
+                             "check": q.check.images, "ground_truth": False}
     assert 0.5 < q.check.metrics["cosine_mean"] <= 1.0  # a real measurement, not a placeholder
 
 
