@@ -11,10 +11,11 @@ import pytest
 from geosurge import api
 from geosurge.errors import GeosurgeError
 from geosurge.formats import Backend, Precision, Target
-from geosurge.manifest import Manifest
+from geosurge.manifest import Manifest, manifest_digest
 from geosurge.runtime import BundleError, Localizer, open_bundle
 from geosurge.runtime.backends import get_runner, open_runner
 from geosurge.samples import sample_photo_paths
+from geosurge.runtime.verify import verify_bundle
 
 QUIET = {"log": lambda m: None}
 
@@ -175,3 +176,25 @@ def test_a_schema_1_bundle_opens_locates_and_verifies(tiny_bundle, tmp_path):
     with Localizer(b) as loc:
         assert -90 <= loc.locate(sample_photo_paths()[0])["lat"] <= 90
     assert verify_bundle(old)["passed"]
+
+
+def test_a_schema_2_bundle_with_the_old_gates_still_verifies(tiny_bundle, tmp_path):
+    """Bundles written before parity was gated in km carry cosine / per-level agreement / median-drift gates and
+    schema version 2: read, verified and reported with the gates they were written with."""
+    import shutil
+
+    from geosurge.parity import LEGACY_GATES
+
+    b = tmp_path / "old"
+    shutil.copytree(tiny_bundle.root, b)
+    raw = json.loads((b / "manifest.json").read_text())
+    raw.update(schema_version=2, parity_gates={k: [op, t] for k, (op, t) in LEGACY_GATES.items()})
+    raw.pop("backend_choice", None)
+    raw["manifest_sha256"] = manifest_digest(raw)
+    (b / "manifest.json").write_text(json.dumps(raw))
+    m = open_bundle(b).manifest
+    assert m.read_version == 2 and set(m.gates()) == set(LEGACY_GATES)
+    rep = verify_bundle(b)
+    assert rep["passed"] and [g["gate"] for g in rep["gates"]] == list(LEGACY_GATES)
+    # ... and the new metrics are still reported beside them
+    assert {"p95_drift_km", "top1_agreement_confident"} <= set(rep["metrics"])

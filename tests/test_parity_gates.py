@@ -170,3 +170,13 @@ def test_the_three_way_split_is_disjoint_and_sized():
     assert cal2.names == sorted(set(cal.names) | set(choose.names), key=cs.names.index) and check2.names == check.names
     with pytest.raises(GeosurgeError, match="cannot be split"):
         CalibrationSet(np.zeros((2, 3, 2, 2), np.float32), ["a", "b"], "d", False).split_parts(0.25, 0.25)
+
+
+def test_choices_are_made_with_half_the_slack():
+    from geosurge.parity import tightened
+
+    t = tightened()
+    assert t["p95_drift_km"] == ("<=", 100.0) and t["median_drift_km"] == ("<=", 12.5)
+    assert t["top1_agreement_confident"] == (">=", 0.975)
+    assert t["accuracy_delta_min_pts"] == (">=", -1.0)
+    assert tightened({"cosine_mean": (">=", 0.995)}) == {"cosine_mean": (">=", 0.9975)}

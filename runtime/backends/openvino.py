@@ -29,15 +29,16 @@ class OpenVINORunner(Runner):
     """OpenVINO ``CompiledModel`` with one infer request, ``PERFORMANCE_HINT=LATENCY`` (batch 1, one stream).
     ``threads`` sets ``INFERENCE_NUM_THREADS`` (CPU); ``device`` is an OpenVINO device name (``CPU``, ``GPU``,
     ``GPU.1``, ``NPU``, ``AUTO``); ``precision_hint`` one of :data:`PRECISION_HINTS` or None for the device's
-    default. Raises BackendUnavailable when OpenVINO is not installed, the device is not present or the model
-    does not compile, naming which."""
+    default; ``names``: the ONNX graph's (input names, output names) to call the ports by (from the manifest).
+    Raises BackendUnavailable when OpenVINO is not installed, the device is not present or the model does not
+    compile, naming which."""
 
     name = Backend.OPENVINO
     thread_option = "INFERENCE_NUM_THREADS"
     option_names = ("device", "precision_hint")
 
     def __init__(self, model_path: Path, threads: int | None = None, device: str = DEFAULT_DEVICE,
-                 precision_hint: str | None = None):
+                 precision_hint: str | None = None, names: tuple[list[str], list[str]] | None = None):
         threads = self.check_threads(threads)
         try:  # imported here: the runtime imports openvino only when this backend is chosen
             import openvino as ov
@@ -68,14 +69,23 @@ class OpenVINORunner(Runner):
             raise BackendUnavailable(f"{model_path}: OpenVINO {ov.__version__} cannot compile this model for "
                                      f"{device} ({(lines or ['unknown error'])[0]})") from None
         self.request = self.compiled.create_infer_request()
-        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
-        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        # a port carries every name of its tensor (OpenVINO merges aliases such as a Cast's output into the graph
+        # input's): name each by the ONNX graph's own input / output name (``names``, from the manifest)
+        want_in, want_out = names or ([], [])
+        self._inputs = {self._name(p, want_in): p for p in self.compiled.inputs}
+        self._outputs = {self._name(p, want_out): p for p in self.compiled.outputs}
+        self.input_names, self.output_names = list(self._inputs), list(self._outputs)
         self.version = ov.__version__
         self.device = device
         self.options = {"device": device, "INFERENCE_PRECISION_HINT": self._property("INFERENCE_PRECISION_HINT"),
                         "INFERENCE_NUM_THREADS": self._property("INFERENCE_NUM_THREADS"),
                         "PERFORMANCE_HINT": self._property("PERFORMANCE_HINT"),
                         "requested_precision_hint": precision_hint or "device default", "openvino": ov.__version__}
+
+    @staticmethod
+    def _name(port, wanted: list[str]) -> str:
+        names = port.get_names()
+        return next((n for n in wanted if n in names), port.get_any_name())
 
     def _property(self, key: str):
         try:
@@ -88,13 +98,16 @@ class OpenVINORunner(Runner):
 
     @classmethod
     def open(cls, bundle, threads: int | None = None, **options) -> "OpenVINORunner":
-        return cls(bundle.path("model"), threads=threads, **cls.check_options(options))
+        io = bundle.manifest.io
+        return cls(bundle.path("model"), threads=threads, names=([t.name for t in io.inputs],
+                                                                 [t.name for t in io.outputs]),
+                   **cls.check_options(options))
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._check_open()
-        res = self.request.infer({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feed.items()})
-        by_name = {o.get_any_name(): v for o, v in res.items()}
-        return {n: np.asarray(by_name[n], np.float32) for n in self.output_names}
+        res = self.request.infer({self._inputs[k]: np.ascontiguousarray(v, dtype=np.float32)
+                                  for k, v in feed.items()})
+        return {n: np.asarray(res[p], np.float32) for n, p in self._outputs.items()}
 
     def _release(self) -> None:
         self.request = None
