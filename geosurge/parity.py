@@ -50,7 +50,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import GeosurgeError
-from .geo.metrics import ACCURACY_THRESHOLDS_KM, haversine_km
+from .geo.metrics import ACCURACY_THRESHOLDS_KM, accuracy_within, haversine_km
 
 #: Default gates (configurable): task-level drift and agreement, and the accuracy deltas when ground truth exists.
 DEFAULT_GATES = {
@@ -75,6 +75,9 @@ TIE_MARGIN = 0.05
 #: The hierarchical product: FP32's near-tied answers are the finest cells within this of the top-1's score (a sum of
 #: 7 levels' log-probabilities; measured on the reference model, see the module docstring).
 DRIFT_TIE_MARGIN = 0.2
+#: what a report shows first: the task-level figures (km, shares, points), then the embedding cosine (diagnostic)
+HEADLINE_METRICS = ("median_drift_km", "p95_drift_km", "top1_agreement_confident", "accuracy_delta_min_pts",
+                    "cosine_mean")
 #: metrics a gate may name; those needing ground truth are skipped (``SKIP``) without it
 GATE_METRICS = ("median_drift_km", "p95_drift_km", "top1_agreement_confident", "accuracy_delta_min_pts",
                 "cosine_mean", "cosine_min", "level_top1_agreement_min", "top1_in_top5", "raw_median_drift_km",
@@ -97,10 +100,7 @@ def _top2(p: np.ndarray):
 def accuracy_pct(distances_km, thresholds_km=ACCURACY_THRESHOLDS_KM) -> dict[str, float]:
     """``{"acc@1km": %, "acc@25km": %, ...}``: percentage of ``distances_km`` (N,) within each threshold (km).
     Raises ValueError for an empty array."""
-    d = np.asarray(distances_km, np.float64)
-    if d.size == 0:
-        raise ValueError("accuracy_pct needs at least one distance")
-    return {f"acc@{t:g}km": 100.0 * float(np.mean(d <= t)) for t in thresholds_km}
+    return {f"acc@{t:g}km": 100.0 * v for t, v in accuracy_within(distances_km, thresholds_km).items()}
 
 
 def accuracy_deltas(true_lat, true_lon, ref_lat, ref_lon, dep_lat, dep_lon,
