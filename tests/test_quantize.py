@@ -302,6 +302,7 @@ def test_qat_lowers_the_int8_error_where_ptq_is_bad(tmp_path, tiny):
     assert not any("quantizer" in k for k in tuned.state_dict())  # a plain model comes back
 
 
+@pytest.mark.slow  # ~30 s on 2 cores (an export with QAT); QAT itself is covered by the default test above
 def test_export_with_qat_records_ptq_vs_qat_on_the_choose_images(tmp_path, tiny, calib):
     model, source = tiny
     bad = make_int8_sensitive(model, factor=100.0)
@@ -349,6 +350,7 @@ def test_the_speed_gate_refuses_an_int8_model_that_is_not_faster(tmp_path, tiny,
     assert d["winner"] == "fp32" and "a x3.00 FP32 (fails parity)" == d["on_speed"] and d["on_parity"] == "b"
 
 
+@pytest.mark.slow  # ~20 s (a CLI export); the speed gate itself is covered by the default API test above
 def test_the_speed_gate_fails_the_cli_export(tmp_path):
     # a gate no model can clear (x1000 faster than FP32): the bundle is written for inspection, exit 1
     r = run_cli("geosurge", "export", "--model", "tiny", "--precision", "int8-dynamic", "--min-speedup", "1000",
