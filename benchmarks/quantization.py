@@ -10,9 +10,14 @@ and which contender wins (the fastest that passes) and why; each INT8 bundle's o
 speed / on parity on the machine that exported it). Figures are ratios within one run; on a shared machine they are
 indicative.
 
-    .venv/bin/python benchmarks/quantization.py --checkpoint CKPT --calib CALIB.csv --heldout HELDOUT.csv \\
-        [--heldout-source bmng] [--heldout-n 200] [--threads 2] [--iters 30] [--pause-ms 100] [--qat-steps 100] \\
-        [--out runs/bench-quant] [--reuse] [--json benchmarks/results/quantization.json]
+    .venv/bin/python benchmarks/quantization.py --checkpoint CKPT --heldout HELDOUT.csv [--calib CALIB] \\
+        [--heldout-source bmng] [--heldout-n 200] [--calib-size 256] [--threads 2] [--iters 30] [--pause-ms 100] \\
+        [--qat-steps 100] [--out runs/bench-quant] [--reuse] [--only NAME ...] [--json FILE]
+
+The images: the first ``--heldout-n`` rows of ``--heldout`` (of ``--heldout-source``) are the evaluation views;
+without ``--calib``, the export calibrates (and chooses, and checks) on the *remaining* rows of the same source,
+written to ``OUT/calib.csv`` with their coordinates. The evaluation views are never seen by any export (checked:
+a ``--calib`` manifest that shares a file with them is refused).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import torch
 
 from geosurge import api
 from geosurge.export.compare import torch_embed
+from geosurge.export.precision import PrecisionSearchFailed
 from geosurge.images import load_image
 from geosurge.manifest import MANIFEST_FILE
 from geosurge.parity import DEFAULT_GATES, compare
@@ -55,22 +61,49 @@ CONTENDERS = {
     "openvino fp32 (f32 hint)": ("fp32", "openvino", {"precision_hint": "f32"}),
     "openvino fp32 (default hint)": ("fp32", "openvino", {}),
     "openvino int8 all-INT8 PTQ": ("int8-ptq", "openvino", {}),
+    "openvino int8 search mix": ("int8-search", "openvino", {}),
     "openvino int8 QAT": ("int8-qat", "openvino", {}),
 }
+#: each backend's FP32 contender: the speed-up of a contender is also given against FP32 on its own backend
+FP32_OF = {"onnxruntime": "onnxruntime fp32", "openvino": "openvino fp32 (f32 hint)"}
 
 
-def read_heldout(path: Path, source: str | None, n: int):
-    """(paths, lat, lon) of the first ``n`` rows of a ``path,lat,lon[,source]`` manifest (of ``source`` only)."""
+def read_heldout(path: Path, source: str | None, n: int, calib_out: Path | None = None):
+    """(paths, lat, lon) of the first ``n`` rows of a ``path,lat,lon[,source]`` manifest (of ``source`` only); with
+    ``calib_out``, the remaining rows of that source are written there as a ``path,lat,lon`` manifest (absolute
+    paths) for calibration."""
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if source is None or r.get("source") == source][:n]
+        rows = [r for r in csv.DictReader(f) if source is None or r.get("source") == source]
+    if len(rows) <= n:
+        raise SystemExit(f"{path}: {len(rows)} row(s) of source {source or 'any'}, need more than --heldout-n {n}")
+    if calib_out is not None:
+        calib_out.parent.mkdir(parents=True, exist_ok=True)
+        with open(calib_out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "lat", "lon"])
+            w.writerows([str((path.parent / r["path"]).resolve()), r["lat"], r["lon"]] for r in rows[n:])
+    rows = rows[:n]
     return ([path.parent / r["path"] for r in rows], np.array([float(r["lat"]) for r in rows]),
             np.array([float(r["lon"]) for r in rows]))
+
+
+def check_disjoint(calib, heldout_paths) -> None:
+    """Refuse a calibration manifest that shares a file with the evaluation views."""
+    if calib is None or not str(calib).endswith(".csv"):
+        return
+    from geosurge.inputs import read_manifest
+
+    shared = {p.resolve() for p in read_manifest(calib).paths} & {Path(p).resolve() for p in heldout_paths}
+    if shared:
+        raise SystemExit(f"{calib}: {len(shared)} calibration file(s) are evaluation views too "
+                         f"(e.g. {sorted(shared)[0]}): give disjoint images")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="the FP32 model (a trained checkpoint directory)")
-    ap.add_argument("--calib", help="calibration images (folder or manifest; default: sample views)")
+    ap.add_argument("--calib", help="calibration images (folder or manifest; default: the --heldout rows of "
+                    "--heldout-source after the first --heldout-n)")
     ap.add_argument("--calib-size", type=int, default=256)
     ap.add_argument("--heldout", required=True, type=Path, help="held-out views with truth (path,lat,lon[,source])")
     ap.add_argument("--heldout-source", default=None, help="only rows of this source (e.g. bmng)")
@@ -86,23 +119,30 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    calib = args.calib or out / "calib.csv"
+    paths, lat, lon = read_heldout(args.heldout, args.heldout_source, args.heldout_n,
+                                   None if args.calib else Path(calib))
+    check_disjoint(calib, paths)
     model, source = api.load_model(Path(args.checkpoint))
     names = [b for b in BUNDLES if not args.only or b in args.only or b == "fp32"]
-    export_s = {}
+    export_s, failed = {}, {}
     for name in names:
         path = out / name
         if args.reuse and (path / MANIFEST_FILE).is_file():
             continue
         print(f"== export {name} ==", flush=True)
         t0 = time.perf_counter()
-        api.export(model, path, source=source, calibration=args.calib, calib_size=args.calib_size,
-                   calib_cache=out / "calib-cache", threads=args.threads, qat_steps=args.qat_steps,
-                   log=lambda m: print("  " + m, flush=True), **BUNDLES[name])
+        try:
+            api.export(model, path, source=source, calibration=str(calib), calib_size=args.calib_size,
+                       calib_cache=out / "calib-cache", threads=args.threads, qat_steps=args.qat_steps,
+                       log=lambda m: print("  " + m, flush=True), **BUNDLES[name])
+        except PrecisionSearchFailed as e:  # nothing written: a row of its own in the report
+            failed[name] = str(e)
+            print(f"  {name}: {e}", flush=True)
         export_s[name] = round(time.perf_counter() - t0, 1)
-    bundles = {n: open_bundle(out / n) for n in names}
+    bundles = {n: open_bundle(out / n) for n in names if n not in failed}
     spec = bundles["fp32"].preprocess
 
-    paths, lat, lon = read_heldout(args.heldout, args.heldout_source, args.heldout_n)
     x = np.stack([preprocess(load_image(p, spec), spec) for p in paths]).astype(np.float32)
     print(f"== FP32 torch on {len(x)} held-out views ==", flush=True)
     ref = torch_embed(model, x)
@@ -141,14 +181,16 @@ def main() -> int:
     p50 = {k: float(np.median(v)) for k, v in t.items()}
     base, eager = p50.get("onnxruntime fp32"), p50["torch eager fp32"]
     fp32_mb = bundles["fp32"].path("model").stat().st_size / 1e6
-    rows = [{"contender": "torch eager fp32", "p50_ms": eager, "p95_ms": float(np.percentile(t["torch eager fp32"], 95)),
-             "vs_ort_fp32": base / eager, "vs_eager": 1.0}]
+    rows = [{"contender": "torch eager fp32", "p50_ms": eager,
+             "p95_ms": float(np.percentile(t["torch eager fp32"], 95)), "vs_ort_fp32": base / eager, "vs_eager": 1.0}]
     for c in runners:
         b = bundles[CONTENDERS[c][0]]
         mt = parity[c]["metrics"]
         acc = mt["accuracy"]["delta_pts"]
+        own = p50.get(FP32_OF.get(CONTENDERS[c][1], ""))
         rows.append({"contender": c, "p50_ms": p50[c], "p95_ms": float(np.percentile(t[c], 95)),
-                     "vs_ort_fp32": base / p50[c], "vs_eager": eager / p50[c],
+                     "vs_ort_fp32": base / p50[c], "vs_backend_fp32": own / p50[c] if own else None,
+                     "vs_eager": eager / p50[c],
                      "model_mb": b.path("model").stat().st_size / 1e6,
                      "bundle_mb": sum(f.bytes for f in b.manifest.files.values()) / 1e6,
                      "drift_med_km": mt["median_drift_km"], "drift_p95_km": mt["p95_drift_km"],
@@ -156,11 +198,13 @@ def main() -> int:
                      **{f"d_{k}": v for k, v in acc.items() if k != "acc@1km"},
                      "cos": mt["cosine_mean"], "parity": "PASS" if parity[c]["passed"] else "FAIL",
                      "hint": str((runners[c].options or {}).get("INFERENCE_PRECISION_HINT", "")) or "-"})
-    cols = ["contender", "p50_ms", "p95_ms", "vs_ort_fp32", "vs_eager", "model_mb", "drift_med_km", "drift_p95_km",
+    cols = ["contender", "p50_ms", "p95_ms", "vs_ort_fp32", "vs_backend_fp32", "vs_eager", "model_mb",
+            "drift_med_km", "drift_p95_km",
             "agree_conf", "d_acc@25km", "d_acc@200km", "d_acc@750km", "d_acc@2500km", "cos", "parity", "hint"]
+    fp32_acc = parity["onnxruntime fp32"]["metrics"]["accuracy"]["fp32"]
     print(format_table(rows, cols, title=f"\n{len(x)} held-out views ({args.heldout_source or 'all sources'}), FP32 "
-                                         f"acc@750/2500 km {parity['onnxruntime fp32']['metrics']['accuracy']['fp32']['acc@750km']:.1f} / "
-                                         f"{parity['onnxruntime fp32']['metrics']['accuracy']['fp32']['acc@2500km']:.1f} %; "
+                                         f"acc@750/2500 km {fp32_acc['acc@750km']:.1f} / "
+                                         f"{fp32_acc['acc@2500km']:.1f} %, median {fp32_acc['median_km']:.0f} km; "
                                          "parity vs FP32 torch under the default gates (indicative: a shared machine)"))
     passing = [r for r in rows[1:] if r["parity"] == "PASS" and r["contender"] != "onnxruntime fp32"]
     best = max(passing, key=lambda r: r["vs_ort_fp32"]) if passing else None
@@ -183,8 +227,12 @@ def main() -> int:
                   f"{'PASS' if b.manifest.check.passed else 'FAIL'})")
     for c, why_skipped in skipped.items():
         print(f"skipped {c}: {why_skipped}")
-    write_json(args.json, {"settings": {**vars(args), "heldout": str(args.heldout)}, "rows": rows, "winner": why,
+    for n, why_failed in failed.items():
+        print(f"export {n} wrote nothing: {why_failed}")
+    write_json(args.json, {"settings": {**vars(args), "heldout": str(args.heldout), "calib": str(calib)},
+                           "rows": rows, "winner": why, "fp32_accuracy": fp32_acc,
                            "decisions": decisions, "export_seconds": export_s, "skipped": skipped,
+                           "export_failed": failed,
                            "parity": {c: {"passed": p["passed"], "gates": p["gates"],
                                           "metrics": {k: v for k, v in p["metrics"].items() if k != "levels"}}
                                       for c, p in parity.items()},
