@@ -24,7 +24,7 @@ from geosurge.preprocess import PreprocessSpec, preprocess, random_resized_crop
 
 DEFAULT_SIZE = 256
 RECOMMENDED_MIN = 100
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: coordinates cached beside the inputs
 
 
 @dataclass
@@ -38,6 +38,10 @@ class CalibrationSet:
     #: source image per item when several items come from one image (augmented views): the held-out split then
     #: holds out whole images, so no scene is on both sides
     groups: np.ndarray | None = None
+    #: true coordinates (degrees) per image when the source is a manifest: the parity check then measures the
+    #: accuracy deltas in km
+    lat: np.ndarray | None = None
+    lon: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(len(self.inputs))
@@ -49,22 +53,43 @@ class CalibrationSet:
 
     def split(self, holdout: float = 0.25, seed: int = 0) -> tuple["CalibrationSet", "CalibrationSet"]:
         """(calibration, held-out) parts, e.g. for checking parity gates on images the quantizer did not see."""
+        cal, _, hold = self.split_parts(check=holdout, choose=0.0, seed=seed)
+        return cal, hold
+
+    def split_parts(self, check: float = 0.25, choose: float = 0.0,
+                    seed: int = 0) -> tuple["CalibrationSet", "CalibrationSet", "CalibrationSet"]:
+        """Three disjoint parts (calibrate, choose, check): ``check`` and ``choose`` are fractions of the set; the
+        quantizer calibrates on the first, the precision search chooses its mix on the second, the parity gates are
+        measured on the third — no image (and, for augmented views, no source image: ``groups``) is in two parts.
+        ``choose`` 0 gives an empty choose part. Each non-empty fraction gets at least one unit (image or group)
+        and calibration keeps at least one. Raises GeosurgeError when the set is too small for that."""
         rng = np.random.default_rng(seed)
-        if self.groups is not None and len(np.unique(self.groups)) > 1:
-            g = rng.permutation(np.unique(self.groups))
-            g_hold = g[:min(len(g) - 1, max(1, int(round(len(g) * holdout))))]
-            held = np.isin(self.groups, g_hold)
-            perm = np.concatenate([np.flatnonzero(held), np.flatnonzero(~held)])
-            n_hold = int(held.sum())
-        else:
-            perm = rng.permutation(len(self))
-            n_hold = max(1, int(round(len(self) * holdout)))
+        grouped = self.groups is not None and len(np.unique(self.groups)) > 1
+        units = rng.permutation(np.unique(self.groups)) if grouped else rng.permutation(len(self))
+        n = len(units)
+        n_check = min(n - 1, max(1, int(round(n * check))))
+        n_choose = min(n - 1 - n_check, max(1, int(round(n * choose)))) if choose > 0 else 0
+        if n_check < 1 or (choose > 0 and n_choose < 1):
+            raise GeosurgeError(f"a calibration set of {len(self)} image(s) cannot be split into calibrate / choose / "
+                                f"check parts; give more images (--calib-size)")
+        picks = (units[n_check + n_choose:], units[n_check:n_check + n_choose], units[:n_check])
         parts = []
-        for idx in (np.sort(perm[n_hold:]), np.sort(perm[:n_hold])):
-            parts.append(CalibrationSet(self.inputs[idx], [self.names[i] for i in idx],
-                                        f"{self.digest}:{seed}:{holdout}", self.stratified,
-                                        groups=None if self.groups is None else self.groups[idx]))
-        return parts[0], parts[1]
+        for tag, chosen in zip(("", ":choose", ""), picks):
+            idx = np.flatnonzero(np.isin(self.groups, chosen)) if grouped else np.sort(chosen)
+            parts.append(self.subset(idx, f"{self.digest}:{seed}:{check}{tag}"))
+        return parts[0], parts[1], parts[2]
+
+    def subset(self, idx: np.ndarray, digest: str | None = None) -> "CalibrationSet":
+        idx = np.asarray(idx, np.int64)
+        return CalibrationSet(self.inputs[idx], [self.names[i] for i in idx], digest or self.digest, self.stratified,
+                              groups=None if self.groups is None else self.groups[idx],
+                              lat=None if self.lat is None else self.lat[idx],
+                              lon=None if self.lon is None else self.lon[idx])
+
+    @property
+    def truth(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(lat, lon) degrees per image when the source had coordinates (a manifest), else None."""
+        return None if self.lat is None else (self.lat, self.lon)
 
     def ort_reader(self, input_name: str = "image", batch_size: int = 1):
         """An ``onnxruntime.quantization.CalibrationDataReader`` over the set."""
@@ -140,10 +165,11 @@ def build_calibration_set(source, spec: PreprocessSpec, size: int = DEFAULT_SIZE
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             cs = CalibrationSet(z["inputs"], [str(s) for s in z["names"]], digest, strata is not None,
-                                json.loads(bytes(z["skipped"]).decode()), from_cache=True)
+                                json.loads(bytes(z["skipped"]).decode()), from_cache=True,
+                                lat=z["lat"] if "lat" in z else None, lon=z["lon"] if "lon" in z else None)
         log(f"calibration: {len(cs)} images from cache {cache}")
         return _check_size(cs, size, batch_size, source)
-    xs, names, skipped = [], [], []
+    xs, names, skipped, taken = [], [], [], []
     counts = ReadSummary()
     for i in order:
         if len(xs) >= size:
@@ -151,6 +177,7 @@ def build_calibration_set(source, spec: PreprocessSpec, size: int = DEFAULT_SIZE
         try:
             xs.append(preprocess(load_image(files[i], spec), spec))
             names.append(str(files[i]))
+            taken.append(i)
             counts.count(True)
         except InputFileError as e:
             skipped.append({"input": str(files[i]), "error": str(e)})
@@ -160,13 +187,14 @@ def build_calibration_set(source, spec: PreprocessSpec, size: int = DEFAULT_SIZE
     log(f"calibration: {counts.read} read, {counts.refused} refused of {len(files)} candidate image(s)"
         + (f" ({len(files) - counts.files} not needed)" if len(files) > counts.files else ""))
     inputs = np.stack(xs).astype(np.float32) if xs else np.zeros((0, 3, spec.size, spec.size), np.float32)
-    cs = CalibrationSet(inputs, names, digest, strata is not None, skipped)
+    coords = {} if lat is None else {"lat": np.asarray(lat, np.float64)[taken], "lon": np.asarray(lon, np.float64)[taken]}
+    cs = CalibrationSet(inputs, names, digest, strata is not None, skipped, **coords)
     _check_size(cs, size, batch_size, source)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, inputs=inputs, names=np.asarray(names, dtype=str),
-                 skipped=np.frombuffer(json.dumps(skipped).encode(), np.uint8))
+                 skipped=np.frombuffer(json.dumps(skipped).encode(), np.uint8), **coords)
         atomic_write_bytes(cache, buf.getvalue())
     log(f"calibration: {len(cs)} images ({'stratified over level-0 cells' if cs.stratified else 'seeded sample'}), "
         f"digest {digest[:12]}")

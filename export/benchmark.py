@@ -130,15 +130,27 @@ def recorded_parity(bundle) -> dict:
         return {"status": "not measured", "reason": check.skipped}
     metrics = check.metrics or {}
     return {"status": "PASS" if check.passed else "FAIL", "images": check.images, "runner": check.runner,
-            **{k: metrics.get(k) for k in ("cosine_mean", "cosine_min", "level_top1_agreement_min", "top1_in_top5",
-                                          "median_drift_km")}, "failed_gates": check.failed_gates()}
+            **headline_metrics(metrics, m.gates()), "failed_gates": check.failed_gates()}
+
+
+def headline_metrics(metrics: dict, gates: dict | None = None) -> dict:
+    """The parity figures a report shows: the task-level ones in km (``geosurge.parity.HEADLINE_METRICS``: drift
+    median / p95, top-1 agreement where FP32 is confident, the worst accuracy delta when measured), the embedding
+    cosine as a diagnostic, and whatever else ``gates`` names (an old bundle's cosine / per-level gates); None for
+    a metric not measured."""
+    from geosurge.parity import HEADLINE_METRICS
+
+    names = list(dict.fromkeys([*HEADLINE_METRICS, *(gates or {})]))
+    return {k: metrics.get(k) for k in names}
 
 
 def task_parity(contenders: list[Contender], truth, log: Log = print) -> dict[str, dict]:
     """Task-level parity on a ground-truth manifest (CSV ``path,lat,lon``): every runtime contender locates each
-    image; km to the truth summarised by ``geosurge.geo.metrics.summarize`` (acc@1/25/200/750/2500 km, median km,
-    GeoScore), beside the FP32 torch model's own (same pixels, same table) and ``geosurge.parity.compare`` of the
-    two embeddings (drift km, cosine, agreement, gates). Unreadable images are counted and named."""
+    image; km to the truth summarised by ``geosurge.geo.metrics.summarize`` (acc@1/25/200/750/2500 km as fractions,
+    median km, GeoScore), beside the FP32 torch model's own (same pixels, same table), and
+    ``geosurge.parity.compare`` of the two embeddings with the truth under the bundle's gates (drift median / p95
+    km, top-1 agreement where FP32 is confident, accuracy deltas in points — also as ``delta_accuracy_pts`` —,
+    cosine as a diagnostic). Unreadable images are counted and named."""
     from geosurge.geo.metrics import haversine_km, summarize
     from geosurge.inputs import read_manifest
     from geosurge.parity import compare
@@ -175,8 +187,9 @@ def task_parity(contenders: list[Contender], truth, log: Log = print) -> dict[st
             ref = embed(x)
             rp = [loc.predict_embedding(e, top_k=1) for e in ref]
             rep["fp32"] = summarize(haversine_km(lat, lon, [p["lat"] for p in rp], [p["lon"] for p in rp]))
-            rep["delta_accuracy"] = {k: rep["deployed"]["accuracy"][k] - v for k, v in rep["fp32"]["accuracy"].items()}
-            cmp = compare(ref, dep, loc.scorer, loc.bundle.manifest.gates() or None)
+            # the bundle's gates (in km, with the accuracy deltas vs the truth) on these images
+            cmp = compare(ref, dep, loc.scorer, loc.bundle.manifest.gates() or None, truth=(lat, lon))
+            rep["delta_accuracy_pts"] = cmp["metrics"]["accuracy"]["delta_pts"]
             rep["parity"] = {"passed": cmp["passed"], "gates": cmp["gates"],
                              **{k: v for k, v in cmp["metrics"].items() if k != "levels"}}
         log(f"  {c.name}: {rep['n']} images with ground truth ({len(refused)} refused)")
@@ -250,9 +263,7 @@ def run_benchmark(bundles, *, images=None, truth=None, backends=None, threads: i
             g = replay_golden(c.localizer)
             parity[c.name] = {"recorded": recorded_parity(c.localizer.bundle),
                               "golden": {"passed": g["passed"], "images": g["metrics"]["n"],
-                                         **{k: g["metrics"][k] for k in ("cosine_mean", "cosine_min",
-                                                                         "level_top1_agreement_min",
-                                                                         "top1_in_top5", "median_drift_km")}}}
+                                         **headline_metrics(g["metrics"], c.localizer.bundle.manifest.gates())}}
         task = task_parity(runtime, truth, log) if truth else {}
         memory = {}
         if rss:
@@ -318,8 +329,15 @@ def summary_rows(contenders, rows, throughput, memory, parity, task, anchor_of, 
             row[f"acc@{km}"] = tk["deployed"]["accuracy"].get(km)
             row["median_km"] = tk["deployed"]["median_km"]
             if tk.get("fp32"):
+                tp = tk["parity"]
                 row[f"fp32_acc@{km}"] = tk["fp32"]["accuracy"].get(km)
-                row["drift_median_km"] = tk["parity"]["median_drift_km"]
+                row["drift_median_km"], row["drift_p95_km"] = tp["median_drift_km"], tp["p95_drift_km"]
+                row["agree_confident"] = tp["top1_agreement_confident"]
+                row["acc_delta_min_pts"] = tp.get("accuracy_delta_min_pts")
+                row["task"] = "PASS" if tp["passed"] else "FAIL"
+        hint = (c.info.get("runner_options") or {}).get("INFERENCE_PRECISION_HINT")
+        if hint:
+            row["precision_hint"] = str(hint)
         out.append(row)
     return out
 
@@ -340,7 +358,8 @@ def format_report(report: dict) -> str:
     parts = [format_table(lat, title=head)]
     summary = report["summary"]
     if summary:
-        parts.append(format_table(summary, title=f"\nsummary: {HEADLINE[0]} {HEADLINE[1]} latency; x_eager / "
+        cols = list(dict.fromkeys(k for r in summary for k in r))  # every row's columns (OpenVINO's hint ...)
+        parts.append(format_table(summary, cols, title=f"\nsummary: {HEADLINE[0]} {HEADLINE[1]} latency; x_eager / "
                                                  "x_compile = anchor inference p50 / this inference p50; img/s = "
                                                  "folder throughput, best decode pool; peak RSS of the runtime "
                                                  "alone; parity vs FP32 torch"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import platform
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from geosurge import __version__
 from geosurge.errors import GeosurgeError
 from geosurge.formats import Format, Precision
 from geosurge.images import load_image
-from geosurge.manifest import (CalibrationSummary, CellTableSection, GoldenSection, HierarchySection, Manifest,
+from geosurge.manifest import (BackendChoice, CalibrationSummary, CellTableSection, GoldenSection, HierarchySection, Manifest,
                                PlacesSection, SourceSection, parts_for)
 from geosurge.parity import DEFAULT_GATES
 from geosurge.preprocess import preprocess
@@ -62,36 +63,68 @@ def cell_tables(model) -> tuple[list[np.ndarray], np.ndarray]:
     return tables, temps
 
 
-def heldout_split(options: ExportOptions, calibration, check_set, spec):
-    """(calibration part, held-out inputs, calibration record): a calibrated precision holds out part of the
-    calibration set (``quant.holdout``, whole source images where views share one); the others check on
-    ``check_set`` (default: augmented views of the sample photos); FP32 needs neither."""
+@dataclass
+class ImageSplit:
+    """The images an export sets aside, in three disjoint parts: ``calibrate`` (the quantizer's ranges, QAT's
+    training images), ``choose`` (where the precision search and the QAT-vs-PTQ comparison measure parity) and
+    ``check`` (the held-out parity check recorded in the manifest: never calibrated on, never chosen on). Each is a
+    ``CalibrationSet`` or None; ``record`` is the manifest's ``quantization.calibration``."""
+
+    calibrate: object = None
+    choose: object = None
+    check: object = None
+    record: dict | None = None
+
+    def sizes(self) -> dict:
+        n = lambda s: 0 if s is None else len(s)  # noqa: E731
+        return {"calibrate": n(self.calibrate), "choose": n(self.choose), "check": n(self.check),
+                "ground_truth": self.check is not None and self.check.truth is not None}
+
+
+def split_images(options: ExportOptions, calibration, check_set, spec) -> ImageSplit:
+    """How ``options``' precision uses the images: a calibrated precision (int8 / fp8) splits the calibration set
+    (``quant.holdout`` to check, ``quant.choose`` to choose on when there is a choice — the search or QAT — the
+    rest to calibrate; whole source images where augmented views share one); fp16 / int8-dynamic check on
+    ``check_set`` (default: augmented views of the sample photos), split in halves when the search chooses; FP32
+    needs none."""
     p, q = options.precision, options.quant
     if p.needs_calibration:
         if calibration is None:
             raise GeosurgeError(f"{options.spec.flag} --precision {p} needs a calibration set (--calib DIR|MANIFEST)")
-        cal, hold = calibration.split(q.holdout, q.seed)
-        return cal, hold.inputs, {**calibration.summary(), "calibration_images": len(cal), "holdout_images": len(hold)}
+        cal, choose, check = calibration.split_parts(check=q.holdout, choose=q.choose if q.chooses else 0.0,
+                                                     seed=q.seed)
+        split = ImageSplit(cal, choose if q.chooses else None, check)
+        split.record = {**calibration.summary(), **{f"{k}_images": v for k, v in split.sizes().items()
+                                                    if k != "ground_truth"},
+                        "ground_truth": split.sizes()["ground_truth"]}
+        return split
     if p == Precision.FP32:
-        return None, None, None
+        return ImageSplit()
     if check_set is None:
         from geosurge.calibration import sample_views_set
 
-        check_set = sample_views_set(spec, CHECK_VIEWS, seed=1, log=lambda m: None)
-    return None, check_set.inputs, None
+        check_set = sample_views_set(spec, CHECK_VIEWS * (2 if q.chooses else 1), seed=1, log=lambda m: None)
+    if q.chooses:
+        choose, check = check_set.split(0.5, q.seed)
+        return ImageSplit(None, choose, check)
+    return ImageSplit(None, None, check_set)
 
 
 def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], options: ExportOptions | None = None, *,
-                 calibration=None, check_set=None, gates: dict | None = None, log=print, **option_kwargs) -> Bundle:
+                 calibration=None, check_set=None, gates: dict | None = None, log=print, latency=None,
+                 recommend_backend: bool = False, **option_kwargs) -> Bundle:
     """Export ``model`` into a bundle at ``out_dir`` (swapped into place if one exists) and return it.
 
     ``options``: an :class:`ExportOptions`, or its :meth:`ExportOptions.create` keywords (``format`` / ``fmt``,
     ``target``, ``precision``, ``quant``, ``opset``, ``dynamic_batch``, ``with_logits``, ``table_dtype``,
     ``threads``). ``source``: what ``load_model`` returned beside the model (the manifest's ``source``).
-    ``calibration``: a CalibrationSet for int8 / fp8 (a held-out part is kept for the parity check);
-    ``check_set``: images for the parity check of the other non-FP32 precisions (default: 64 augmented sample
-    views). ``gates``: parity gates (default ``geosurge.parity.DEFAULT_GATES``), for the search, the check and the
-    manifest. Raises GeosurgeError (nothing is written) for a bad option or a failed precision search; a non-FP32
+    ``calibration``: a CalibrationSet for int8 / fp8, split into calibrate / choose / check parts
+    (:func:`split_images`; with coordinates the check includes the accuracy deltas); ``check_set``: images for the
+    parity check of the other non-FP32 precisions (default: 64 augmented sample views). ``gates``: parity gates
+    (default ``geosurge.parity.DEFAULT_GATES``), for the search, the check and the manifest. ``latency``: how the
+    onnxruntime target times its INT8 candidates (tests inject one; default: measured here).
+    ``recommend_backend``: time every installed backend that reads the bundle against the default one and record
+    the winner at parity in the manifest (``backend_choice``, valid on machines like this one). Raises GeosurgeError (nothing is written) for a bad option or a failed precision search; a non-FP32
     model that fails the gates is written, with ``bundle.manifest.check.passed`` False."""
     if options is None:
         kw = dict(option_kwargs)
@@ -113,14 +146,18 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
         save_cell_table(w.add("cell_table"), tables, temps, dtype=o.table_dtype,
                         meta={"embed_dim": model.config.head.embed_dim, "hierarchy_digest": h.digest()})
         scorer = CellScorer.from_arrays(h, tables, temps, o.table_dtype)  # what the runtime will score with
-        calib, check_inputs, calib_record = heldout_split(o, calibration, check_set, model.config.preprocess)
+        split = split_images(o, calibration, check_set, model.config.preprocess)
+        if split.check is not None:
+            sizes = split.sizes()
+            sub(f"images: {sizes['calibrate']} to calibrate, {sizes['choose']} to choose on, {sizes['check']} to "
+                "check (disjoint)" + (", with ground truth" if sizes["ground_truth"] else ""))
         log(f"[2/6] model part: {o.spec.summary}, {o.precision} ({model.config.name}) ...")
-        out = get_target(o.target).export(model, ExportJob(o, w.stage, w.work, calib, check_inputs, scorer, gates,
-                                                           sub))
+        out = get_target(o.target).export(model, ExportJob(o, w.stage, w.work, split.calibrate, split.choose, scorer,
+                                                           gates, sub, latency))
         w.add("model", out.model_file)
         quantization = out.quantization
-        if calib_record is not None:
-            quantization.calibration = calib_record
+        if split.record is not None:
+            quantization.calibration = split.record
         log("[3/6] offline place names (GeoNames) ...")
         places = write_places(w.add("places"), h)
         sub(f"{places['places']:,} places")
@@ -130,7 +167,7 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
         golden.save(w.add("golden"))
         manifest = Manifest(
             model=out.model, quantization=quantization,
-            calibration=CalibrationSummary.from_dict(calibration.summary()) if calib_record is not None else None,
+            calibration=CalibrationSummary.from_dict(calibration.summary()) if split.record is not None else None,
             preprocess=model.config.preprocess, io=out.io, hierarchy=HierarchySection.of(h),
             cell_table=CellTableSection(dtype=o.table_dtype, embed_dim=model.config.head.embed_dim),
             golden=GoldenSection(count=len(golden.names), names=golden.names),
@@ -138,13 +175,21 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
             source=SourceSection.from_dict(source, "source"), provenance={**versions(), **out.provenance},
             parts={}, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             places=PlacesSection.from_dict(places, "places"))
-        if check_inputs is not None:
-            log(f"[5/6] held-out parity vs FP32 on {len(check_inputs)} image(s) not used to calibrate ...")
-            quantization.check = chk = heldout_parity(model, w.staged(manifest), check_inputs, scorer, gates,
-                                                      o.threads)
+        if split.check is not None:
+            log(f"[5/6] held-out parity vs FP32 on {len(split.check)} image(s) never calibrated or chosen on ...")
+            quantization.check = chk = heldout_parity(model, w.staged(manifest), split.check.inputs, scorer, gates,
+                                                      o.threads, truth=split.check.truth)
+            chk.split = split.sizes()
             sub(describe_check(chk, o.precision))
         else:
             log("[5/6] held-out parity: FP32 model part, nothing to check")
+        if recommend_backend:
+            from geosurge.runtime.backends.choice import measure_backends
+
+            sub("backends: timing every installed backend that reads this bundle (paced, interleaved) with golden "
+                "parity ...")
+            manifest.backend_choice = BackendChoice.from_dict(
+                measure_backends(w.staged(manifest), threads=o.threads, log=sub), "backend_choice")
         log("[6/6] manifest with sha256 of every file ...")
         bundle = w.commit(manifest)
     files = bundle.manifest.files
@@ -155,12 +200,11 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
 
 
 def describe_check(chk, precision) -> str:
+    from .precision.search import summary
+
     if chk.passed is None:
         return f"{precision}: parity {chk.skipped}"
-    m = chk.metrics
-    return (f"{chk.runner}: cosine mean {m['cosine_mean']:.4f} min {m['cosine_min']:.4f}, level agreement "
-            f"{m['level_top1_agreement_min']:.3f}, top-1 in top-5 {m['top1_in_top5']:.3f}, drift "
-            f"{m['median_drift_km']:.1f} km -> {'PASS' if chk.passed else 'FAIL'}")
+    return f"{chk.runner}: " + summary({"metrics": chk.metrics, "gates": chk.gates, "passed": chk.passed})
 
 
 def versions() -> dict:

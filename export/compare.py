@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from geosurge.errors import GeosurgeError
+from geosurge.formats import default_backend
 from geosurge.images import list_images, load_image
 from geosurge.manifest import ParityRecord
 from geosurge.parity import compare
@@ -33,13 +34,14 @@ def torch_embed(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 def heldout_parity(model, bundle, inputs: np.ndarray, scorer, gates: dict | None = None,
-                   threads: int | None = 2) -> ParityRecord:
+                   threads: int | None = 2, truth=None) -> ParityRecord:
     """The staged model part (``bundle``: its Bundle, parts written) vs the FP32 torch ``model`` on ``inputs``
-    (N, 3, S, S), scored with the bundle's table. Runs on the format's default backend on this machine (onnxruntime
-    for ONNX, also for a TensorRT-bound QDQ model; Core ML on macOS); where that backend cannot run here, the record
-    says so (``passed`` None) instead of inventing a result."""
+    (N, 3, S, S), scored with the bundle's table; ``truth`` ((lat, lon) arrays) adds the accuracy deltas. Runs on
+    the format's default backend on this machine (onnxruntime for ONNX, also for a TensorRT-bound QDQ model; Core
+    ML on macOS); where that backend cannot run here, the record says so (``passed`` None) instead of inventing a
+    result."""
     m = bundle.manifest
-    backend = bundle.backend()
+    backend = default_backend(m.model.format)
     cls = get_runner(backend)
     try:
         runner = cls.open(bundle, threads=threads if cls.thread_option else None)
@@ -48,19 +50,43 @@ def heldout_parity(model, bundle, inputs: np.ndarray, scorer, gates: dict | None
                             skipped=f"not measurable on this machine: {e}")
     with runner:
         dep = embed_batches(runner, inputs, m.io.input.name, m.io.embedding.name, m.io.static_batch)
-    rep = compare(torch_embed(model, inputs), dep, scorer, gates)
+        options = dict(runner.options or {})
+    rep = compare(torch_embed(model, inputs), dep, scorer, gates, truth=truth)
     metrics = {k: v for k, v in rep["metrics"].items() if k != "levels"}
     return ParityRecord(passed=rep["passed"], metrics=metrics, gates=rep["gates"], images=int(len(inputs)),
-                        reference=REFERENCE, runner=backend.value)
+                        reference=REFERENCE, runner=backend.value, runner_options=options or None)
+
+
+def truth_manifest(images) -> tuple[list, dict | None]:
+    """``images`` as image paths, and the true (lat, lon) per path when they come from CSV manifests (``path, lat,
+    lon``; any mix of files, folders and manifests: only a manifest's images have ground truth)."""
+    from pathlib import Path
+
+    from geosurge.inputs import read_manifest
+
+    out, coords = [], {}
+    for item in images:
+        p = Path(item)
+        if p.is_file() and p.suffix.lower() == ".csv":
+            man = read_manifest(p)
+            for path, la, lo in zip(man.paths, man.lat, man.lon):
+                out.append(path)
+                coords[str(path)] = (float(la), float(lo))
+        else:
+            out.append(item)
+    return out, coords or None
 
 
 def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: str | None = None,
-                    threads: int | None = None, gates: dict | None = None, log=print) -> dict:
-    """FP32 torch (the manifest's source, or ``checkpoint``) vs the bundle through the runtime on ``images`` (files
-    or folders; folders listed by content), both decoded and preprocessed by the one implementation. Returns the
-    report (``passed``, ``metrics``, ``gates``, ``skipped``: refused images, ``inputs``: read / refused / skipped
-    counts, ``not_images``: folder files that are not images); raises GeosurgeError when no image is readable."""
-    with Localizer(bundle_dir, backend=backend, threads=threads) as loc:
+                    threads: int | None = None, gates: dict | None = None, log=print, **options) -> dict:
+    """FP32 torch (the manifest's source, or ``checkpoint``) vs the bundle through the runtime on ``images`` (files,
+    folders listed by content, or CSV manifests ``path, lat, lon`` whose coordinates add the accuracy deltas in km),
+    both decoded and preprocessed by the one implementation. ``options``: the backend's own (OpenVINO ``device``,
+    ``precision_hint``). Returns the report (``passed``, ``metrics``, ``gates``, ``backend``, ``runner_options``,
+    ``skipped``: refused images, ``inputs``: read / refused / skipped counts, ``not_images``: folder files that are
+    not images); raises GeosurgeError when no image is readable."""
+    images, coords = truth_manifest(images)
+    with Localizer(bundle_dir, backend=backend, threads=threads, options=options) as loc:
         model = load_source_model(loc.bundle, checkpoint)
         listing = list_images(images)
         summary = listing.summary()
@@ -85,9 +111,18 @@ def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: 
         t1 = time.perf_counter()
         dep = loc.embed(x)
         t2 = time.perf_counter()
-        rep = compare(ref, dep, loc.scorer, gates or loc.bundle.manifest.gates() or None)
+        truth = None
+        if coords is not None:
+            known = [coords.get(n) for n in names]
+            if all(k is not None for k in known):
+                truth = (np.array([k[0] for k in known]), np.array([k[1] for k in known]))
+            else:
+                log(f"parity: {sum(k is None for k in known)} image(s) have no ground truth: accuracy deltas not "
+                    "measured (give only manifests for them)")
+        rep = compare(ref, dep, loc.scorer, gates or loc.bundle.manifest.gates() or None, truth=truth)
         m = loc.bundle.manifest
-        return {"bundle": str(bundle_dir), "backend": loc.runner.name.value, "images": names, "skipped": errors,
+        return {"bundle": str(bundle_dir), "backend": loc.runner.name.value,
+                "runner_options": dict(loc.runner.options or {}), "images": names, "skipped": errors,
                 "inputs": summary.to_dict(), "not_images": [{"input": str(s.path), "reason": s.reason}
                                                           for s in listing.skipped],
                 "precision": m.model.precision.value, **rep,

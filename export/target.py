@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
-import numpy as np
-
 from geosurge.errors import GeosurgeError
 from geosurge.formats import Precision, Target, TargetSpec, check_precision, resolve_target
 from geosurge.manifest import IOSection, ModelSection, QuantizationSection
@@ -74,6 +72,8 @@ class ExportOptions:
         if quant.search and spec.target != Target.ONNXRUNTIME:
             raise GeosurgeError(f"the precision search (--precision-search) measures onnxruntime CPU parity; "
                                 f"{spec.flag} does not take it")
+        if quant.qat and spec.target != Target.ONNXRUNTIME:
+            raise GeosurgeError(f"--qat feeds onnxruntime's static INT8 (the CPU path); {spec.flag} does not take it")
         if opset < 17:
             raise GeosurgeError("opset must be >= 17 (LayerNormalization as one op)")
         if dynamic_batch and spec.target == Target.COREML:
@@ -88,11 +88,13 @@ class ExportJob:
     options: ExportOptions
     stage: Path  # the bundle's staging folder: write the model part here
     workdir: Path  # scratch, removed before the bundle is committed
-    calibration: object = None  # CalibrationSet to calibrate on (int8 / fp8), the held-out images removed
-    check_inputs: np.ndarray | None = None  # (N, 3, S, S) held-out images for the precision search
+    calibration: object = None  # CalibrationSet to calibrate on (int8 / fp8): the choose and check parts removed
+    choose: object = None  # CalibrationSet the precision search / QAT comparison measures on (None: no choice)
     scorer: object = None  # the bundle's CellScorer, as the runtime will score
     gates: dict | None = None
     log: Callable[[str], None] = print
+    #: how candidates are timed (``geosurge.export.onnxruntime.LatencyProbe``; None: measured on this machine)
+    latency: Callable | None = None
 
 
 @dataclass

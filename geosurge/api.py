@@ -23,7 +23,8 @@ function           CLI                                         returns
 (evaluation)       ``geosurge eval`` (being built separately)  its function belongs here, beside :func:`parity`
 =================  ==========================================  ===============================================
 
-Locating images is :class:`geosurge.runtime.Localizer` (the device API).
+:func:`choose_backend` is ``geosurge-run choose-backend`` (the backend a bundle runs fastest with at parity on this
+machine). Locating images is :class:`geosurge.runtime.Localizer` (the device API).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from typing import Callable, Iterable
 
 from .errors import GeosurgeError
 
-__all__ = ["export", "prune", "prune_cost", "parity", "verify", "bench", "benchmark", "load_model",
+__all__ = ["export", "prune", "prune_cost", "parity", "verify", "bench", "benchmark", "choose_backend", "load_model",
            "calibration_set"]
 
 Log = Callable[[str], None]
@@ -85,17 +86,26 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
            calib_cache: PathLike | None = None, precision_search: str | None = None,
            exclude_nodes: Iterable[str] = (), table: str = "float16", dynamic_batch: bool = False,
            with_logits: bool = False, opset: int = 17, threads: int | None = 2, golden=None, cells=None,
-           seed: int = 0, source: dict | None = None, gates: dict | None = None, log: Log = print):
+           seed: int = 0, source: dict | None = None, gates: dict | None = None, qat: bool = False,
+           qat_steps: int = 200, min_speedup: float = 1.0, reduce_range: bool = False,
+           recommend_backend: bool = False, log: Log = print):
     """Export a model to a bundle at ``output`` and return the :class:`geosurge.runtime.Bundle`.
 
     ``model``: a config name, a checkpoint directory or an in-memory GeoSurge (:func:`load_model`).
     ``format`` / ``target`` / ``precision``: a row of ``geosurge.formats.TARGETS`` (default ONNX for onnxruntime,
     FP32); ``calibration`` (int8 / fp8): a folder, a CSV manifest, a CalibrationSet, or None for augmented views
-    of the sample photos, ``calib_size`` images; ``precision_search="auto"``: the measured search (onnxruntime
-    int8 / int8-dynamic); ``table``: the cell table's storage (float16, float32, int8); ``golden``: photos (files
-    or folders) for the golden probes (default: the sample photos). A non-FP32 model records its held-out parity
-    in ``bundle.manifest.check``; ``check.passed`` False means it fails the gates (the bundle is written for
-    inspection). Raises GeosurgeError, writing nothing, for a bad option or a failed precision search."""
+    of the sample photos, ``calib_size`` images, split into calibrate / choose / check parts (a manifest's
+    coordinates add the accuracy deltas to the gates); for fp16 / int8-dynamic a given ``calibration`` is the set
+    the parity is checked on. ``precision_search="auto"``: the measured search (onnxruntime int8 / int8-dynamic);
+    ``qat``: quantization-aware distillation (``qat_steps``) when all-INT8 PTQ fails the gates (onnxruntime int8);
+    ``min_speedup``: an int8 / int8-dynamic model must beat FP32 by more than this ratio on this machine (0: not
+    gated; ``bundle.manifest.quantization.extra["decision"]`` says what won and why); ``reduce_range``: 7-bit
+    weights (x86 without VNNI); ``recommend_backend``: measure the installed backends and record the fastest at
+    parity for machines like this one. ``table``: the cell table's storage (float16, float32, int8); ``golden``:
+    photos (files or folders) for the golden probes (default: the sample photos). A non-FP32 model records its
+    held-out parity in ``bundle.manifest.check``; ``check.passed`` False means it fails the gates (the bundle is
+    written for inspection). Raises GeosurgeError, writing nothing, for a bad option or a failed precision
+    search."""
     import torch
 
     from .export.bundle import write_bundle
@@ -107,7 +117,8 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
 
     p = check_precision(resolve_target(format, target), precision)
     quant = QuantConfig(precision=p.value, calibrate_method=calib_method, nodes_to_exclude=list(exclude_nodes),
-                        search=precision_search)
+                        search=precision_search, qat=qat, qat_steps=qat_steps, min_speedup=min_speedup,
+                        reduce_range=reduce_range)
     options = ExportOptions.create(format=format, target=target, precision=p.value, quant=quant, opset=opset,
                                    dynamic_batch=dynamic_batch, with_logits=with_logits, table_dtype=table,
                                    threads=threads)
@@ -121,9 +132,12 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
         photos = listing.paths
     else:
         photos = sample_photo_paths()
-    calib = calibration_set(calibration, model.config.preprocess, calib_size, model.hierarchy, calib_cache, log) \
-        if options.precision.needs_calibration else None
-    return write_bundle(output, model, source or src, photos, options, calibration=calib, gates=gates, log=log)
+    images = None
+    if options.precision.needs_calibration or (calibration is not None and options.precision != "fp32"):
+        images = calibration_set(calibration, model.config.preprocess, calib_size, model.hierarchy, calib_cache, log)
+    calib, check_set = (images, None) if options.precision.needs_calibration else (None, images)
+    return write_bundle(output, model, source or src, photos, options, calibration=calib, check_set=check_set,
+                        gates=gates, recommend_backend=recommend_backend, log=log)
 
 
 def prune(bundle, output: PathLike, *, bbox: str | None = None, geojson: PathLike | None = None,
@@ -179,23 +193,43 @@ def prune_cost(source, pruned, *, images=None, probes: int = 512, threads: int |
 
 
 def parity(bundle, images=None, *, checkpoint: PathLike | None = None, backend: str | None = None,
-           threads: int | None = None, gates: dict | None = None, log: Log = print) -> dict:
+           threads: int | None = None, gates: dict | None = None, log: Log = print, **options) -> dict:
     """FP32 torch (the manifest's source, or ``checkpoint``) vs the bundle through the runtime on ``images``
-    (files / folders; default the sample photos). Returns the report: ``passed``, ``metrics``, ``gates``,
-    ``skipped`` images, seconds."""
+    (files / folders / CSV manifests ``path, lat, lon`` — coordinates add the accuracy deltas in km; default the
+    sample photos). ``options``: the backend's own (OpenVINO ``device``, ``precision_hint``). Returns the report:
+    ``passed``, ``metrics``, ``gates``, ``backend``, ``runner_options``, ``skipped`` images, seconds."""
     from .export.compare import torch_vs_bundle
     from .samples import sample_photo_paths
 
     return torch_vs_bundle(bundle, _paths(images) or sample_photo_paths(), str(checkpoint) if checkpoint else None,
-                           backend, threads, gates, log=log)
+                           backend, threads, gates, log=log, **options)
 
 
-def verify(bundle, backend: str | None = None, threads: int | None = None) -> dict:
+def verify(bundle, backend: str | None = None, threads: int | None = None, **options) -> dict:
     """On-device parity: every sha256, then the golden probes against their FP32 references under the manifest's
-    gates (``geosurge.runtime.verify_bundle``)."""
+    gates (``geosurge.runtime.verify_bundle``); ``options``: the backend's own (OpenVINO ``device``,
+    ``precision_hint``)."""
     from .runtime.verify import verify_bundle
 
-    return verify_bundle(bundle, backend, threads)
+    return verify_bundle(bundle, backend, threads, **options)
+
+
+def choose_backend(bundle, *, threads: int | None = None, backends: Iterable[str] | None = None,
+                   min_speedup: float = 1.0, iters: int = 30, pause_ms: float = 100.0, write: bool = True,
+                   log: Log = print) -> dict:
+    """Time every installed backend that reads ``bundle`` (interleaved, paced) and replay its golden probes under
+    the manifest's gates; the fastest that passes and beats the default backend by more than ``min_speedup``
+    becomes this machine's default for the bundle (written to ``BUNDLE/backend.json`` with ``write``;
+    ``geosurge.runtime.backends.choice``). Returns the record (``backend``, ``reason``, ``measured`` rows)."""
+    from .runtime.backends.choice import measure_backends, write_choice
+    from .runtime.bundle import open_bundle
+
+    b = open_bundle(bundle)
+    rec = measure_backends(b, threads=threads, backends=list(backends) if backends else None, iters=iters,
+                           pause_ms=pause_ms, min_speedup=min_speedup, log=log)
+    if write:
+        rec["sidecar"] = str(write_choice(b, rec))
+    return rec
 
 
 def bench(bundle, backend: str | None = None, threads: int | None = None, images=None, iters: int = 50,

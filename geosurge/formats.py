@@ -1,13 +1,13 @@
 """Model formats, export targets, runtime backends and precisions: the one table both sides read (standard library
 only, so the device runtime reads it too).
 
-=============  ========  ==========================================  =========================  ==============
-target         format    precisions                                  runs on (backends)         default prec.
-=============  ========  ==========================================  =========================  ==============
-onnxruntime    onnx      fp32, fp16, int8, int8-dynamic              onnxruntime, tensorrt      fp32
-tensorrt       onnx      fp32, fp16, int8, fp8                       onnxruntime, tensorrt      fp32
-coreml         coreml    fp32, fp16, int8-weights, palettize4        coreml                     fp16
-=============  ========  ==========================================  =========================  ==============
+=============  ========  ==========================================  ===============================  ============
+target         format    precisions                                  runs on (backends)               default prec.
+=============  ========  ==========================================  ===============================  ============
+onnxruntime    onnx      fp32, fp16, int8, int8-dynamic              onnxruntime, openvino, tensorrt  fp32
+tensorrt       onnx      fp32, fp16, int8, fp8                       onnxruntime, openvino, tensorrt  fp32
+coreml         coreml    fp32, fp16, int8-weights, palettize4        coreml                           fp16
+=============  ========  ==========================================  ===============================  ============
 
 The CLI choices (``geosurge export --target/--format/--precision``, ``geosurge-run --backend``), the default backend
 for a bundle and the check that a backend can read a bundle all come from :data:`TARGETS` and
@@ -49,6 +49,7 @@ class Backend(_Name):
     """What runs the model part on the device (``geosurge.runtime.backends``)."""
 
     ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
     TENSORRT = "tensorrt"
     COREML = "coreml"
 
@@ -95,9 +96,10 @@ TARGETS: dict[Target, TargetSpec] = {
         "--format coreml", "Core ML", "Core ML mlprogram package (iOS 17+ / macOS 14+)"),
 }
 
-#: which backends read which format; the first is the default for a bundle of that format
+#: which backends read which format; the first is the default for a bundle of that format (unless a backend was
+#: measured faster at parity on the machine: ``geosurge.runtime.backends.choice``)
 FORMAT_BACKENDS: dict[Format, tuple[Backend, ...]] = {
-    Format.ONNX: (Backend.ONNXRUNTIME, Backend.TENSORRT),
+    Format.ONNX: (Backend.ONNXRUNTIME, Backend.OPENVINO, Backend.TENSORRT),
     Format.COREML: (Backend.COREML,),
 }
 

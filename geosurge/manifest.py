@@ -24,12 +24,16 @@ provenance      ``{package: version}``        versions of the tools that wrote i
 parts           ``{role: file}``              model, cells, cell_table, places, golden
 files           ``{path: FileRecord}``        sha256 + bytes of every file (a folder part: each file inside)
 pruning         :class:`PruningSection`       the cut, for a pruned bundle
+backend_choice  :class:`BackendChoice`        the backend measured fastest at parity on the exporting machine
 manifest_sha256 ``str``                       sha256 of the canonical JSON of everything else
 ==============  ============================  =====================================================================
 
-Schema versions: 2 (this one) adds output shapes to ``io`` and requires ``quantization.check`` for every
-non-FP32 model; version 1 bundles are read (upgraded in memory: no output shapes, maybe no check); any other version
-is refused with a message naming it.
+Schema versions: 3 (this one) gates parity in kilometres (``parity_gates`` may name the task-level metrics of
+``geosurge.parity``: tie-aware drift median / p95, top-1 agreement where FP32 is confident, accuracy deltas; a runtime
+that reads only versions 1-2 would not know them, so it refuses the bundle by its version instead) and may record a
+measured backend recommendation (``runtime``); 2 added output shapes to ``io`` and requires ``quantization.check`` for
+every non-FP32 model; versions 1 and 2 are read (upgraded in memory: no output shapes, maybe no check; their gates
+are evaluated as written); any other version is refused with a message naming it.
 """
 from __future__ import annotations
 
@@ -46,9 +50,9 @@ from .formats import TARGETS, Format, Precision, Target
 from .preprocess import PreprocessSpec
 
 SCHEMA = "geosurge.bundle"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: versions this code reads (older ones are upgraded in memory by :func:`upgrade`)
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 
 # ---- the bundle's file names (the only place they are spelled) ---------------------------------------------------
 MANIFEST_FILE = "manifest.json"
@@ -256,10 +260,31 @@ class ParityRecord(Section):
     runner: str | None = None
     reference: str | None = None
     skipped: str | None = None
+    #: the backend's run-time options that change numerics (OpenVINO's ``INFERENCE_PRECISION_HINT``, ...)
+    runner_options: dict | None = None
+    #: how the images were set aside: ``{"calibrate": n, "choose": n, "check": n, "ground_truth": bool}`` (disjoint)
+    split: dict | None = None
     extra: dict = field(default_factory=dict, repr=False)
 
     def failed_gates(self) -> list[str]:
-        return [g["gate"] for g in self.gates or [] if g.get("pass") != "PASS"]
+        """Gates that FAILed (a gate skipped for want of ground truth is not a failure)."""
+        return [g["gate"] for g in self.gates or [] if g.get("pass") == "FAIL"]
+
+
+@dataclass
+class BackendChoice(Section):
+    """Which backend runs this bundle fastest at parity, as measured on one machine (``geosurge.runtime.backends.
+    choice``): the runtime's default backend follows it only on a machine with the same ``machine`` fingerprint and
+    with that backend installed."""
+
+    backend: str
+    #: ``geosurge.runtime.backends.choice.machine_fingerprint()`` of the machine that measured
+    machine: str
+    reason: str
+    #: one row per contender: backend, options, p50_ms, p95_ms, speedup vs onnxruntime, parity passed
+    measured: list[dict] = field(default_factory=list)
+    min_speedup: float | None = None
+    extra: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -394,6 +419,8 @@ class Manifest(Section):
     created: str
     places: PlacesSection | None = None
     pruning: PruningSection | None = None
+    #: a measured backend recommendation (schema 3; optional)
+    backend_choice: BackendChoice | None = None
     files: dict[str, FileRecord] = field(default_factory=dict)
     schema: str = SCHEMA
     schema_version: int = SCHEMA_VERSION
@@ -500,9 +527,10 @@ def check_schema(d, where: str = "manifest") -> None:
 
 
 def upgrade(d: dict) -> dict:
-    """A schema-1 manifest as schema 2 (in memory; the JSON on disk and its checksum are untouched). Version 1 had
-    no output shapes (read as unknown) and, for TensorRT-bound and Core ML models, no held-out parity record (read
-    as not measured, saying why)."""
+    """A schema-1 or -2 manifest as the current schema (in memory; the JSON on disk and its checksum are untouched).
+    Version 1 had no output shapes (read as unknown) and, for TensorRT-bound and Core ML models, no held-out parity
+    record (read as not measured, saying why). Versions 1 and 2 keep the gates they were written with (embedding
+    cosine, per-level agreement, median drift): ``geosurge.parity`` still computes every one of them."""
     if d.get("schema_version") == SCHEMA_VERSION:
         return d
     d = {**d, "schema_version": SCHEMA_VERSION}

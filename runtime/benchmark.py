@@ -258,7 +258,8 @@ def open_contenders(bundles: list, backends: list[str] | None = None, threads: i
                 log(f"  {label}: {name} skipped: {reason}")
                 continue
             contenders.append(runtime_contender(loc, label, name))
-            contenders[-1].info["threads"] = used
+            # what the runner runs with where it changes numerics (OpenVINO's precision hint, device)
+            contenders[-1].info.update(threads=used, runner_options=dict(loc.runner.options or {}))
             ran += 1
         if not ran:
             log(f"  {label}: no installed backend runs its {fmt} model")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from geosurge.errors import GeosurgeError
-from geosurge.formats import Backend, check_backend, default_backend
+from geosurge.formats import Backend, check_backend
 from geosurge.manifest import MANIFEST_FILE, BundleError, Manifest, check_schema, manifest_digest, sha256_file
 
 __all__ = ["Bundle", "BundleError", "open_bundle", "sha256_file"]
@@ -48,11 +48,15 @@ class Bundle:
         return self.manifest.preprocess
 
     def backend(self, name: str | None = None) -> Backend:
-        """The backend to run this bundle with: ``name`` checked against the bundle's format, or the format's default
-        (``geosurge.formats.FORMAT_BACKENDS``). Raises BundleError for a backend that cannot read it."""
+        """The backend to run this bundle with: ``name`` checked against the bundle's format, or by default the
+        format's first backend (``geosurge.formats.FORMAT_BACKENDS``) unless another was measured faster at parity on
+        this machine and is installed (``geosurge.runtime.backends.choice``). Raises BundleError for a backend that
+        cannot read it."""
+        from .backends.choice import default_backend_for
+
         fmt = self.manifest.model.format
         try:
-            return check_backend(fmt, name) if name is not None else default_backend(fmt)
+            return check_backend(fmt, name) if name is not None else default_backend_for(self)
         except GeosurgeError as e:
             raise BundleError(f"{self.root}: {e}") from None
 

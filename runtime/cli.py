@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--backend", default=None, choices=[b.value for b in Backend],
                         help="default: the one the bundle's format implies (geosurge.formats.FORMAT_BACKENDS)")
         sp.add_argument("--threads", type=int, default=None, help="inference threads (default: backend's)")
+        sp.add_argument("--device", default=None, help="openvino: the device (CPU, GPU, GPU.1, NPU, AUTO; default CPU)")
+        sp.add_argument("--precision-hint", default=None, choices=["f32", "bf16", "f16"],
+                        help="openvino: INFERENCE_PRECISION_HINT (default: the device's own, e.g. bf16 on CPUs with "
+                             "AMX / AVX512-BF16; recorded in the report)")
 
     lo = sub.add_parser("locate", help="locate images (files or folders), or frames of a camera / stream / video")
     common(lo)
@@ -52,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     common(ve)
     ve.add_argument("--json", metavar="FILE", help="write the report as JSON")
     ve.set_defaults(func=cmd_verify)
+
+    cb = sub.add_parser("choose-backend", help="time every installed backend that reads the bundle (paced, "
+                                               "interleaved) with golden parity; the fastest at parity becomes this "
+                                               "machine's default for it (BUNDLE/backend.json)")
+    cb.add_argument("bundle")
+    cb.add_argument("--threads", type=int, default=None)
+    cb.add_argument("--min-speedup", type=float, default=1.0, metavar="X",
+                    help="another backend must beat the default by more than X (default 1.0)")
+    cb.add_argument("--iters", type=int, default=30)
+    cb.add_argument("--pause-ms", type=float, default=100.0, help="pause before each timed call (a camera's pace)")
+    cb.add_argument("--dry-run", action="store_true", help="measure and print; write nothing")
+    cb.add_argument("--json", metavar="FILE")
+    cb.set_defaults(func=cmd_choose_backend)
 
     be = sub.add_parser("bench", help="latency per stage, throughput and peak RSS")
     common(be)
@@ -93,7 +110,8 @@ def cmd_locate(args) -> int:
 
     if not args.inputs and not args.source:
         raise GeosurgeError("locate: give image paths or --source")
-    with Localizer(args.bundle, backend=args.backend, threads=args.threads, beam=args.beam) as loc:
+    with Localizer(args.bundle, backend=args.backend, threads=args.threads, beam=args.beam,
+                   options=runner_options(args)) as loc:
         if args.source is not None:
             return locate_stream(loc, args)
         return locate_files(loc, args)
@@ -203,6 +221,22 @@ def cmd_build_engine(args) -> int:
     return 0
 
 
+def runner_options(args) -> dict:
+    """The backend-specific options given on the command line (a backend that does not take one refuses it)."""
+    return {k: v for k, v in (("device", getattr(args, "device", None)),
+                              ("precision_hint", getattr(args, "precision_hint", None))) if v is not None}
+
+
+def describe_runner(backend: str, options: dict) -> str:
+    """``openvino, CPU, INFERENCE_PRECISION_HINT bf16``: the backend and what changes its numerics."""
+    extra = []
+    if options.get("device"):
+        extra.append(str(options["device"]))
+    if options.get("INFERENCE_PRECISION_HINT"):
+        extra.append(f"INFERENCE_PRECISION_HINT {options['INFERENCE_PRECISION_HINT']}")
+    return ", ".join([backend, *extra])
+
+
 # ---- verify --------------------------------------------------------------------------------------------------
 def cmd_verify(args) -> int:
     from geosurge.parity import format_parity
@@ -212,7 +246,7 @@ def cmd_verify(args) -> int:
     from .verify import verify_bundle
 
     try:
-        rep = verify_bundle(args.bundle, args.backend, args.threads)
+        rep = verify_bundle(args.bundle, args.backend, args.threads, **runner_options(args))
     except BundleError as e:
         print(f"verify: FAIL: {e}", file=sys.stderr)
         if args.json:
@@ -221,11 +255,38 @@ def cmd_verify(args) -> int:
     print(format_table(rep["files"], title=f"{args.bundle}: {len(rep['files'])} files, sha256 ok"))
     print()
     print(format_parity(rep["metrics"], rep["gates"],
-                        title=f"golden replay ({rep['backend']}) vs FP32 torch reference stored in the bundle"))
+                        title=f"golden replay ({describe_runner(rep['backend'], rep['runner_options'])}) vs FP32 "
+                              "torch reference stored in the bundle"))
     print(f"verify: {'PASS' if rep['passed'] else 'FAIL'}")
     if args.json:
         write_json(args.json, rep)
     return 0 if rep["passed"] else 1
+
+
+# ---- choose-backend ------------------------------------------------------------------------------------------
+def cmd_choose_backend(args) -> int:
+    from geosurge.report import format_table, write_json
+
+    from .backends.choice import measure_backends, write_choice
+    from .bundle import open_bundle
+
+    bundle = open_bundle(args.bundle)
+    rec = measure_backends(bundle, threads=args.threads, iters=args.iters, pause_ms=args.pause_ms,
+                           min_speedup=args.min_speedup, log=lambda m: None)
+    rows = [{"backend": r["backend"], "hint": (r.get("options") or {}).get("INFERENCE_PRECISION_HINT", ""),
+             "p50_ms": r.get("p50_ms"), "p95_ms": r.get("p95_ms"), "speedup": r.get("speedup"),
+             "parity": "" if "skipped" in r else ("PASS" if r["parity_passed"] else "FAIL"),
+             "p95_drift_km": r.get("p95_drift_km"), "cosine_mean": r.get("cosine_mean"),
+             "note": r.get("skipped", "")} for r in rec["measured"]]
+    print(format_table(rows, title=f"{args.bundle}: backends on this machine ({rec['machine']}), {args.iters} paced "
+                                   f"interleaved runs; parity: golden replay under the manifest's gates"))
+    print(f"choose-backend: {rec['reason']}")
+    if not args.dry_run:
+        print(f"choose-backend: default for this bundle on this machine -> {rec['backend']} "
+              f"({write_choice(bundle, rec)})")
+    if args.json:
+        write_json(args.json, rec)
+    return 0
 
 
 # ---- bench ---------------------------------------------------------------------------------------------------

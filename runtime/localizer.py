@@ -28,12 +28,14 @@ class Localizer:
 
     ``bundle``: a bundle directory or an open :class:`Bundle`. The bundle's checksums are verified on load
     (``verify=False`` skips it). ``backend``: a name from ``geosurge.formats.Backend`` (default: the one the bundle's
-    format implies); ``threads``: the backend's thread count (a backend that cannot honour it refuses it).
+    format implies, or one measured faster at parity on this machine: ``geosurge.runtime.backends.choice``);
+    ``threads``: the backend's thread count (a backend that cannot honour it refuses it); ``options``: the backend's
+    own (OpenVINO: ``{"device": "GPU", "precision_hint": "f32"}``).
     ``beam`` bounds the cell search work for very large tables (see :meth:`CellScorer.topk`).
     """
 
     def __init__(self, bundle, backend: str | None = None, threads: int | None = None, verify: bool = True,
-                 beam: int | None = None):
+                 beam: int | None = None, options: dict | None = None):
         if isinstance(bundle, Bundle):
             self.bundle = bundle
             if verify:
@@ -42,7 +44,7 @@ class Localizer:
             self.bundle = open_bundle(bundle, verify=verify)
         m = self.bundle.manifest
         self.spec = m.preprocess
-        self.runner = open_runner(self.bundle, backend, threads)
+        self.runner = open_runner(self.bundle, backend, threads, **(options or {}))
         self.scorer = CellScorer.load(self.bundle.path("cells"), self.bundle.path("cell_table"))
         self.places = Places.load(self.bundle.path("places")) if self.bundle.has("places") else None
         self.input = m.io.input.name

@@ -1,5 +1,6 @@
 """On-device parity: every sha256, then the golden probes replayed through the backend and compared with the FP32
-torch embeddings stored in the bundle, under the manifest's gates (numpy + one backend; no torch)."""
+torch embeddings stored in the bundle, under the manifest's gates (numpy + one backend; no torch). The report names
+the backend and the run-time options that change its numerics (OpenVINO's precision hint, device)."""
 from __future__ import annotations
 
 from geosurge.parity import compare
@@ -9,15 +10,18 @@ from .golden import Golden
 from .localizer import Localizer
 
 
-def verify_bundle(bundle_dir, backend: str | None = None, threads: int | None = None) -> dict:
-    """Checksums + golden replay. Returns ``{"bundle", "backend", "files", "metrics", "gates", "passed"}``; raises
-    BundleError for a missing, tampered-with or unreadable bundle (the message names the file)."""
+def verify_bundle(bundle_dir, backend: str | None = None, threads: int | None = None, **options) -> dict:
+    """Checksums + golden replay. ``options``: the backend's own (OpenVINO: ``device``, ``precision_hint``).
+    Returns ``{"bundle", "backend", "runner_options", "files", "metrics", "gates", "passed"}``; raises BundleError
+    for a missing, tampered-with or unreadable bundle (the message names the file)."""
     bundle = open_bundle(bundle_dir, verify=False)
     backend = bundle.backend(backend)
     files = bundle.verify_checksums()
-    with Localizer(bundle, backend=backend, threads=threads, verify=False) as loc:
+    with Localizer(bundle, backend=backend, threads=threads, verify=False, options=options) as loc:
         rep = replay_golden(loc)
-    return {"bundle": str(bundle_dir), "backend": backend.value, "files": files, **rep}
+        runner_options = dict(loc.runner.options or {})
+    return {"bundle": str(bundle_dir), "backend": backend.value, "runner_options": runner_options, "files": files,
+            **rep}
 
 
 def replay_golden(loc: Localizer) -> dict:

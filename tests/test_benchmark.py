@@ -9,7 +9,6 @@ import pytest
 
 from geosurge import api
 from geosurge.cli import main
-from geosurge.formats import backends_for
 from geosurge.manifest import manifest_digest
 from geosurge.runtime.backends import RUNNERS
 from geosurge.runtime.benchmark import STAGES, open_contenders, runtime_backends
@@ -68,7 +67,7 @@ def test_report_has_every_stage_backend_and_bundle(run):
                 else:
                     assert 0 <= got[0] <= got[1]
     assert any(c["backend"] == "torch eager FP32" for c in rep["contenders"])
-    (row,) = [r for r in rep["summary"] if r["bundle"] == "tiny"]
+    (row,) = [r for r in rep["summary"] if (r["bundle"], r["backend"]) == ("tiny", "onnxruntime")]
     assert row["model_mb"] > 0 and row["bundle_mb"] > row["model_mb"]
     assert row["x_eager"] > 0 and row["img_s"] > 0 and row["img_s_pool"] in ("serial", "threads", "processes")
     assert row["golden"] == "PASS" and row["recorded"] == "reference"  # FP32: its own reference, replay exact
@@ -140,6 +139,30 @@ def test_task_parity_with_ground_truth_accounts_for_every_row(run):
     # the FP32 torch reference on the same pixels, and the parity of the two embeddings
     assert task["fp32"]["n"] == 2 and task["parity"]["cosine_min"] > 0.999
     assert rep["summary"][0]["acc@25km"] == task["deployed"]["accuracy"]["25km"]
+    # gated in km with the truth: drift median / p95, agreement where confident, the accuracy deltas in points.
+    # FP32 torch vs onnxruntime FP32 of the same graph: tie-aware drift is 0 km (a flip among FP32's near-ties is
+    # not drift); the accuracy deltas are not asserted at 0 — on this flat, untrained head an exact tie may flip
+    gates = {g["gate"]: g for g in task["parity"]["gates"]}
+    assert {"median_drift_km", "p95_drift_km", "top1_agreement_confident", "accuracy_delta_min_pts"} <= set(gates)
+    assert gates["accuracy_delta_min_pts"]["pass"] in ("PASS", "FAIL") and task["parity"]["p95_drift_km"] == 0.0
+    assert set(task["delta_accuracy_pts"]) == {f"acc@{t}km" for t in (1, 25, 200, 750, 2500)}
+    assert min(task["delta_accuracy_pts"].values()) == task["parity"]["accuracy_delta_min_pts"]
+    row = rep["summary"][0]
+    assert row["task"] == ("PASS" if task["parity"]["passed"] else "FAIL") and row["drift_p95_km"] == 0.0
+    assert row["acc_delta_min_pts"] == task["parity"]["accuracy_delta_min_pts"]
+    p = rep["parity"]["tiny | onnxruntime"]
+    assert {"median_drift_km", "p95_drift_km", "top1_agreement_confident", "cosine_mean"} <= set(p["golden"])
+
+
+def test_openvino_runs_when_installed_with_its_precision_hint(run):
+    pytest.importorskip("openvino", reason="the openvino backend is not installed here")
+    rep, *_ = run
+    (c,) = [c for c in rep["contenders"] if (c["bundle"], c["backend"]) == ("tiny", "openvino")]
+    assert c["runner_options"]["INFERENCE_PRECISION_HINT"] and c["runner_options"]["device"] == "CPU"
+    (row,) = [r for r in rep["summary"] if (r["bundle"], r["backend"]) == ("tiny", "openvino")]
+    assert row["precision_hint"] == str(c["runner_options"]["INFERENCE_PRECISION_HINT"])
+    assert row["golden"] == "PASS" and row["drift_p95_km"] == 0.0  # checked like any backend, in km
+    assert rep["memory"]["tiny | openvino"]["heavy_modules"] == []
 
 
 def test_short_form_for_the_demo(run):
@@ -164,17 +187,21 @@ def test_a_registered_runner_appears_without_a_change_here(run):
     that runs here and it becomes a contender."""
     from geosurge.runtime.backends.onnxruntime import OnnxRuntimeRunner
 
-    _, _, tiny, _ = run
-    other = next(b.value for b in backends_for("onnx") if b.value != "onnxruntime")
-    saved = dict.__getitem__(RUNNERS, other)  # (Registry.get imports a lazy entry; keep the entry as it is)
-    RUNNERS[other] = OnnxRuntimeRunner
+    rep, _, tiny, _ = run
+    # every ONNX backend that could not run here (TensorRT without an engine; OpenVINO where it is not installed)
+    cannot = [s["backend"] for s in rep["skipped"] if s["bundle"] == "tiny"]
+    assert cannot
+    saved = {b: dict.__getitem__(RUNNERS, b) for b in cannot}  # (Registry.get imports a lazy entry; keep it)
+    for b in cannot:
+        RUNNERS[b] = OnnxRuntimeRunner
     try:
         contenders, skipped, _ = open_contenders([tiny.root], log=lambda m: None)
     finally:
-        RUNNERS[other] = saved
+        for b, entry in saved.items():
+            RUNNERS[b] = entry
     for c in contenders:
         c.close()
-    assert {c.backend for c in contenders} == {"onnxruntime", other} and not skipped
+    assert {c.backend for c in contenders} == set(runtime_backends(tiny)) and not skipped
 
 
 def test_interleaved_pause_results_and_order():

@@ -11,10 +11,11 @@ import pytest
 from geosurge import api
 from geosurge.errors import GeosurgeError
 from geosurge.formats import Backend, Precision, Target
-from geosurge.manifest import Manifest
+from geosurge.manifest import Manifest, manifest_digest
 from geosurge.runtime import BundleError, Localizer, open_bundle
 from geosurge.runtime.backends import get_runner, open_runner
 from geosurge.samples import sample_photo_paths
+from geosurge.runtime.verify import verify_bundle
 
 QUIET = {"log": lambda m: None}
 
@@ -39,7 +40,7 @@ def test_api_export_returns_the_typed_bundle_it_wrote(tiny_bundle):
     assert isinstance(m, Manifest) and m.model.precision == Precision.FP32 and m.model.target == Target.ONNXRUNTIME
     assert m == open_bundle(b).manifest  # what the writer returned is what a reader reads
     raw = json.loads((b / "manifest.json").read_text())
-    assert raw["schema_version"] == 2 and Manifest.from_dict(raw).to_dict() == raw
+    assert raw["schema_version"] == 3 and Manifest.from_dict(raw).to_dict() == raw
     assert m.io.embedding.shape == [1, 32] and m.io.static_batch == 1
     assert m.source.config == "tiny" and m.source.seed == 0 and m.check is None
 
@@ -115,8 +116,10 @@ def test_tensorrt_int8_export_records_held_out_parity_and_exits_1_when_it_fails(
     q = m.quantization
     assert m.model.target == Target.TENSORRT and q.extra["quantizer"].startswith("nvidia-modelopt")
     assert q.check.passed is False and q.check.failed_gates() == ["cosine_mean"]
-    assert q.check.images == q.calibration["holdout_images"] > 0 and q.check.runner == "onnxruntime"
-    assert q.calibration["calibration_images"] + q.calibration["holdout_images"] == 32
+    assert q.check.images == q.calibration["check_images"] > 0 and q.check.runner == "onnxruntime"
+    assert q.calibration["calibrate_images"] + q.calibration["check_images"] == 32 and q.calibration["choose_images"] == 0
+    assert q.check.split == {"calibrate": q.calibration["calibrate_images"], "choose": 0,
+                             "check": q.check.images, "ground_truth": False}
     assert 0.5 < q.check.metrics["cosine_mean"] <= 1.0  # a real measurement, not a placeholder
 
 
@@ -173,3 +176,25 @@ def test_a_schema_1_bundle_opens_locates_and_verifies(tiny_bundle, tmp_path):
     with Localizer(b) as loc:
         assert -90 <= loc.locate(sample_photo_paths()[0])["lat"] <= 90
     assert verify_bundle(old)["passed"]
+
+
+def test_a_schema_2_bundle_with_the_old_gates_still_verifies(tiny_bundle, tmp_path):
+    """Bundles written before parity was gated in km carry cosine / per-level agreement / median-drift gates and
+    schema version 2: read, verified and reported with the gates they were written with."""
+    import shutil
+
+    from geosurge.parity import LEGACY_GATES
+
+    b = tmp_path / "old"
+    shutil.copytree(tiny_bundle.root, b)
+    raw = json.loads((b / "manifest.json").read_text())
+    raw.update(schema_version=2, parity_gates={k: [op, t] for k, (op, t) in LEGACY_GATES.items()})
+    raw.pop("backend_choice", None)
+    raw["manifest_sha256"] = manifest_digest(raw)
+    (b / "manifest.json").write_text(json.dumps(raw))
+    m = open_bundle(b).manifest
+    assert m.read_version == 2 and set(m.gates()) == set(LEGACY_GATES)
+    rep = verify_bundle(b)
+    assert rep["passed"] and [g["gate"] for g in rep["gates"]] == list(LEGACY_GATES)
+    # ... and the new metrics are still reported beside them
+    assert {"p95_drift_km", "top1_agreement_confident"} <= set(rep["metrics"])

@@ -14,7 +14,7 @@ from geosurge import fsutil
 from geosurge.errors import GeosurgeError
 from geosurge.formats import (PRECISIONS, TARGETS, Backend, Format, Precision, Target, check_backend,
                               check_precision, default_backend, resolve_target)
-from geosurge.manifest import BundleError, Manifest, ManifestError, manifest_digest
+from geosurge.manifest import SCHEMA_VERSION, BundleError, Manifest, ManifestError, manifest_digest
 
 DATA = Path(__file__).parent / "data"
 V1 = {name: json.loads((DATA / f"manifest_v1_{name}.json").read_text()) for name in ("fp32", "dyn", "pruned",
@@ -24,7 +24,7 @@ V1 = {name: json.loads((DATA / f"manifest_v1_{name}.json").read_text()) for name
 # ---- the typed manifest -------------------------------------------------------------------------------------------
 def test_schema_1_manifests_read_as_typed_objects():
     fp32, dyn, pruned, coreml = (Manifest.from_dict(V1[k]) for k in ("fp32", "dyn", "pruned", "coreml"))
-    assert all(m.read_version == 1 and m.schema_version == 2 for m in (fp32, dyn, pruned, coreml))
+    assert all(m.read_version == 1 and m.schema_version == SCHEMA_VERSION for m in (fp32, dyn, pruned, coreml))
     assert fp32.model.format == Format.ONNX and fp32.model.precision == Precision.FP32
     assert fp32.model.target == Target.ONNXRUNTIME and fp32.model.opset == 17
     assert fp32.io.static_batch == 1 and fp32.io.input.shape == [1, 3, 64, 64]
@@ -45,7 +45,7 @@ def test_schema_1_manifests_read_as_typed_objects():
 def test_manifest_round_trip(name):
     m = Manifest.from_dict(V1[name])
     d = m.to_dict()
-    assert d["schema_version"] == 2
+    assert d["schema_version"] == SCHEMA_VERSION == 3
     again = Manifest.from_dict(json.loads(json.dumps(d)))
     assert again == m and again.to_dict() == d
     # keys this version does not know survive a round trip, in any section
@@ -69,11 +69,11 @@ def test_the_preprocess_section_carries_the_decode_rule():
         Manifest.from_dict(d)
 
 
-@pytest.mark.parametrize("version", [0, 3, 99, "2", None])
+@pytest.mark.parametrize("version", [0, 4, 99, "2", None])
 def test_other_schema_versions_are_refused_by_name(version):
     d = {**V1["fp32"], "schema_version": version}
     with pytest.raises(ManifestError, match=f"schema version {version} is not supported by this runtime "
-                                            r"\(reads versions 1, 2\)"):
+                                            r"\(reads versions 1, 2, 3\)"):
         Manifest.from_dict(d)
     with pytest.raises(ManifestError, match="not a geosurge bundle manifest"):
         Manifest.from_dict({**V1["fp32"], "schema": "something.else"})

@@ -236,7 +236,10 @@ def test_parity_cli_passes_and_fails_on_a_different_model(tiny_bundle, tmp_path,
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads((tmp_path / "p.json").read_text())
     assert rep["passed"] and rep["metrics"]["cosine_min"] > 0.9999
-    assert {g["gate"] for g in rep["gates"]} >= {"cosine_mean", "level_top1_agreement_min", "median_drift_km"}
+    # gated in km (cosine a diagnostic); no ground truth in a folder of photos: the accuracy gate is SKIP
+    gates = {g["gate"]: g["pass"] for g in rep["gates"]}
+    assert gates == {"median_drift_km": "PASS", "p95_drift_km": "PASS", "top1_agreement_confident": "PASS",
+                     "accuracy_delta_min_pts": "SKIP"}
     other, _ = load_model("tiny", seed=5, hierarchy=default_hierarchy)
     other.save_pretrained(tmp_path / "other")
     r = run_cli("geosurge", "parity", tiny_bundle[0], "--checkpoint", tmp_path / "other")

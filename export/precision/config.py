@@ -52,8 +52,20 @@ class QuantConfig:
     #: weights of the nodes kept out of INT8 compute: "int8" = weight-only INT8 (per-channel, dequantized to float
     #: for the compute: a quarter of the bytes, far smaller error than activation quantization), "fp32" = float
     excluded_weights: str = "int8"
+    #: the share of the calibration set kept for the parity check (never calibrated on, never chosen on) ...
     holdout: float = 0.25
+    #: ... and the share the precision search / QAT comparison chooses the mix on (when there is a choice)
+    choose: float = 0.25
     seed: int = 0
+    #: an int8 / int8-dynamic model must run faster than FP32 by more than this ratio on the exporting machine
+    #: (measured interleaved and paced); 0 turns the speed gate off
+    min_speedup: float = 1.0
+    #: quantization-aware distillation when all-INT8 PTQ fails the gates (static int8; ``geosurge.export.precision.qat``)
+    qat: bool = False
+    qat_steps: int = 200
+    qat_lr: float = 2e-5
+    #: onnxruntime's ``reduce_range``: 7-bit weights, which x86 CPUs without VNNI multiply without int16 saturation
+    reduce_range: bool = False
 
     def __post_init__(self):
         try:
@@ -72,6 +84,24 @@ class QuantConfig:
             raise GeosurgeError(f"unknown precision search {self.search!r} (use 'auto')")
         if self.search and self.precision not in ("int8", "int8-dynamic"):
             raise GeosurgeError("--precision-search auto applies to --precision int8 and int8-dynamic")
+        if self.qat and self.precision != "int8":
+            raise GeosurgeError("--qat applies to --precision int8 (static QDQ)")
+        if self.qat_steps < 1 or not self.qat_lr > 0:
+            raise GeosurgeError("--qat-steps must be >= 1 and the QAT learning rate > 0")
+        if self.min_speedup < 0:
+            raise GeosurgeError(f"--min-speedup must be >= 0 (0: no speed gate), not {self.min_speedup}")
+        if not (0 < self.holdout < 1 and 0 <= self.choose < 1 and self.holdout + self.choose < 1):
+            raise GeosurgeError("the check and choose shares must be in (0, 1) and leave images to calibrate on")
+
+    @property
+    def chooses(self) -> bool:
+        """Whether a choice is made on measured parity (the precision search, or QAT vs PTQ)."""
+        return bool(self.search or self.qat)
+
+    @property
+    def speed_gated(self) -> bool:
+        """int8 / int8-dynamic exist for CPU speed: they must beat FP32 (fp16 on a CPU target is for GPUs)."""
+        return self.precision in ("int8", "int8-dynamic") and self.min_speedup > 0
 
     @property
     def needs_calibration(self) -> bool:

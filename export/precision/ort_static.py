@@ -62,11 +62,11 @@ def quantize_int8_static(prepared: Path, dst: Path, calib: np.ndarray | None, cf
                         per_channel=cfg.per_channel, activation_type=act, weight_type=wt,
                         calibrate_method=method, nodes_to_exclude=excluded,
                         nodes_to_quantize=with_followers(prepared, only) if only else None,
-                        calibration_cache_path=str(cache) if cache else None,
+                        calibration_cache_path=str(cache) if cache else None, reduce_range=cfg.reduce_range,
                         extra_options={"OpTypesToExcludeOutputQuantization": list(FLOAT_OUTPUT_OP_TYPES)})
     rewired = float_inputs(dst, FLOAT_INPUT_OP_TYPES)
     return {"quantizer": "onnxruntime.quantization.quantize_static (QDQ)", "op_types": list(STATIC_OP_TYPES),
             "per_channel": cfg.per_channel, "activation_type": cfg.activation_type,
-            "weight_type": cfg.weight_type, "calibrate_method": cfg.calibrate_method, "nodes_excluded": excluded,
+            "weight_type": cfg.weight_type, "reduce_range": cfg.reduce_range, "calibrate_method": cfg.calibrate_method, "nodes_excluded": excluded,
             "float_output_op_types": list(FLOAT_OUTPUT_OP_TYPES), "float_input_op_types": list(FLOAT_INPUT_OP_TYPES),
             "float_inputs_rewired": rewired}

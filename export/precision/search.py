@@ -92,36 +92,51 @@ def node_sensitivity(quantizer: Quantizer, inputs: np.ndarray, workdir: Path, th
     return rows
 
 
-def _summary(rec: dict) -> str:
+#: what a search step records of the parity metrics (task-level first, then the diagnostics)
+STEP_METRICS = ("median_drift_km", "p95_drift_km", "top1_agreement_confident", "accuracy_delta_min_pts",
+                "cosine_mean", "cosine_min", "level_top1_agreement_min", "top1_in_top5")
+
+
+def summary(rec: dict) -> str:
+    """One line of a parity result: the task-level figures, cosine as a diagnostic, and the verdict."""
     m = rec["metrics"]
-    return (f"cos mean {m['cosine_mean']:.4f} min {m['cosine_min']:.4f}, level agreement "
-            f"{m['level_top1_agreement_min']:.3f}, top1-in-top5 {m['top1_in_top5']:.3f}, drift "
-            f"{m['median_drift_km']:.1f} km -> {'PASS' if rec['passed'] else 'FAIL'}")
+    acc = (f", acc delta {m['accuracy_delta_min_pts']:+.1f} pts" if m.get("accuracy_delta_min_pts") is not None
+           else "")
+    failed = [g["gate"] for g in rec["gates"] if g["pass"] == "FAIL"]
+    return (f"drift median {m['median_drift_km']:.1f} km p95 {m['p95_drift_km']:.1f} km, top-1 agreement "
+            f"{m['top1_agreement_confident']:.3f} (confident {m['confident_n']}){acc}; cos {m['cosine_mean']:.4f} -> "
+            + ("PASS" if rec["passed"] else f"FAIL ({', '.join(failed)})"))
+
+
+def step_record(rec: dict, **extra) -> dict:
+    m = rec["metrics"]
+    return {**extra, "passed": rec["passed"], **{k: m[k] for k in STEP_METRICS if m.get(k) is not None}}
 
 
 def search_precision(quantizer: Quantizer, dst: Path, holdout: np.ndarray, scorer, workdir: Path,
                      gates: dict | None = None, threads: int | None = 2, sensitivity_images: int = 8,
-                     ranking: list[dict] | None = None, log=print) -> dict:
-    """All-INT8 first; if the gates fail on the held-out images, rank nodes by measured error and exclude the
-    worst 1, 2, 4, ... until a mix passes, then bisect down to the smallest passing group. Writes the chosen mix to
-    ``dst`` and returns the record for the manifest (``passed`` False, nothing written, when no mix passes)."""
-    ref = run_embeddings(quantizer.prepared, holdout, threads)
+                     ranking: list[dict] | None = None, log=print, reference: np.ndarray | None = None,
+                     truth=None) -> dict:
+    """All-INT8 first; if the gates fail on ``holdout`` (the *choose* images: never calibrated on, never used for
+    the final check), rank nodes by measured error and exclude the worst 1, 2, 4, ... until a mix passes, then
+    bisect down to the smallest passing group. ``reference``: the FP32 model's embeddings of ``holdout`` (default:
+    the prepared graph's own — differs when the graph is a QAT-tuned copy); ``truth``: their (lat, lon) for the
+    accuracy gates. Writes the chosen mix to ``dst`` and returns the record for the manifest (``passed`` False,
+    nothing written, when no mix passes)."""
+    ref = reference if reference is not None else run_embeddings(quantizer.prepared, holdout, threads)
     trial = workdir / "trial.onnx"
     steps = []
 
     def attempt(excluded: list[str], label: str | None = None) -> dict:
         quantizer(trial, excluded)
-        rec = compare(ref, run_embeddings(trial, holdout, threads), scorer, gates)
-        m = rec["metrics"]
-        steps.append({"excluded": len(excluded), "passed": rec["passed"],
-                      **{k: m[k] for k in ("cosine_mean", "cosine_min", "level_top1_agreement_min",
-                                           "top1_in_top5", "median_drift_km")}})
-        log(f"  {label or f'exclude {len(excluded):3d} node(s)'}: {_summary(rec)}")
+        rec = compare(ref, run_embeddings(trial, holdout, threads), scorer, gates, truth=truth)
+        steps.append(step_record(rec, excluded=len(excluded)))
+        log(f"  {label or f'exclude {len(excluded):3d} node(s)'}: {summary(rec)}")
         return rec
 
     t0 = time.perf_counter()
     rec = attempt([])
-    result = {"method": "auto", "holdout_images": int(len(holdout)), "steps": steps, "ranking": [],
+    result = {"method": "auto", "choose_images": int(len(holdout)), "steps": steps, "ranking": [],
               "excluded_nodes": [], "passed": rec["passed"]}
     if rec["passed"]:
         os.replace(trial, dst)
@@ -186,6 +201,6 @@ class PrecisionSearchFailed(GeosurgeError):
         self.search = search
         last = search["steps"][-1]
         super().__init__(f"precision search: no mix passes the parity gates (with every quantizable node in "
-                         f"float: cosine mean {last['cosine_mean']:.4f}, level agreement "
-                         f"{last['level_top1_agreement_min']:.3f}); not exported — use fp32/fp16, another "
+                         f"float: drift median {last['median_drift_km']:.1f} km, p95 {last['p95_drift_km']:.1f} km, "
+                         f"cosine mean {last['cosine_mean']:.4f}); not exported — use fp32/fp16, another "
                          "calibration set or method")

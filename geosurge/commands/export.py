@@ -28,7 +28,21 @@ def register(sub) -> None:
     p.add_argument("--precision-search", choices=["auto"], help="int8: exclude the nodes with the worst measured "
                    "error, group by group, until the parity gates pass on held-out calibration images")
     p.add_argument("--calib", metavar="DIR|CSV", help="calibration images: a folder or a manifest (path,lat,lon; "
-                   "stratified over the hierarchy). Default: augmented views of the sample photos")
+                   "stratified over the hierarchy; its coordinates add accuracy deltas in km to the held-out check), "
+                   "split into calibrate / choose / check parts. fp16 / int8-dynamic: the images parity is checked "
+                   "on. Default: augmented views of the sample photos")
+    p.add_argument("--qat", action="store_true", help="int8: when all-INT8 PTQ fails the parity gates, "
+                   "quantization-aware distillation (the FP32 model teaches a fake-quantized copy on the calibration "
+                   "images; nvidia-modelopt), then onnxruntime's static INT8 of the tuned weights")
+    p.add_argument("--qat-steps", type=int, default=200, metavar="N", help="QAT optimizer steps (default 200)")
+    p.add_argument("--min-speedup", type=float, default=1.0, metavar="X",
+                   help="int8 / int8-dynamic: the model must run more than X times faster than FP32 on this machine "
+                        "(measured interleaved and paced) or FP32 wins and export exits 1 (default 1.0; 0: no gate)")
+    p.add_argument("--reduce-range", action="store_true", help="int8: 7-bit weights (onnxruntime reduce_range), "
+                   "which x86 CPUs without VNNI multiply without int16 saturation")
+    p.add_argument("--recommend-backend", action="store_true", help="time every installed backend that reads the "
+                   "bundle (onnxruntime, OpenVINO, ...) with golden parity, and record the fastest at parity in the "
+                   "manifest: the runtime's default on machines like this one")
     p.add_argument("--calib-size", type=int, default=256)
     p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS)
     p.add_argument("--calib-cache", metavar="DIR", default=None, help="cache preprocessed calibration sets here")
@@ -57,15 +71,25 @@ def cmd_export(args) -> int:
                         calib_method=args.calib_method, calib_cache=args.calib_cache,
                         precision_search=args.precision_search, exclude_nodes=args.exclude_nodes, table=args.table,
                         dynamic_batch=args.dynamic_batch, with_logits=args.with_logits, opset=args.opset,
-                        threads=args.threads, golden=args.golden, cells=args.cells, seed=args.seed)
+                        threads=args.threads, golden=args.golden, cells=args.cells, seed=args.seed, qat=args.qat,
+                        qat_steps=args.qat_steps, min_speedup=args.min_speedup, reduce_range=args.reduce_range,
+                        recommend_backend=args.recommend_backend)
     m = bundle.manifest
     check = m.check
+    decision = (m.quantization.extra.get("decision") if m.quantization is not None else None) or {}
+    if m.backend_choice is not None:
+        print(f"export: default backend on machines like this one: {m.backend_choice.reason}")
+    rc = 0
     if check is not None and check.passed is False:
         print(f"export: the {m.model.precision} model FAILS the parity gates on held-out images "
               f"({', '.join(check.failed_gates())}); the bundle is written for inspection. Try --precision-search "
-              "auto, --exclude-nodes or another precision.", file=sys.stderr)
-        return 1
+              "auto, --qat, --exclude-nodes or another precision.", file=sys.stderr)
+        rc = 1
+    if decision and not decision.get("passed"):
+        print(f"export: {m.model.precision} is not recommended on this machine: {decision['why']} (the bundle is "
+              "written for inspection)", file=sys.stderr)
+        rc = 1
     if check is not None and check.passed is None:
         print(f"export: note: held-out parity of the {m.model.precision} model was {check.skipped}; run "
               "`geosurge-run verify` where its backend runs", file=sys.stderr)
-    return 0
+    return rc

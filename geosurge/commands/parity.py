@@ -8,11 +8,15 @@ def register(sub) -> None:
 
     p = sub.add_parser("parity", help="FP32 torch model vs a bundle through the runtime")
     p.add_argument("bundle")
-    p.add_argument("--images", nargs="+", help="image files/folders (default: the sample photos)")
+    p.add_argument("--images", nargs="+", help="image files / folders, or CSV manifests (path,lat,lon) whose "
+                   "coordinates add the accuracy deltas in km (default: the sample photos)")
     p.add_argument("--checkpoint", help="the FP32 model (default: the source recorded in the manifest)")
     p.add_argument("--backend", default=None, choices=[b.value for b in Backend],
                    help="default: the one the bundle's format implies")
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default=None, help="openvino: the device (CPU, GPU, NPU, AUTO)")
+    p.add_argument("--precision-hint", default=None, choices=["f32", "bf16", "f16"],
+                   help="openvino: INFERENCE_PRECISION_HINT (default: the device's own)")
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(func=cmd_parity)
 
@@ -21,11 +25,13 @@ def cmd_parity(args) -> int:
     from .. import api
     from ..parity import format_parity
     from ..report import write_json
+    from ..runtime.cli import describe_runner, runner_options
 
     rep = api.parity(args.bundle, args.images, checkpoint=args.checkpoint, backend=args.backend,
-                     threads=args.threads)
+                     threads=args.threads, **runner_options(args))
+    runner = describe_runner(rep["backend"], rep["runner_options"])
     print(format_parity(rep["metrics"], rep["gates"], title=f"parity: FP32 torch vs {args.bundle} "
-                                                            f"({rep['precision']}, {rep['backend']}), "
+                                                            f"({rep['precision']}, {runner}), "
                                                             f"{rep['metrics']['n']} images"))
     print(f"parity: {'PASS' if rep['passed'] else 'FAIL'}")
     if args.json:

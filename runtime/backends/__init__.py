@@ -34,7 +34,10 @@ class Runner(ABC):
 
     Subclasses set :attr:`name`, :attr:`input_names` / :attr:`output_names`, implement :meth:`open`,
     :meth:`infer` and :meth:`_release`, and say with :attr:`thread_option` whether ``threads`` means anything to
-    them (a runner that cannot honour it refuses it: :meth:`check_threads`).
+    them (a runner that cannot honour it refuses it: :meth:`check_threads`). Backend-specific options (OpenVINO's
+    ``device`` and ``precision_hint``) are named in :attr:`option_names`; any other is refused
+    (:meth:`check_options`). :attr:`options` says what the runner actually runs with where that changes numerics
+    (the parity record keeps it beside the result).
     """
 
     name: ClassVar[Backend]
@@ -42,13 +45,17 @@ class Runner(ABC):
     thread_option: ClassVar[str | None] = None
     #: ... and then why (the refusal names it)
     no_threads_reason: ClassVar[str] = ""
+    #: the keyword options :meth:`open` takes besides ``threads``
+    option_names: ClassVar[tuple[str, ...]] = ()
     input_names: list[str]
     output_names: list[str]
+    #: run-time settings in force (precision hint, device, providers, ...): recorded with parity results
+    options: dict = {}
     _closed: bool = False
 
     @classmethod
     @abstractmethod
-    def open(cls, bundle, threads: int | None = None) -> "Runner":
+    def open(cls, bundle, threads: int | None = None, **options) -> "Runner":
         """A runner for ``bundle``'s model part (a :class:`geosurge.runtime.Bundle`). Raises BackendUnavailable
         when the backend cannot run here, GeosurgeError for an option it cannot honour."""
 
@@ -88,10 +95,21 @@ class Runner(ABC):
             raise GeosurgeError(f"--threads must be >= 1, not {threads}")
         return int(threads)
 
+    @classmethod
+    def check_options(cls, options: dict) -> dict:
+        """``options`` without the unset (None) ones, if this backend takes every one; GeosurgeError otherwise."""
+        options = {k: v for k, v in (options or {}).items() if v is not None}
+        bad = sorted(set(options) - set(cls.option_names))
+        if bad:
+            takes = f"it takes {', '.join(cls.option_names)}" if cls.option_names else "it takes none"
+            raise GeosurgeError(f"the {cls.name} backend has no option {', '.join(bad)} ({takes})")
+        return options
+
 
 #: backend name -> runner class ("module:Class", imported when asked for)
 RUNNERS = Registry("backend", {
     Backend.ONNXRUNTIME.value: "geosurge.runtime.backends.onnxruntime:OnnxRuntimeRunner",
+    Backend.OPENVINO.value: "geosurge.runtime.backends.openvino:OpenVINORunner",
     Backend.TENSORRT.value: "geosurge.runtime.backends.tensorrt:TensorRTRunner",
     Backend.COREML.value: "geosurge.runtime.backends.coreml:CoreMLRunner",
 })
@@ -111,7 +129,8 @@ def embed_batches(runner: Runner, x: np.ndarray, input_name: str, output_name: s
     return runner.infer({input_name: x})[output_name]
 
 
-def open_runner(bundle, backend: str | None = None, threads: int | None = None) -> Runner:
-    """Open ``bundle`` with ``backend`` (default: the one its format implies; BundleError if the backend cannot read
-    the format)."""
-    return get_runner(bundle.backend(backend)).open(bundle, threads=threads)
+def open_runner(bundle, backend: str | None = None, threads: int | None = None, **options) -> Runner:
+    """Open ``bundle`` with ``backend`` (default: :meth:`geosurge.runtime.Bundle.backend`'s choice — the format's
+    default, or a backend measured faster at parity on this machine; BundleError if the backend cannot read the
+    format). ``options``: the backend's own (:attr:`Runner.option_names`)."""
+    return get_runner(bundle.backend(backend)).open(bundle, threads=threads, **options)

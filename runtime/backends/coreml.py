@@ -40,7 +40,8 @@ class CoreMLRunner(Runner):
         self.output_names = [o.name for o in description.output]
 
     @classmethod
-    def open(cls, bundle, threads: int | None = None) -> "CoreMLRunner":
+    def open(cls, bundle, threads: int | None = None, **options) -> "CoreMLRunner":
+        cls.check_options(options)
         return cls(bundle.path("model"), bundle.preprocess, threads=threads)
 
     def to_pixels(self, x: np.ndarray) -> np.ndarray:

@@ -70,9 +70,11 @@ class OnnxRuntimeRunner(Runner):
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.version = ort.__version__
         self.providers = self.session.get_providers()
+        self.options = {"providers": self.providers, "intra_op_num_threads": threads, "onnxruntime": ort.__version__}
 
     @classmethod
-    def open(cls, bundle, threads: int | None = None) -> "OnnxRuntimeRunner":
+    def open(cls, bundle, threads: int | None = None, **options) -> "OnnxRuntimeRunner":
+        cls.check_options(options)
         return cls(bundle.path("model"), threads=threads)
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -55,7 +55,8 @@ class TensorRTRunner(Runner):
         self.input_names, self.output_names = list(self.inputs), list(self.outputs)
 
     @classmethod
-    def open(cls, bundle, threads: int | None = None) -> "TensorRTRunner":
+    def open(cls, bundle, threads: int | None = None, **options) -> "TensorRTRunner":
+        cls.check_options(options)
         return cls(bundle.root / ENGINE_FILE, bundle.manifest.file_record("model").sha256, threads=threads)
 
     def _buffer(self, name: str, shape: tuple, dtype) -> tuple:

@@ -1,0 +1,193 @@
+"""Which backend runs a bundle by default: the format's first backend (``geosurge.formats.FORMAT_BACKENDS``:
+onnxruntime for ONNX), unless another was **measured faster at parity on this machine** and is installed here.
+
+Why a measurement and why per machine: OpenVINO's CPU plugin runs BF16 inside on CPUs with AVX512-BF16 / AMX
+(2.06 ms vs onnxruntime's 3.7 at cosine 0.999, TOOLCHAIN.md) but FP32 on AVX2-only CPUs, where it is no faster;
+INT8 kernels differ by instruction set too. The same bundle has a different best backend on different CPUs, so a
+recommendation is only valid where it was measured.
+
+Where it is recorded:
+
+* ``geosurge-run choose-backend BUNDLE`` (on the device) times every installed backend that reads the bundle's
+  format, interleaved and paced, replays the golden probes through each under the manifest's gates, and writes the
+  winner to the sidecar ``BUNDLE/backend.json`` (not a bundle part and not checksummed — like the TensorRT engine,
+  it belongs to the machine, not to the bundle), keyed by :func:`machine_fingerprint`.
+* ``geosurge export --recommend-backend`` does the same on the exporting machine and records it in the manifest
+  (``backend_choice``): it applies on devices with the same fingerprint (exporting on the deployment machine).
+
+:func:`default_backend_for` reads the sidecar first, then the manifest; a recommendation from another machine, or for
+a backend not installed here, is ignored. An explicit ``--backend`` always wins.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from geosurge.errors import GeosurgeError
+from geosurge.formats import Backend, backends_for, default_backend
+
+#: the per-machine recommendation beside a bundle's manifest
+SIDECAR_FILE = "backend.json"
+#: the Python package each backend needs (an ``importlib.util.find_spec`` check imports nothing)
+LIBRARIES = {Backend.ONNXRUNTIME: "onnxruntime", Backend.OPENVINO: "openvino", Backend.TENSORRT: "tensorrt",
+             Backend.COREML: "coremltools"}
+#: instruction-set flags that change which kernels (and numerics) backends pick
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8",
+             "asimddp", "i8mm", "bf16", "sve")
+
+
+def installed(backend: Backend | str) -> bool:
+    return importlib.util.find_spec(LIBRARIES[Backend(str(backend))]) is not None
+
+
+def _cpu() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            if key in ("model name", "cpu model", "hardware") and not model:
+                model = value.strip()
+            elif key in ("flags", "features"):
+                flags.update(value.split())
+    except OSError:  # not Linux: the platform's processor string alone
+        pass
+    return model, sorted(f for f in ISA_FLAGS if f in flags)
+
+
+def machine_fingerprint() -> str:
+    """``"<arch> | <cpu model> | <ISA flags that matter>"``: what a backend recommendation is valid for."""
+    model, flags = _cpu()
+    return f"{platform.machine()} | {model or 'unknown cpu'} | {','.join(flags) or '-'}"
+
+
+def sidecar_path(bundle) -> Path:
+    return Path(bundle) / SIDECAR_FILE
+
+
+def recorded_choice(bundle) -> dict | None:
+    """The recommendation that applies on this machine: the sidecar's, else the manifest's ``backend_choice``, when
+    measured on a machine with this fingerprint; None otherwise. An unreadable sidecar is ignored (it is advice)."""
+    here = machine_fingerprint()
+    side = sidecar_path(bundle)
+    if side.is_file():
+        try:
+            rec = json.loads(side.read_text())
+            if isinstance(rec, dict) and rec.get("machine") == here and rec.get("backend"):
+                return rec
+        except (OSError, ValueError):
+            pass
+    choice = getattr(bundle.manifest, "backend_choice", None)
+    if choice is not None and choice.machine == here:
+        return choice.to_dict()
+    return None
+
+
+def default_backend_for(bundle) -> Backend:
+    """The backend a bundle opens with when none is named: a recorded recommendation for this machine whose backend
+    reads the format and is installed, else the format's default."""
+    fmt = bundle.manifest.model.format
+    rec = recorded_choice(bundle)
+    if rec is not None:
+        try:
+            b = Backend(rec["backend"])
+        except ValueError:
+            b = None
+        if b is not None and b in backends_for(fmt) and installed(b):
+            return b
+    return default_backend(fmt)
+
+
+def decide(rows: list[dict], baseline: str, min_speedup: float = 1.0) -> tuple[str, str]:
+    """(winner, why) from measured rows (``backend``, ``p50_ms``, ``parity_passed``): the fastest backend that
+    passes parity and beats ``baseline``'s p50 by more than ``min_speedup``; the baseline otherwise."""
+    base = next((r for r in rows if r["backend"] == baseline), None)
+    if base is None:
+        raise GeosurgeError(f"choose-backend: the baseline {baseline} was not measured")
+    ok = [r for r in rows if r["backend"] != baseline and r.get("parity_passed")
+          and base["p50_ms"] / r["p50_ms"] > min_speedup]
+    if not ok:
+        slower = [f"{r['backend']} x{base['p50_ms'] / r['p50_ms']:.2f}" + ("" if r.get("parity_passed") else
+                                                                          " (fails parity)")
+                  for r in rows if r["backend"] != baseline and r.get("p50_ms")]
+        return baseline, (f"{baseline}: no other backend passes parity and is more than x{min_speedup:g} faster"
+                          + (f" ({', '.join(slower)})" if slower else ""))
+    best = min(ok, key=lambda r: r["p50_ms"])
+    return best["backend"], (f"{best['backend']}: x{base['p50_ms'] / best['p50_ms']:.2f} faster than {baseline} "
+                             f"(p50 {best['p50_ms']:.2f} vs {base['p50_ms']:.2f} ms, paced) and passes parity"
+                             + (f" at INFERENCE_PRECISION_HINT {best['options'].get('INFERENCE_PRECISION_HINT')}"
+                                if best.get("options", {}).get("INFERENCE_PRECISION_HINT") else ""))
+
+
+def measure_backends(bundle, threads: int | None = None, backends=None, iters: int = 30, warmup: int = 5,
+                     pause_ms: float = 100.0, min_speedup: float = 1.0, measure=None, log=print) -> dict:
+    """Every installed backend that reads ``bundle``'s format (or ``backends``): the golden probes replayed under
+    the manifest's gates, and inference latency on one probe, interleaved and paced (``pause_ms`` before each call:
+    a camera at 10 fps). ``measure(calls) -> {name: [ms, ...]}`` replaces the timing (tests). Returns the
+    ``backend_choice`` record (``backend``, ``machine``, ``reason``, ``measured`` rows, ``min_speedup``); a backend
+    that cannot open here is a row with ``skipped``."""
+    from geosurge.parity import compare
+    from geosurge.timing import interleaved
+
+    from ..golden import Golden
+    from . import BackendUnavailable, embed_batches, get_runner
+
+    m = bundle.manifest
+    golden = Golden.load(bundle.path("golden"))
+    from ..cells import CellScorer
+
+    scorer = CellScorer.load(bundle.path("cells"), bundle.path("cell_table"))
+    base = default_backend(m.model.format)
+    names = [Backend(str(b)) for b in (backends or backends_for(m.model.format))]
+    if base not in names:
+        names.insert(0, base)
+    rows, runners = [], {}
+    try:
+        for b in names:
+            cls = get_runner(b)
+            if not installed(b):
+                rows.append({"backend": b.value, "skipped": f"{LIBRARIES[b]} is not installed"})
+                continue
+            try:
+                runners[b.value] = cls.open(bundle, threads=threads if cls.thread_option else None)
+            except BackendUnavailable as e:
+                rows.append({"backend": b.value, "skipped": str(e)})
+        for name, r in runners.items():
+            rep = compare(golden.embedding, embed_batches(r, golden.inputs, m.io.input.name, m.io.embedding.name,
+                                                          m.io.static_batch), scorer, m.gates() or None)
+            rows.append({"backend": name, "options": dict(getattr(r, "options", {}) or {}),
+                         "parity_passed": rep["passed"], "median_drift_km": rep["metrics"]["median_drift_km"],
+                         "p95_drift_km": rep["metrics"]["p95_drift_km"],
+                         "cosine_mean": rep["metrics"]["cosine_mean"]})
+        x = {m.io.input.name: golden.inputs[:1]}
+        calls = {name: (lambda r=r: r.infer(x)) for name, r in runners.items()}
+        times = measure(calls) if measure else interleaved(calls, iters, warmup, pause_ms=pause_ms)
+    finally:
+        for r in runners.values():
+            r.close()
+    for row in rows:
+        t = times.get(row["backend"]) if "skipped" not in row else None
+        if t:
+            row["p50_ms"], row["p95_ms"] = float(np.median(t)), float(np.percentile(t, 95))
+    base_row = next(r for r in rows if r["backend"] == base.value)
+    if "skipped" in base_row:
+        raise GeosurgeError(f"choose-backend: the format's default backend cannot run here ({base_row['skipped']})")
+    for row in rows:
+        if row.get("p50_ms"):
+            row["speedup"] = base_row["p50_ms"] / row["p50_ms"]
+    winner, why = decide([r for r in rows if "p50_ms" in r], base.value, min_speedup)
+    log(f"choose-backend: {why}")
+    return {"backend": winner, "machine": machine_fingerprint(), "reason": why, "measured": rows,
+            "min_speedup": float(min_speedup),
+            "settings": {"iters": iters, "pause_ms": pause_ms, "threads": threads}}
+
+
+def write_choice(bundle, choice: dict) -> Path:
+    """Write the recommendation to the bundle's sidecar (atomically)."""
+    from geosurge.report import write_json
+
+    return write_json(sidecar_path(bundle), choice)
