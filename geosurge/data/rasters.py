@@ -222,22 +222,25 @@ class GeoTiffRaster(GeoRaster):
 
         lon, lat = np.asarray(lon, np.float64), np.asarray(lat, np.float64)
         X, Y = self._to_crs.transform(lon, lat)
-        col, row = ~self.ds.transform * (np.asarray(X), np.asarray(Y))
-        x, y = np.asarray(col) - 0.5, np.asarray(row) - 0.5  # pixel centres at integers
+        inv = ~self.ds.transform  # CRS coordinates -> (col, row) of pixel corners
+        X, Y = np.asarray(X), np.asarray(Y)
+        x = inv.a * X + inv.b * Y + inv.c - 0.5  # pixel centres at integers
+        y = inv.d * X + inv.e * Y + inv.f - 0.5
         H, W = self.ds.height, self.ds.width
         finite = np.isfinite(x) & np.isfinite(y)
         valid = finite & (x >= -0.5) & (x <= W - 0.5) & (y >= -0.5) & (y <= H - 0.5)
         out = np.zeros(lon.shape + (3,), np.uint8)
         if not valid.any():
             return out, valid
-        c0 = max(0, int(np.floor(x[valid].min())) - 1)
-        c1 = min(W, int(np.ceil(x[valid].max())) + 2)
-        r0 = max(0, int(np.floor(y[valid].min())) - 1)
-        r1 = min(H, int(np.ceil(y[valid].max())) + 2)
-        ww, wh = c1 - c0, r1 - r0
-        # decimated read: about one raster sample per output pixel (rasterio averages, or uses overviews)
-        span = max(ww, wh) / max(lon.shape)
+        xv, yv = x[valid], y[valid]
+        # decimated read: about one raster sample per output pixel (rasterio averages, or uses overviews); a margin
+        # of two decimated pixels keeps bilinear sampling at the view's edge inside the window
+        span = max(xv.max() - xv.min(), yv.max() - yv.min()) / max(lon.shape)
         f = max(1.0, math.floor(span))
+        m = int(2 * f + 2)
+        c0, c1 = max(0, int(np.floor(xv.min())) - m), min(W, int(np.ceil(xv.max())) + m + 1)
+        r0, r1 = max(0, int(np.floor(yv.min())) - m), min(H, int(np.ceil(yv.max())) + m + 1)
+        ww, wh = c1 - c0, r1 - r0
         ow, oh = max(1, int(math.ceil(ww / f))), max(1, int(math.ceil(wh / f)))
         win = Window(c0, r0, ww, wh)
         data = self.ds.read(list(self.bands), window=win, out_shape=(3, oh, ow), resampling=Resampling.average)
@@ -249,7 +252,7 @@ class GeoTiffRaster(GeoRaster):
         img = np.ascontiguousarray(img.astype(np.uint8))
         xs = np.where(finite, (x - c0 + 0.5) * (ow / ww) - 0.5, -10).astype(np.float32)
         ys = np.where(finite, (y - r0 + 0.5) * (oh / wh) - 0.5, -10).astype(np.float32)
-        out = cv2.remap(img, xs, ys, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        out = cv2.remap(img, xs, ys, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         m = cv2.remap(mask, xs, ys, interpolation=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         return out, valid & (m > 0)
 

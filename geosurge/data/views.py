@@ -19,6 +19,7 @@ cell table apply; everything is deterministic by seed.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import shutil
@@ -154,6 +155,27 @@ def density_points() -> tuple[np.ndarray, np.ndarray]:
     return _POINTS
 
 
+_POOLS: dict = {}
+
+
+def _pool(plat, plon, hierarchy, raster) -> np.ndarray:
+    """Indices of the density points the raster and the hierarchy accept (memoised: locating 100K points takes
+    seconds)."""
+    key = (hashlib.sha256(plat.tobytes() + plon.tobytes()).hexdigest(),
+           None if hierarchy is None else hierarchy.digest(),
+           None if raster is None else (raster.bounds, raster.is_global, raster.exclude))
+    if key not in _POOLS:
+        keep = np.ones(plat.size, bool)
+        if raster is not None:
+            keep &= raster.contains(plat, plon)
+        if hierarchy is not None:
+            keep &= hierarchy.locate(plat, plon)[:, 0] >= 0
+        if len(_POOLS) > 16:
+            _POOLS.clear()
+        _POOLS[key] = np.flatnonzero(keep)
+    return _POOLS[key]
+
+
 def draw_centres(n: int, rng: np.random.Generator, hierarchy=None, raster: GeoRaster | None = None,
                  jitter_km: float = 25.0, points=None) -> tuple[np.ndarray, np.ndarray]:
     """``n`` centres (lat, lon) drawn from the photo density (``points``, default :func:`density_points`), each
@@ -161,12 +183,7 @@ def draw_centres(n: int, rng: np.random.Generator, hierarchy=None, raster: GeoRa
     covers it (so every level has a label) and the ``raster`` has it inside its bounds. Deterministic for a given
     ``rng`` state. Raises GeosurgeError when the density has no point the raster and hierarchy accept."""
     plat, plon = density_points() if points is None else points
-    keep = np.ones(plat.size, bool)
-    if raster is not None:
-        keep &= raster.contains(plat, plon)
-    if hierarchy is not None:
-        keep &= hierarchy.locate(plat, plon)[:, 0] >= 0
-    pool = np.flatnonzero(keep)
+    pool = _pool(plat, plon, hierarchy, raster)
     if pool.size == 0:
         raise GeosurgeError("no photo-density point lies inside the raster and the hierarchy")
     out_lat, out_lon, tries = [], [], 0
