@@ -549,7 +549,8 @@ def format_report(report: dict) -> str:
 
 
 def ensure_reference_model(cache_dir="~/.cache/geosurge", recipe: ReferenceRecipe | None = None, log=print,
-                           progress: bool = True, feature_cache=None, threads: int | None = None) -> Path:
+                           progress: bool = True, feature_cache=None, threads: int | None = None,
+                           engine: str = "onnxruntime") -> Path:
     """The reference checkpoint for ``recipe`` (default :class:`ReferenceRecipe`): trained once into
     ``cache_dir/reference-<config>-<key>/`` and reused afterwards (the key hashes the recipe, the hierarchy, the
     raster files and the geosurge version). Training runs in a temp folder beside it, renamed into place when
@@ -570,7 +571,7 @@ def ensure_reference_model(cache_dir="~/.cache/geosurge", recipe: ReferenceRecip
     try:
         log(f"reference model: training ({recipe.config}, key {key[:16]}) -> {final}")
         report = train_reference(recipe, tmp, log=log, progress=progress, feature_cache=feature_cache,
-                                 threads=threads)
+                                 threads=threads, engine=engine)
         report["key"] = key
         if report.get("heldout_manifest"):
             report["heldout_manifest"] = str(final / HELDOUT_DIR / "manifest.csv")
