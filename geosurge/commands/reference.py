@@ -37,9 +37,11 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--table-lr", type=float, default=d.table_lr, help="cell-table lr (0 freezes the tables)")
+    p.add_argument("--table-lr", type=float, default=d.table_lr, help="cell-table lr (default 0: the tables stay "
+                                                                      "as initialised)")
     p.add_argument("--lr-decay", type=float, default=d.lr_decay)
-    p.add_argument("--freeze-segmenter", action="store_true", help="keep the segmenter head as initialised")
+    p.add_argument("--train-segmenter", action="store_true", help="train the segmenter head too (default: kept "
+                                                                  "as initialised; see docs/reference.md)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--feature-cache", metavar="DIR", help="keep rendered-view backbone features here between runs")
     p.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "torch"],
@@ -65,7 +67,7 @@ def cmd_reference(args) -> int:
                              train_views=args.train_views, test_views=args.test_views, min_km=args.min_km,
                              footprint_km=args.footprint_km, jitter_km=args.jitter_km, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, table_lr=args.table_lr, lr_decay=args.lr_decay,
-                             train_segmenter=not args.freeze_segmenter, seed=args.seed)
+                             train_segmenter=args.train_segmenter, seed=args.seed)
     log = (lambda m: None) if args.json else print
     if args.cache:
         ck = ensure_reference_model(args.cache, recipe, log=log, progress=not args.no_progress,
