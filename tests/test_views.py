@@ -53,6 +53,21 @@ def test_sphere_projection_matches_pyproj_geodesics():
     assert haversine_km(lat, lon, lat_w, lon_w).max() < 0.005 * spec.footprint_km
 
 
+def test_interpolated_projection_matches_the_exact_one():
+    from geosurge.data.views import offsets_to_lonlat, view_offsets_km
+
+    rng = np.random.default_rng(5)
+    worst = 0.0
+    for _ in range(60):
+        spec = ViewSpec(float(rng.uniform(-89, 89)), float(rng.uniform(-180, 180)), float(rng.uniform(0, 360)),
+                        float(rng.uniform(300, 3000)), 256)
+        lon, lat = view_lonlat(spec)  # lattice + bilinear (or exact near a pole)
+        e, n = view_offsets_km(spec)
+        lon_x, lat_x = offsets_to_lonlat(spec.lat, spec.lon, e, n)  # every pixel exactly
+        worst = max(worst, haversine_km(lat, lon, lat_x, lon_x).max() / spec.px_km)
+    assert worst < 0.05  # pixels
+
+
 def _disc_raster(lat0, lon0, radius_km, w=3600, h=1800):
     lon = (np.arange(w) + 0.5) / w * 360.0 - 180.0
     lat = 90.0 - (np.arange(h) + 0.5) / h * 180.0

@@ -89,10 +89,49 @@ def offsets_to_lonlat(lat0: float, lon0: float, east, north) -> tuple[np.ndarray
     return np.mod(np.degrees(lam) + (lon0 + 180.0), 360.0) - 180.0, np.degrees(np.arcsin(sin_phi))
 
 
+#: the projection is evaluated exactly every COARSE_STEP output pixels and bilinearly interpolated in between (the
+#: map is smooth away from the poles: < 0.02 px error on 300 random 256-px views 300-3,000 km wide, tested below
+#: 0.05 px); a view near a pole is computed exactly at every pixel
+COARSE_STEP = 4
+
+
+def _near_pole(spec: ViewSpec) -> bool:
+    """Whether a pole lies within 1.5x the view's half-diagonal of its centre: near it longitude is not smooth."""
+    half_diag = spec.footprint_km / math.sqrt(2.0) * 1.5
+    return (90.0 - abs(spec.lat)) * math.pi / 180.0 * EARTH_RADIUS_KM <= half_diag
+
+
+def _lonlat_coarse(spec: ViewSpec) -> tuple[np.ndarray, np.ndarray]:
+    n, step = spec.size, COARSE_STEP
+    m = int(math.ceil((n - 1) / step)) + 1  # lattice points at pixel centres 0, step, ..., covering n - 1
+    pix = np.arange(m) * step  # output pixel index of each lattice point (the last may lie past the image)
+    r_u = (pix + 0.5 - n / 2.0) * spec.px_km
+    u, v = np.meshgrid(r_u, -r_u)
+    h = math.radians(spec.heading_deg)
+    lon, lat = offsets_to_lonlat(spec.lat, spec.lon, u * math.cos(h) + v * math.sin(h),
+                                 -u * math.sin(h) + v * math.cos(h))
+    dlon = np.mod(lon - spec.lon + 180.0, 360.0) - 180.0  # continuous across the antimeridian (no pole in view)
+    # bilinear upsampling of the lattice: output pixel i sits at lattice coordinate i / step
+    lon_out = np.mod(_upsampled(dlon, m, step, n) + spec.lon + 180.0, 360.0) - 180.0
+    return lon_out, _upsampled(lat, m, step, n)
+
+
+def _upsampled(a: np.ndarray, m: int, step: int, n: int) -> np.ndarray:
+    """Bilinear interpolation of lattice values ``a`` (m, m) at every integer pixel 0..n-1 (lattice spacing
+    ``step`` pixels)."""
+    t = np.arange(n) / step
+    i0 = np.minimum(t.astype(np.int64), m - 2)
+    f = t - i0
+    rows = a[i0] * (1 - f)[:, None] + a[i0 + 1] * f[:, None]  # (n, m)
+    return rows[:, i0] * (1 - f)[None, :] + rows[:, i0 + 1] * f[None, :]
+
+
 def view_lonlat(spec: ViewSpec, geodesic: str = "sphere", grid: int | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(lon, lat) in degrees of each output pixel centre, (size, size) each (see the module docstring); ``grid``
     as in :func:`view_offsets_km`."""
+    if geodesic == "sphere" and grid is None and spec.size > 4 * COARSE_STEP and not _near_pole(spec):
+        return _lonlat_coarse(spec)
     east, north = view_offsets_km(spec, grid)
     if geodesic == "sphere":
         return offsets_to_lonlat(spec.lat, spec.lon, east, north)

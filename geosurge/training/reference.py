@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..errors import GeosurgeError
 from ..fsutil import replace_dir
-from ..geo import ACCURACY_THRESHOLDS_KM, haversine_km
+from ..geo import haversine_km
 from ..report import format_table, write_json
 
 CHECKPOINT_DIR = "checkpoint"
@@ -276,15 +276,10 @@ def _backbone_output(tokens: torch.Tensor, global_token: torch.Tensor, grid: int
 
 # ---- evaluation -------------------------------------------------------------------------------------------------
 def summarize_km(d: np.ndarray) -> dict:
-    """acc@km (%), median/mean km and mean GeoScore (geosurge.geo.metrics) of distances."""
-    from ..geo.metrics import geoscore
+    """acc@km (%), median/mean km and mean GeoScore of distances (the same summary ``geosurge eval`` reports)."""
+    from ..evaluation.evaluate import summarize_errors
 
-    d = np.asarray(d, np.float64)
-    out = {"n": int(d.size)}
-    out.update({f"acc@{t:g}km": 100.0 * float(np.mean(d <= t)) for t in ACCURACY_THRESHOLDS_KM})
-    out.update({"median_km": float(np.median(d)), "mean_km": float(np.mean(d)),
-                "geoscore": float(np.mean(geoscore(d)))})
-    return out
+    return summarize_errors(d)
 
 
 @torch.no_grad()
