@@ -40,8 +40,10 @@ def test_view_lands_the_right_pixels():
 def test_sphere_projection_matches_pyproj_geodesics():
     from pyproj import Geod
 
+    from geosurge.data.views import offsets_to_lonlat, view_offsets_km
+
     spec = ViewSpec(70.0, 25.0, heading_deg=33.0, footprint_km=1200.0, size=64)
-    lon, lat = view_lonlat(spec)
+    lon, lat = offsets_to_lonlat(spec.lat, spec.lon, *view_offsets_km(spec))  # the exact per-pixel projection
     # each pixel lies at its planned distance from the centre (azimuthal *equidistant*), on the sphere ...
     g = Geod(a=6371008.8, b=6371008.8)
     _, _, dist = g.inv(np.full(lon.shape, spec.lon), np.full(lon.shape, spec.lat), lon, lat)
