@@ -227,3 +227,15 @@ def test_blue_marble_is_real_imagery():
     assert s[0] > s[2] + 40 and s.sum() > a.sum() + 100  # bright sand
     assert a[1] > a[2]  # green forest
     assert o[2] > o[0] + 20  # blue ocean
+
+
+def test_views_command_writes_a_manifest(tmp_path, capsys):
+    from geosurge.cli import main
+    from geosurge.evaluation import read_items
+
+    out = tmp_path / "v"
+    assert main(["views", "-o", str(out), "-n", "3", "--source", "bmng", "--size", "64", "--seed", "2"]) == 0
+    items, fmt = read_items(out / "manifest.csv")
+    assert fmt == "geosurge" and len(items) == 3 and all(i.path.is_file() for i in items)
+    assert main(["views", "-o", str(tmp_path / "w"), "--source", "no-such-raster"]) == 2
+    assert "neither a raster file nor a named source" in capsys.readouterr().err
