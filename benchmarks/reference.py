@@ -35,7 +35,9 @@ def main() -> int:
     ap.add_argument("--feature-cache", help="reuse rendered-view backbone features between runs")
     ap.add_argument("--out", default="runs/bench-reference")
     ap.add_argument("--distill", action="store_true", help="then distil the trained model (teacher) into --student")
-    ap.add_argument("--student", default="tiny", help="student config for --distill (default tiny)")
+    ap.add_argument("--student", default="edge-small", help="student for --distill: a config name, a JSON config, or "
+                                                            "edge-small (default: the edge model with a 1-block "
+                                                            "128-wide fusion and 256-d cells, same frozen backbone)")
     ap.add_argument("--distill-images", type=int, default=600, help="unlabelled training-region views")
     ap.add_argument("--distill-epochs", type=int, default=4)
     ap.add_argument("--json", default="benchmarks/results/reference.json")
@@ -76,8 +78,11 @@ def distill_step(args, out: Path, report: dict) -> dict:
     specs = [s for s in draw_view_specs(lat, lon, rng, tuple(report["recipe"]["footprint_km"]), 256, raster) if s]
     images = write_view_manifest(out / "distill-images", [(raster.name, specs, render_views(raster, specs))])
     teacher = out / "reference" / "checkpoint"
+    student_spec = args.student
+    if student_spec == "edge-small":
+        student_spec = str(write_edge_small(out / "edge-small.json"))
     t0 = time.perf_counter()
-    state = distill(DistillConfig(teacher=str(teacher), student=args.student, images=str(images),
+    state = distill(DistillConfig(teacher=str(teacher), student=student_spec, images=str(images),
                                   output=str(out / "student"), epochs=args.distill_epochs, batch_size=32,
                                   views=2, progress=False))
     seconds = time.perf_counter() - t0
@@ -95,6 +100,23 @@ def distill_step(args, out: Path, report: dict) -> dict:
     return {"student": args.student, "images": len(specs), "seconds": seconds, "final": fin,
             "initial": state.get("initial"), "eval": [r["summary"] for r in ev["results"]],
             "labels": [r["model"]["label"] for r in ev["results"]], "table": ev["table"]}
+
+
+def write_edge_small(path: Path) -> Path:
+    """A smaller student than ``edge``: the same frozen EfficientNet-Lite0 (ImageNet weights), a 1-block 128-wide
+    fusion instead of 2 x 256, 256-d cell embeddings (the teacher's table projected by PCA) instead of 512."""
+    from dataclasses import replace
+
+    from geosurge.models.config import FusionConfig, HeadConfig, edge_config
+
+    cfg = edge_config()
+    cfg = replace(cfg, name="edge-small", backbone=replace(cfg.backbone, trainable_blocks=0),
+                  segmenter=replace(cfg.segmenter, head_hidden=64),
+                  fusion=FusionConfig(dim=128, num_blocks=1, num_heads=4, mlp_ratio=2.0),
+                  head=HeadConfig(embed_dim=256, init_from_geoclip=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(cfg.to_json())
+    return path
 
 
 if __name__ == "__main__":
