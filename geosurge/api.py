@@ -19,7 +19,7 @@ function           CLI                                         returns
 :func:`parity`     ``geosurge parity``                         report dict (``passed``, ``metrics``, ``gates``)
 :func:`verify`     ``geosurge-run verify``                     report dict
 :func:`bench`      ``geosurge-run bench``                      report dict
-(evaluation)       ``geosurge eval`` (being built separately)  its function belongs here, beside :func:`parity`
+:func:`evaluate`   ``geosurge eval``                           :class:`geosurge.evaluation.EvalReport`
 =================  ==========================================  ===============================================
 
 Locating images is :class:`geosurge.runtime.Localizer` (the device API).
@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 
 from .errors import GeosurgeError
 
-__all__ = ["export", "prune", "prune_cost", "parity", "verify", "bench", "load_model", "calibration_set"]
+__all__ = ["export", "prune", "prune_cost", "parity", "evaluate", "verify", "bench", "load_model", "calibration_set"]
 
 Log = Callable[[str], None]
 PathLike = str | Path
@@ -186,6 +186,29 @@ def parity(bundle, images=None, *, checkpoint: PathLike | None = None, backend: 
 
     return torch_vs_bundle(bundle, _paths(images) or sample_photo_paths(), str(checkpoint) if checkpoint else None,
                            backend, threads, gates, log=log)
+
+
+def evaluate(models, source: PathLike, *, output: PathLike | None = None, images: PathLike | None = None,
+             backend: str | None = None, threads: int | None = 2, tencrop: bool = False, batch: int = 16,
+             labels: Iterable[str] | None = None, limit: int | None = None, plots: bool = True,
+             progress: bool = False, log: Log | None = print):
+    """Accuracy in km of one or several models on a labelled source, side by side (``geosurge eval``).
+
+    ``models``: a checkpoint directory (FP32 torch), a bundle (a directory or a :class:`~geosurge.runtime.Bundle`;
+    the runtime with ``backend``, default the one its format implies), an in-memory GeoSurge, or a list of them.
+    ``source``: a manifest CSV (``path,lat,lon`` | ``IMG_ID,LAT,LON`` | ``id,latitude,longitude``, optional
+    ``source`` column; image ids relative to ``images``) or a folder of photos whose EXIF GPS is the truth.
+    ``tencrop``: the paper's protocol (per-level probabilities averaged over 10 crops). With ``output``: writes
+    ``eval.json``, ``eval.txt`` and (``plots``) ``error_cdf.png`` and ``world_map.png``. Returns the
+    :class:`geosurge.evaluation.EvalReport` (``results[i].summary()``: acc@1/25/200/750/2500 km in %, median and
+    mean km, GeoScore, per source). Every row is a prediction or a named failure (missing file, undecodable
+    image, no GPS tags). Raises InputFileError for a missing source or a malformed manifest row."""
+    from .evaluation import run_eval
+
+    if isinstance(models, (str, Path)) or not isinstance(models, (list, tuple)):
+        models = [models]
+    return run_eval(source, list(models), output, images=images, backend=backend, threads=threads, tencrop=tencrop,
+                    batch=batch, labels=labels, limit=limit, plots=plots, progress=progress, log=log)
 
 
 def verify(bundle, backend: str | None = None, threads: int | None = None) -> dict:

@@ -11,7 +11,8 @@ import sys
 from . import __version__
 from .errors import run_command
 
-COMMAND_MODULES = ("cells", "model", "train", "distill", "export", "parity", "prune", "demo")
+COMMAND_MODULES = ("cells", "model", "train", "distill", "export", "parity", "prune", "demo", "eval", "reference",
+                   "views")
 
 
 def build_parser() -> argparse.ArgumentParser:

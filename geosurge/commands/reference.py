@@ -1,0 +1,87 @@
+"""``geosurge reference``: train the reference model on downward views of real georeferenced imagery (frozen
+backbone, cached features; minutes on CPU) and report its held-out accuracy in km beside two baselines."""
+from __future__ import annotations
+
+
+def _footprint(text: str) -> tuple[float, float]:
+    from ..errors import GeosurgeError
+
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise GeosurgeError(f"--footprint-km: expected LO,HI in km, got {text!r}") from None
+    return lo, hi
+
+
+def register(sub) -> None:
+    from ..training.reference import ReferenceRecipe
+
+    d = ReferenceRecipe()
+    p = sub.add_parser("reference", help="train the reference model on views of real georeferenced imagery")
+    p.add_argument("-o", "--output", default="runs/reference", help="output folder: checkpoint/, report.json, "
+                                                                    "report.txt, heldout/ (default runs/reference)")
+    p.add_argument("--cache", metavar="DIR", help="train once into DIR and reuse it afterwards (keyed by a hash of "
+                                                 "the recipe); -o is then ignored")
+    p.add_argument("--config", default=d.config, help=f"model config (default {d.config})")
+    p.add_argument("--source", default=d.source, help=f"training raster: a named source or a path (GeoTIFF, or an "
+                                                      f"equirectangular image) (default {d.source})")
+    p.add_argument("--second-source", default=d.second_source, help="the held-out centres from another raster, "
+                                                                    f"'none' to skip (default {d.second_source})")
+    p.add_argument("--train-views", type=int, default=d.train_views)
+    p.add_argument("--test-views", type=int, default=d.test_views)
+    p.add_argument("--min-km", type=float, default=d.min_km, help="every held-out centre at least this far from "
+                                                                  f"every training centre (default {d.min_km:g})")
+    p.add_argument("--footprint-km", type=_footprint, default=d.footprint_km, metavar="LO,HI",
+                   help="view ground width range, log-uniform (default %(default)s)")
+    p.add_argument("--jitter-km", type=float, default=d.jitter_km)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--table-lr", type=float, default=d.table_lr, help="cell-table lr (default 0: the tables stay "
+                                                                      "as initialised)")
+    p.add_argument("--lr-decay", type=float, default=d.lr_decay)
+    p.add_argument("--train-segmenter", action="store_true", help="train the segmenter head too (default: kept "
+                                                                  "as initialised; see docs/reference.md)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--feature-cache", metavar="DIR", help="keep rendered-view backbone features here between runs")
+    p.add_argument("--engine", default="onnxruntime", choices=["onnxruntime", "torch"],
+                   help="runs the frozen backbone for the feature cache (default onnxruntime)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-views", action="store_true", help="do not write the held-out views (heldout/)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_reference)
+
+
+def cmd_reference(args) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ..training.reference import (REPORT_FILE, ReferenceRecipe, ensure_reference_model, train_reference)
+
+    torch.set_num_threads(args.threads)
+    recipe = ReferenceRecipe(config=args.config, source=args.source,
+                             second_source=None if str(args.second_source).lower() == "none" else args.second_source,
+                             train_views=args.train_views, test_views=args.test_views, min_km=args.min_km,
+                             footprint_km=args.footprint_km, jitter_km=args.jitter_km, epochs=args.epochs,
+                             batch_size=args.batch_size, lr=args.lr, table_lr=args.table_lr, lr_decay=args.lr_decay,
+                             train_segmenter=args.train_segmenter, seed=args.seed)
+    log = (lambda m: None) if args.json else print
+    if args.cache:
+        ck = ensure_reference_model(args.cache, recipe, log=log, progress=not args.no_progress,
+                                    feature_cache=args.feature_cache, threads=args.threads)
+        report = json.loads((ck.parent / REPORT_FILE).read_text())
+    else:
+        report = train_reference(recipe, args.output, log=log, progress=not args.no_progress,
+                                 feature_cache=args.feature_cache, engine=args.engine,
+                                 write_views=not args.no_views, threads=args.threads)
+        ck = Path(args.output) / "checkpoint"
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(report["table"])
+        print(f"checkpoint {ck}; report {ck.parent / REPORT_FILE}"
+              + (f"; held-out views {report['heldout_manifest']}" if report.get("heldout_manifest") else ""))
+    return 0
