@@ -112,7 +112,7 @@ def write_edge_small(path: Path) -> Path:
     cfg = edge_config()
     cfg = replace(cfg, name="edge-small", backbone=replace(cfg.backbone, trainable_blocks=0),
                   segmenter=replace(cfg.segmenter, head_hidden=64),
-                  fusion=FusionConfig(dim=128, num_blocks=1, num_heads=4, mlp_ratio=2.0),
+                  fusion=FusionConfig(dim=128, num_blocks=1, num_heads=4, mlp_ratio=2.0, query_self_attention=True),
                   head=HeadConfig(embed_dim=256, init_from_geoclip=False))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(cfg.to_json())

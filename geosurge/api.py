@@ -20,6 +20,8 @@ function           CLI                                         returns
 :func:`verify`     ``geosurge-run verify``                     report dict
 :func:`bench`      ``geosurge-run bench``                      report dict
 :func:`evaluate`   ``geosurge eval``                           :class:`geosurge.evaluation.EvalReport`
+:func:`reference`  ``geosurge reference``                      :class:`geosurge.training.reference.ReferenceModel`
+:func:`views`      ``geosurge views``                          the manifest written (Path)
 =================  ==========================================  ===============================================
 
 Locating images is :class:`geosurge.runtime.Localizer` (the device API).
@@ -31,7 +33,8 @@ from typing import Callable, Iterable
 
 from .errors import GeosurgeError
 
-__all__ = ["export", "prune", "prune_cost", "parity", "evaluate", "verify", "bench", "load_model", "calibration_set"]
+__all__ = ["export", "prune", "prune_cost", "parity", "evaluate", "reference", "views", "verify", "bench", "load_model",
+           "calibration_set"]
 
 Log = Callable[[str], None]
 PathLike = str | Path
@@ -209,6 +212,57 @@ def evaluate(models, source: PathLike, *, output: PathLike | None = None, images
         models = [models]
     return run_eval(source, list(models), output, images=images, backend=backend, threads=threads, tencrop=tencrop,
                     batch=batch, labels=labels, limit=limit, plots=plots, progress=progress, log=log)
+
+
+def reference(output: PathLike | None = None, *, recipe=None, cache_dir: PathLike = "~/.cache/geosurge",
+              shipped: bool = True, retrain: bool = False, feature_cache: PathLike | None = None,
+              engine: str = "onnxruntime", threads: int | None = 2, write_views: bool = True,
+              ship_to: PathLike | None = None, progress: bool = False, log: Log = print):
+    """The reference model (``geosurge reference``; [reference.md]): ``edge`` trained on downward views of NASA Blue
+    Marble, with its held-out accuracy in km beside two baselines. Returns a
+    :class:`geosurge.training.reference.ReferenceModel` (``checkpoint``, ``report``, ``heldout_manifest``).
+
+    Without ``output``: the cached one in ``cache_dir`` (keyed by the recipe, its rasters, the hierarchy and the
+    geosurge version), else assembled from the shipped weights when they match the recipe (seconds), else trained
+    (minutes on 2 cores); ``retrain`` trains and replaces the cached one. With ``output``: always trains there
+    (``write_views``: also ``heldout/``; ``ship_to``: also writes the trained tensors and their record as shipped
+    weights there). ``recipe``: a :class:`~geosurge.training.reference.ReferenceRecipe` (default: the shipped
+    one). Raises GeosurgeError for a bad recipe or a damaged shipped file."""
+    import torch
+
+    from .training.reference import ReferenceModel, ReferenceRecipe, ensure_reference_model, train_reference
+
+    recipe = recipe or ReferenceRecipe()
+    if threads:
+        torch.set_num_threads(threads)
+    if output is None:
+        ck = ensure_reference_model(cache_dir, recipe, log=log, progress=progress, feature_cache=feature_cache,
+                                    threads=threads, engine=engine, shipped=shipped, retrain=retrain)
+        return ReferenceModel.at(ck)
+    from .training.reference import CHECKPOINT_DIR
+
+    report = train_reference(recipe, output, log=log, progress=progress, feature_cache=feature_cache,
+                             engine=engine, write_views=write_views, threads=threads, ship_to=ship_to)
+    return ReferenceModel(Path(output) / CHECKPOINT_DIR, report)
+
+
+def views(output: PathLike, *, sources=("bmng",), count: int = 100, seed: int = 0,
+          footprint_km: tuple[float, float] = (600.0, 1600.0), size: int = 256, jitter_km: float = 25.0,
+          fmt: str = "jpg", log: Log | None = None) -> Path:
+    """Render ``count`` downward views centred on the photo density (deterministic by ``seed``) from each of
+    ``sources`` (named rasters or paths: the same views from each) into ``output`` (images + ``manifest.csv``:
+    path, lat, lon, source, heading_deg, footprint_km; replaced whole). Returns the manifest path. Raises
+    GeosurgeError when fewer than ``count`` valid views can be drawn."""
+    import numpy as np
+
+    from .data import load_raster
+    from .data.views import draw_valid_specs, render_views, write_view_manifest
+
+    rasters = [load_raster(s) for s in sources]
+    specs = draw_valid_specs(count, np.random.default_rng(seed), rasters, footprint_km, size, jitter_km)
+    groups = [(r.name, specs, render_views(r, specs, progress=log is not None, desc=f"render {r.name}"))
+              for r in rasters]
+    return write_view_manifest(output, groups, fmt=fmt)
 
 
 def verify(bundle, backend: str | None = None, threads: int | None = None) -> dict:

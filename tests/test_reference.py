@@ -52,3 +52,55 @@ def test_recipe_validation():
         R.ReferenceRecipe.from_dict({"epochs": 1, "bogus": 2})
     r = R.ReferenceRecipe.from_dict(R.ReferenceRecipe(train_views=10).to_dict())
     assert r.train_views == 10 and r.footprint_km == (600.0, 1600.0)
+
+
+@pytest.fixture(scope="module")
+def small_hierarchy():
+    import numpy as np
+
+    from geosurge.geo import build_hierarchy
+
+    rng = np.random.default_rng(0)
+    return build_hierarchy(rng.uniform(-60, 60, 3000), rng.uniform(-180, 180, 3000), tau_max=[200, 60],
+                           tau_min=2, max_s2_level=12)
+
+
+def test_shipped_weights_round_trip_and_refusals(tmp_path, small_hierarchy):
+    """Only the trained tensors ship (not the backbone, not the GeoCLIP-initialised tables); loading rebuilds the
+    rest, refuses a damaged file, and says why another recipe or hierarchy does not match."""
+    import torch
+
+    from geosurge.errors import GeosurgeError
+    from geosurge.models import build_model
+    from geosurge.training.shipped import ShippedWeights, trained_state, write_shipped_weights
+
+    recipe = R.ReferenceRecipe(config="tiny", train_views=48, test_views=6, epochs=1)
+    torch.manual_seed(recipe.seed)
+    model = build_model("tiny", small_hierarchy)
+    with torch.no_grad():  # "training": change every shipped tensor away from its seeded init
+        for k, v in trained_state(model, recipe).items():
+            if v.is_floating_point():
+                v.add_(0.01 * torch.randn_like(v))
+    report = {"hierarchy": small_hierarchy.digest(), "rows": [{"model": "reference model", "views": "heldout"}]}
+    rec = write_shipped_weights(model, recipe, report, tmp_path, dtype="float32")
+    assert not any(k.startswith(("backbone.", "head.tables.")) for k in trained_state(model, recipe))
+    assert rec["weights"]["tensors"] == len(trained_state(model, recipe))
+    assert rec["recipe_hash"] == R.recipe_hash(recipe) and rec["hierarchy_digest"] == small_hierarchy.digest()
+
+    w = ShippedWeights.find("tiny", tmp_path)
+    assert w.mismatch(recipe, small_hierarchy) is None
+    back = w.load(recipe, small_hierarchy)
+    for k, v in model.state_dict().items():  # shipped tensors as written, the rest rebuilt from the seed
+        assert torch.equal(back.state_dict()[k], v), k
+    assert "recipe" in w.mismatch(R.ReferenceRecipe(**{**recipe.to_dict(), "epochs": 2}), small_hierarchy)
+    import numpy as np
+
+    from geosurge.geo import build_hierarchy
+
+    other = build_hierarchy(np.array([10.0, 20.0]), np.array([10.0, 20.0]), tau_max=[5], tau_min=1, max_s2_level=8)
+    assert "hierarchy" in w.mismatch(recipe, other)
+    data = bytearray(w.weights.read_bytes())
+    data[-1] ^= 0xFF
+    w.weights.write_bytes(bytes(data))
+    with pytest.raises(GeosurgeError, match="sha256"):
+        w.load(recipe, small_hierarchy)

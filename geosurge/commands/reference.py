@@ -1,5 +1,6 @@
 """``geosurge reference``: train the reference model on downward views of real georeferenced imagery (frozen
-backbone, cached features; minutes on CPU) and report its held-out accuracy in km beside two baselines."""
+backbone, cached features; minutes on CPU) and report its held-out accuracy in km beside two baselines
+(``geosurge.api.reference``). With ``--cache`` the shipped weights are used when they match the recipe."""
 from __future__ import annotations
 
 
@@ -20,8 +21,13 @@ def register(sub) -> None:
     p = sub.add_parser("reference", help="train the reference model on views of real georeferenced imagery")
     p.add_argument("-o", "--output", default="runs/reference", help="output folder: checkpoint/, report.json, "
                                                                     "report.txt, heldout/ (default runs/reference)")
-    p.add_argument("--cache", metavar="DIR", help="train once into DIR and reuse it afterwards (keyed by a hash of "
-                                                 "the recipe); -o is then ignored")
+    p.add_argument("--cache", metavar="DIR", help="keep the model in DIR and reuse it afterwards (keyed by a hash of "
+                                                 "the recipe): assembled from the shipped weights when they match "
+                                                 "the recipe, trained otherwise; -o is then ignored")
+    p.add_argument("--retrain", action="store_true", help="with --cache: train even when shipped weights or a "
+                                                          "cached model exist (replaces the cached one)")
+    p.add_argument("--ship", metavar="DIR", help="also write the trained tensors + their record as shipped weights "
+                                                 "into DIR (how geosurge/data/reference was made)")
     p.add_argument("--config", default=d.config, help=f"model config (default {d.config})")
     p.add_argument("--source", default=d.source, help=f"training raster: a named source or a path (GeoTIFF, or an "
                                                       f"equirectangular image) (default {d.source})")
@@ -55,13 +61,10 @@ def register(sub) -> None:
 
 def cmd_reference(args) -> int:
     import json
-    from pathlib import Path
 
-    import torch
+    from .. import api
+    from ..training.reference import REPORT_FILE, ReferenceRecipe
 
-    from ..training.reference import (REPORT_FILE, ReferenceRecipe, ensure_reference_model, train_reference)
-
-    torch.set_num_threads(args.threads)
     recipe = ReferenceRecipe(config=args.config, source=args.source,
                              second_source=None if str(args.second_source).lower() == "none" else args.second_source,
                              train_views=args.train_views, test_views=args.test_views, min_km=args.min_km,
@@ -69,19 +72,14 @@ def cmd_reference(args) -> int:
                              batch_size=args.batch_size, lr=args.lr, table_lr=args.table_lr, lr_decay=args.lr_decay,
                              train_segmenter=args.train_segmenter, seed=args.seed)
     log = (lambda m: None) if args.json else print
-    if args.cache:
-        ck = ensure_reference_model(args.cache, recipe, log=log, progress=not args.no_progress,
-                                    feature_cache=args.feature_cache, threads=args.threads)
-        report = json.loads((ck.parent / REPORT_FILE).read_text())
-    else:
-        report = train_reference(recipe, args.output, log=log, progress=not args.no_progress,
-                                 feature_cache=args.feature_cache, engine=args.engine,
-                                 write_views=not args.no_views, threads=args.threads)
-        ck = Path(args.output) / "checkpoint"
+    ref = api.reference(None if args.cache else args.output, recipe=recipe, cache_dir=args.cache or "~/.cache/geosurge",
+                        retrain=args.retrain, feature_cache=args.feature_cache, engine=args.engine,
+                        threads=args.threads, write_views=not args.no_views, ship_to=args.ship,
+                        progress=not args.no_progress, log=log)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(ref.report, indent=2))
     else:
-        print(report["table"])
-        print(f"checkpoint {ck}; report {ck.parent / REPORT_FILE}"
-              + (f"; held-out views {report['heldout_manifest']}" if report.get("heldout_manifest") else ""))
+        print(ref.table)
+        print(f"checkpoint {ref.checkpoint}; report {ref.checkpoint.parent / REPORT_FILE}"
+              + (f"; held-out views {ref.heldout_manifest}" if ref.heldout_manifest else ""))
     return 0

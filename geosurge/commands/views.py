@@ -1,5 +1,6 @@
 """``geosurge views``: render downward views of a georeferenced raster, centred on the photo density, into an image
-folder + manifest (path, lat, lon, source, heading_deg, footprint_km) that ``geosurge eval`` and ``train`` read."""
+folder + manifest (path, lat, lon, source, heading_deg, footprint_km) that ``geosurge eval`` and ``train`` read
+(``geosurge.api.views``)."""
 from __future__ import annotations
 
 
@@ -22,10 +23,8 @@ def register(sub) -> None:
 
 
 def cmd_views(args) -> int:
-    import numpy as np
-
-    from ..data import SOURCES, load_raster, source_names
-    from ..data.views import draw_centres, draw_view_specs, render_views, view_is_valid, write_view_manifest
+    from .. import api
+    from ..data import SOURCES, source_names
     from ..errors import GeosurgeError
 
     if args.list_sources:
@@ -35,18 +34,8 @@ def cmd_views(args) -> int:
         return 0
     if not args.output:
         raise GeosurgeError("views: -o/--output is required")
-    rasters = [load_raster(s) for s in (args.source or ["bmng"])]
-    rng = np.random.default_rng(args.seed)
-    specs = []
-    for _ in range(50):
-        lat, lon = draw_centres(args.count - len(specs), rng, raster=rasters[0], jitter_km=args.jitter_km)
-        specs += [s for s in draw_view_specs(lat, lon, rng, args.footprint_km, args.size, rasters[0])
-                  if s is not None and all(view_is_valid(r, s) for r in rasters[1:])]
-        if len(specs) >= args.count:
-            break
-    if len(specs) < args.count:
-        raise GeosurgeError(f"only {len(specs)} valid views could be drawn in {', '.join(r.name for r in rasters)}")
-    groups = [(r.name, specs, render_views(r, specs, progress=True, desc=f"render {r.name}")) for r in rasters]
-    path = write_view_manifest(args.output, groups, fmt=args.format)
-    print(f"{len(specs)} view(s) x {len(rasters)} source(s) -> {path}")
+    sources = args.source or ["bmng"]
+    path = api.views(args.output, sources=sources, count=args.count, seed=args.seed, footprint_km=args.footprint_km,
+                     size=args.size, jitter_km=args.jitter_km, fmt=args.format, log=print)
+    print(f"{args.count} view(s) x {len(sources)} source(s) -> {path}")
     return 0

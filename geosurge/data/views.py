@@ -267,6 +267,22 @@ def draw_view_specs(lat, lon, rng: np.random.Generator, footprint_km=(600.0, 160
     return out
 
 
+def draw_valid_specs(count: int, rng: np.random.Generator, rasters, footprint_km=(600.0, 1600.0), size: int = 256,
+                     jitter_km: float = 25.0, hierarchy=None) -> list[ViewSpec]:
+    """``count`` view specs centred on the photo density (:func:`draw_centres` in the first raster) whose views are
+    valid in every one of ``rasters`` (inside, off known artefacts). Raises GeosurgeError when 50 rounds of draws
+    do not find enough."""
+    rasters = list(rasters)
+    specs: list[ViewSpec] = []
+    for _ in range(50):
+        lat, lon = draw_centres(count - len(specs), rng, hierarchy, rasters[0], jitter_km)
+        specs += [s for s in draw_view_specs(lat, lon, rng, footprint_km, size, rasters[0])
+                  if s is not None and all(view_is_valid(r, s) for r in rasters[1:])]
+        if len(specs) >= count:
+            return specs[:count]
+    raise GeosurgeError(f"only {len(specs)} valid views could be drawn in {', '.join(r.name for r in rasters)}")
+
+
 def nearest_km(ref_lat, ref_lon, lat, lon) -> np.ndarray:
     """Great-circle km from each (lat, lon) to the nearest of the reference points (a KD-tree on unit vectors:
     the nearest by chord is the nearest by arc)."""

@@ -14,9 +14,9 @@ from .evaluate import (TABLE_COLUMNS, EvalReport, EvalResult, evaluate, evaluate
                        results_table, run_eval)
 from .manifests import (EvalInputs, EvalItem, exif_gps, read_exif_folder, read_items, read_manifest_items,
                         read_source)
-from .predictors import BundlePredictor, Predictor, TorchPredictor, load_predictor
+from .predictors import BundlePredictor, ConstantPredictor, Predictor, TorchPredictor, load_predictor
 
 __all__ = ["TABLE_COLUMNS", "EvalReport", "EvalResult", "evaluate", "evaluate_models", "failures_text",
            "results_table", "run_eval", "summarize_errors", "EvalInputs", "EvalItem", "exif_gps", "read_exif_folder",
-           "read_items", "read_manifest_items", "read_source", "BundlePredictor", "Predictor", "TorchPredictor",
-           "load_predictor"]
+           "read_items", "read_manifest_items", "read_source", "BundlePredictor", "ConstantPredictor", "Predictor",
+           "TorchPredictor", "load_predictor"]

@@ -29,6 +29,22 @@ class Predictor:
         """Release what the predictor holds (a runtime backend); idempotent."""
 
 
+class ConstantPredictor(Predictor):
+    """One place for every image: a baseline (e.g. the prior's most likely cell, ``geosurge.geo`` hierarchy's
+    finest cell holding most photos). Reads no pixels beyond the decode that accounts for the row."""
+
+    kind = "baseline"
+
+    def __init__(self, lat: float, lon: float, label: str):
+        self.lat, self.lon, self.label, self.path = float(lat), float(lon), label, None
+
+    def describe(self) -> dict:
+        return {**super().describe(), "lat": self.lat, "lon": self.lon}
+
+    def predict(self, rgbs, tencrop=False):
+        return np.tile([self.lat, self.lon], (len(rgbs), 1)).astype(np.float64)
+
+
 class TorchPredictor(Predictor):
     """A checkpoint (``GeoSurge.save_pretrained`` folder) or an in-memory GeoSurge (``checkpoint`` None), FP32
     torch on CPU."""

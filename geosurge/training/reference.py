@@ -68,9 +68,8 @@ class ReferenceRecipe:
     batch_size: int = 256
     lr: float = 2e-3  # segmenter head, semantic tokens, fusion, temperatures
     table_lr: float = 0.0  # cell tables (0 keeps them as initialised: GeoCLIP's location embeddings for edge)
-    # The segmenter head gets no gradient from the InfoNCE with the current fusion (cross-attention only: the fused
-    # global query never attends to the semantic queries), so training it changes nothing (measured: identical
-    # losses) and costs 2x; False keeps it as initialised and caches its outputs.
+    # False keeps the segmenter head as initialised and caches its outputs once (training it costs 2x per epoch).
+    # Its map still reaches the embedding through the fusion's query self-attention; the semantic tokens are trained.
     train_segmenter: bool = False
     weight_decay: float = 1e-4
     lr_decay: float = 0.75
@@ -108,25 +107,70 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def recipe_key(recipe: ReferenceRecipe, hierarchy=None) -> str:
-    """sha256 over the recipe, the hierarchy digest, the raster files and the geosurge version."""
+def raster_identity(spec) -> dict | None:
+    """What decides a raster's pixels, independent of where it is installed: a named source's name, size and sha256
+    (``geosurge.data.SOURCES``), or a path's full identity (``GeoRaster.identity``). None for None."""
     from ..data import load_raster
     from ..data.rasters import SOURCES, _file_identity
 
-    def ident(spec):
-        if spec is None:
-            return None
-        if spec in SOURCES:
-            p = SOURCES[spec].locate()
-            return {"name": spec, "file": _file_identity(p) if p else None}
-        return load_raster(spec).identity()
+    if spec is None:
+        return None
+    if spec in SOURCES:
+        p = SOURCES[spec].locate()
+        if p is None:
+            return {"name": spec, "file": None}
+        ident = _file_identity(p)
+        return {"name": spec, "bytes": ident["bytes"], "sha256": ident.get("sha256")}
+    return load_raster(spec).identity()
 
+
+def recipe_hash(recipe: ReferenceRecipe) -> str:
+    """sha256 over the recipe and the content of its rasters: what decides the trained weights, beside the
+    hierarchy (``CellHierarchy.digest``) and the code. The shipped weights record it."""
+    return _digest({"recipe": recipe.to_dict(), "rasters": [raster_identity(recipe.source),
+                                                            raster_identity(recipe.second_source)]})
+
+
+def recipe_key(recipe: ReferenceRecipe, hierarchy=None) -> str:
+    """The cache key of a trained reference model: sha256 over :func:`recipe_hash`, the hierarchy digest and the
+    geosurge version."""
     if hierarchy is None:
         from ..geo import build_default_hierarchy
 
         hierarchy = build_default_hierarchy()
-    return _digest({"recipe": recipe.to_dict(), "hierarchy": hierarchy.digest(), "geosurge": __version__,
-                    "rasters": [ident(recipe.source), ident(recipe.second_source)]})
+    return _digest({"recipe": recipe_hash(recipe), "hierarchy": hierarchy.digest(), "geosurge": __version__})
+
+
+@dataclass
+class ReferenceModel:
+    """A reference model on disk: its ``checkpoint`` folder and the ``report`` beside it (``report.json``)."""
+
+    checkpoint: Path
+    report: dict
+
+    @classmethod
+    def at(cls, checkpoint) -> "ReferenceModel":
+        """The reference model whose checkpoint is ``checkpoint`` (its report is read from the parent folder)."""
+        checkpoint = Path(checkpoint)
+        path = checkpoint.parent / REPORT_FILE
+        try:
+            return cls(checkpoint, json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise GeosurgeError(f"{path}: no readable reference report ({e})") from None
+
+    @property
+    def heldout_manifest(self) -> Path | None:
+        """``heldout/manifest.csv``: the held-out views of both sources with their true places."""
+        p = self.checkpoint.parent / HELDOUT_DIR / "manifest.csv"
+        return p if p.is_file() else None
+
+    @property
+    def table(self) -> str:
+        return self.report["table"]
+
+    @property
+    def recipe(self) -> "ReferenceRecipe":
+        return ReferenceRecipe.from_dict(self.report["recipe"])
 
 
 # ---- views ------------------------------------------------------------------------------------------------------
@@ -386,11 +430,13 @@ def fit(model, train: ViewSet, recipe: ReferenceRecipe, log=print, progress: boo
 
 def train_reference(recipe: ReferenceRecipe, output, log=print, progress: bool = True,
                     feature_cache=None, engine: str = "onnxruntime", write_views: bool = True,
-                    threads: int | None = None) -> dict:
+                    threads: int | None = None, ship_to=None, hierarchy=None) -> dict:
     """Train the reference model into ``output``: ``checkpoint/`` (GeoSurge.save_pretrained), ``report.json``,
     ``report.txt`` (the table) and, with ``write_views``, ``heldout/manifest.csv`` (the held-out views of both
     sources, for ``geosurge eval``). ``feature_cache``: a folder where rendered-view backbone outputs are kept
-    between runs (keyed by the data part of the recipe). Returns the report dict."""
+    between runs (keyed by the data part of the recipe). ``ship_to``: also write the trained tensors and their
+    record there (:func:`geosurge.training.shipped.write_shipped_weights`; float16 when the float16 round trip
+    keeps the held-out predictions, measured here, float32 otherwise). Returns the report dict."""
     from ..data import load_raster
     from ..data.views import render_views, write_view_manifest
     from ..geo import build_default_hierarchy
@@ -401,7 +447,7 @@ def train_reference(recipe: ReferenceRecipe, output, log=print, progress: bool =
     t_all = time.perf_counter()
     output = Path(output)
     timings = {}
-    hierarchy = build_default_hierarchy()
+    hierarchy = hierarchy if hierarchy is not None else build_default_hierarchy()
     torch.manual_seed(recipe.seed)
     model = build_model(recipe.config, hierarchy)
     spec_pre = model.config.preprocess
@@ -504,9 +550,11 @@ def train_reference(recipe: ReferenceRecipe, output, log=print, progress: bool =
         if m.any():
             by_dist.append({"nearest_train_km": f"{lo:g}-{hi:g}", **summarize_km(d_ho[m])})
 
+    fp16 = fp16_parity(model, recipe, [sets[k] for k in eval_sets]) if ship_to is not None else None
     rows = [{"model": m, "views": s, **r} for (m, s), r in results.items()]
     recipe_d = recipe.to_dict()
-    report = {"recipe": recipe_d, "key": None, "geosurge": __version__, "hierarchy": hierarchy.digest(),
+    report = {"recipe": recipe_d, "key": None, "origin": "trained", "geosurge": __version__,
+              "hierarchy": hierarchy.digest(),
               "sources": {"train": raster.identity()["name"],
                           "second": second.identity()["name"] if second else None},
               "views": {k: len(v) for k, v in sets.items()}, "rows": rows, "by_train_distance": by_dist,
@@ -522,9 +570,46 @@ def train_reference(recipe: ReferenceRecipe, output, log=print, progress: bool =
         report["heldout_manifest"] = str(write_view_manifest(output / HELDOUT_DIR, groups))
     timings["total_s"] = time.perf_counter() - t_all
     report["table"] = format_report(report)
+    if ship_to is not None:
+        from .shipped import write_shipped_weights
+
+        dtype = "float16" if fp16["passed"] else "float32"
+        rec = write_shipped_weights(model, recipe, report, ship_to, dtype, fp16)
+        report["shipped"] = {"folder": str(ship_to), **rec["weights"]}
+        log(f"shipped weights: {rec['weights']['file']} ({rec['weights']['bytes'] / 1e6:.1f} MB, {dtype}; float16 "
+            f"round trip: {fp16['cell_agreement']:.1%} of held-out predictions unchanged) -> {ship_to}")
     write_json(output / REPORT_FILE, report)
     (output / TABLE_FILE).write_text(report["table"] + "\n")
     return report
+
+
+def fp16_parity(model, recipe: ReferenceRecipe, view_sets: list[ViewSet]) -> dict:
+    """What storing the trained tensors as float16 changes (they are loaded back into float32): on ``view_sets``
+    (cached features), the share of predictions with the same point, the drift in km (median, p95, max) and the
+    acc@750 / acc@2500 km of both. ``passed``: acc@750 and acc@2500 km within 0.5 points and the median drift 0 km."""
+    import copy
+
+    from .shipped import cast_state, trained_state
+
+    m16 = copy.deepcopy(model)
+    m16.load_state_dict(cast_state(cast_state(trained_state(model, recipe), "float16"), "float32"), strict=False)
+    same, drift, acc = [], [], {"fp32": [], "fp16": []}
+    for vs in view_sets:
+        a = predict_cached(model, vs.tokens, vs.global_token)
+        b = predict_cached(m16, vs.tokens, vs.global_token)
+        same.append(np.all(a == b, axis=1))
+        drift.append(haversine_km(a[:, 0], a[:, 1], b[:, 0], b[:, 1]))
+        acc["fp32"].append(errors_km(a, vs))
+        acc["fp16"].append(errors_km(b, vs))
+    same, drift = np.concatenate(same), np.concatenate(drift)
+    s32, s16 = summarize_km(np.concatenate(acc["fp32"])), summarize_km(np.concatenate(acc["fp16"]))
+    out = {"views": int(same.size), "cell_agreement": float(same.mean()), "median_drift_km": float(np.median(drift)),
+           "p95_drift_km": float(np.percentile(drift, 95)), "max_drift_km": float(drift.max()),
+           **{f"{k}_{p}": s[k] for p, s in (("fp32", s32), ("fp16", s16)) for k in ("acc@750km", "acc@2500km")}}
+    out["passed"] = bool(abs(out["fp32_acc@750km"] - out["fp16_acc@750km"]) <= 0.5
+                         and abs(out["fp32_acc@2500km"] - out["fp16_acc@2500km"]) <= 0.5
+                         and out["median_drift_km"] == 0.0)
+    return out
 
 
 REPORT_COLUMNS = ["model", "views", "n", "acc@25km", "acc@200km", "acc@750km", "acc@2500km", "median_km", "geoscore"]
@@ -540,36 +625,102 @@ def format_report(report: dict) -> str:
         lines.append(format_table(report["by_train_distance"], ["nearest_train_km", "n", "acc@200km", "acc@750km",
                                                                 "acc@2500km", "median_km"],
                                   title="\nheld-out views by distance to the nearest training centre"))
-    lines.append(f"\ntime on {report['threads']} thread(s): views + frozen-backbone features "
+    when = "when the shipped weights were trained, " if report.get("origin") == "shipped" else ""
+    lines.append(f"\ntime {when}on {report['threads']} thread(s): views + frozen-backbone features "
                  f"{t.get('views_and_features_s', 0):.0f}s, training {t.get('train_s', 0):.0f}s, total "
                  f"{t.get('total_s', 0):.0f}s (a shared machine: indicative)")
+    if report.get("origin") == "shipped":
+        lines.append(f"assembled here from the shipped weights ({report['shipped']['file']}, "
+                     f"{report['shipped']['dtype']}) in {report['assembled_s']:.0f}s")
     return "\n".join(lines)
+
+
+def write_heldout_views(recipe: ReferenceRecipe, hierarchy, output, size: int, log=print) -> Path:
+    """Render the recipe's held-out views (the deterministic split of :func:`draw_split`) from its source and its
+    second source into ``output/heldout/`` (images + ``manifest.csv`` with the true places). Returns the manifest."""
+    from ..data import load_raster
+    from ..data.views import render_views, write_view_manifest
+
+    raster = load_raster(recipe.source)
+    second = load_raster(recipe.second_source) if recipe.second_source else None
+    _, test, _ = draw_split(recipe, hierarchy, raster, second, size, log)
+    groups = [(raster.name, test, render_views(raster, test))]
+    if second is not None:
+        groups.append((second.name, test, render_views(second, test)))
+    return write_view_manifest(Path(output) / HELDOUT_DIR, groups)
+
+
+def assemble_reference(recipe: ReferenceRecipe, output, weights, hierarchy, log=print) -> dict:
+    """The reference model from its shipped weights (:class:`geosurge.training.shipped.ShippedWeights`, already
+    matched to ``recipe`` and ``hierarchy``) into ``output``: ``checkpoint/``, ``report.json`` / ``report.txt``
+    (the accuracy measured when the weights were trained, from their record) and ``heldout/`` (rendered here).
+    Returns the report."""
+    t0 = time.perf_counter()
+    output = Path(output)
+    model = weights.load(recipe, hierarchy)
+    rec = weights.record
+    spec = model.config.preprocess
+    size = spec.resize_size if spec.resize == "shorter_side" else spec.size
+    shipped = {"file": rec["weights"]["file"], "sha256": rec["weights"]["sha256"], "dtype": rec["weights"]["dtype"],
+               "geosurge": rec["geosurge"]}
+    rows = rec["accuracy"]["rows"]
+    model.save_pretrained(output / CHECKPOINT_DIR,
+                          extra={"reference": {"recipe": recipe.to_dict(), "rows": rows, "shipped": shipped}})
+    report = {"recipe": recipe.to_dict(), "key": None, "origin": "shipped", "shipped": shipped,
+              "geosurge": __version__, "hierarchy": hierarchy.digest(),
+              "sources": {"train": recipe.source, "second": recipe.second_source},
+              "views": rec["accuracy"].get("views"), "rows": rows,
+              "by_train_distance": rec["accuracy"].get("by_train_distance"),
+              "history": rec["training"].get("history"), "timings": rec["training"].get("timings") or {},
+              "threads": rec["training"].get("threads"), "fp16_parity": rec.get("fp16_parity")}
+    report["heldout_manifest"] = str(write_heldout_views(recipe, hierarchy, output, size, log))
+    report["assembled_s"] = time.perf_counter() - t0
+    report["table"] = format_report(report)
+    write_json(output / REPORT_FILE, report)
+    (output / TABLE_FILE).write_text(report["table"] + "\n")
+    return report
 
 
 def ensure_reference_model(cache_dir="~/.cache/geosurge", recipe: ReferenceRecipe | None = None, log=print,
                            progress: bool = True, feature_cache=None, threads: int | None = None,
-                           engine: str = "onnxruntime") -> Path:
-    """The reference checkpoint for ``recipe`` (default :class:`ReferenceRecipe`): trained once into
-    ``cache_dir/reference-<config>-<key>/`` and reused afterwards (the key hashes the recipe, the hierarchy, the
-    raster files and the geosurge version). Training runs in a temp folder beside it, renamed into place when
-    complete (nothing half-written is ever reused; a failed run leaves no temp behind).
+                           engine: str = "onnxruntime", shipped: bool = True, retrain: bool = False) -> Path:
+    """The reference checkpoint for ``recipe`` (default :class:`ReferenceRecipe`), kept in
+    ``cache_dir/reference-<config>-<key>/`` and reused afterwards (the key hashes the recipe, its rasters, the
+    hierarchy and the geosurge version). When absent it is assembled from the shipped weights if they were trained
+    with this recipe over this hierarchy (seconds; a shipped file whose sha256 differs from its record is refused
+    with a GeosurgeError), and trained otherwise (minutes; ``shipped=False`` or ``retrain=True`` always trains,
+    ``retrain`` also replaces a cached one). Work happens in a temp folder beside the final one, renamed into place
+    when complete (nothing half-written is ever reused; a failed run leaves no temp behind).
 
     Returns the checkpoint directory (``.../checkpoint``, loads with ``GeoSurge.from_pretrained``); its sibling
     ``report.json`` holds the accuracy report and ``heldout/manifest.csv`` the held-out views with their true places.
     """
+    from ..geo import build_default_hierarchy
+    from .shipped import ShippedWeights
+
     recipe = recipe or ReferenceRecipe()
     cache_dir = Path(cache_dir).expanduser()
-    key = recipe_key(recipe)
+    hierarchy = build_default_hierarchy()
+    key = recipe_key(recipe, hierarchy)
     final = cache_dir / f"reference-{recipe.config}-{key[:16]}"
-    if (final / CHECKPOINT_DIR / "config.json").is_file() and (final / REPORT_FILE).is_file():
+    if not retrain and (final / CHECKPOINT_DIR / "config.json").is_file() and (final / REPORT_FILE).is_file():
         log(f"reference model: reusing {final}")
         return final / CHECKPOINT_DIR
+    weights = ShippedWeights.find(recipe.config) if shipped and not retrain else None
+    why = weights.mismatch(recipe, hierarchy) if weights is not None else "none ship for this config"
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
     try:
-        log(f"reference model: training ({recipe.config}, key {key[:16]}) -> {final}")
-        report = train_reference(recipe, tmp, log=log, progress=progress, feature_cache=feature_cache,
-                                 threads=threads, engine=engine)
+        if weights is not None and why is None:
+            log(f"reference model: assembling {recipe.config} from the shipped weights ({weights.weights.name}) "
+                f"-> {final}")
+            report = assemble_reference(recipe, tmp, weights, hierarchy, log)
+        else:
+            if shipped and not retrain:
+                log(f"reference model: the shipped weights do not apply ({why})")
+            log(f"reference model: training ({recipe.config}, key {key[:16]}) -> {final}")
+            report = train_reference(recipe, tmp, log=log, progress=progress, feature_cache=feature_cache,
+                                     threads=threads, engine=engine, hierarchy=hierarchy)
         report["key"] = key
         if report.get("heldout_manifest"):
             report["heldout_manifest"] = str(final / HELDOUT_DIR / "manifest.csv")
