@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -24,26 +23,9 @@ import numpy as np
 from geosurge.images import load_image, read_image
 from geosurge.preprocess import preprocess
 from geosurge.report import format_table, write_json
+from geosurge.runtime.benchmark import encode_jpeg as jpeg
+from geosurge.runtime.benchmark import phone_photo as phone_size
 from geosurge.samples import sample_photo_paths
-
-
-def phone_size(rgb: np.ndarray, seed: int, size=(4032, 3024)) -> np.ndarray:
-    """The photo's centre 4:3 (or 3:4) part upscaled to 12 MP, with Gaussian noise sigma 2 (8-bit levels)."""
-    h, w = rgb.shape[:2]
-    W, H = size if w >= h else size[::-1]
-    if w * H > h * W:  # too wide: crop the width
-        cw = h * W // H
-        rgb = rgb[:, (w - cw) // 2:(w - cw) // 2 + cw]
-    else:
-        ch = w * H // W
-        rgb = rgb[(h - ch) // 2:(h - ch) // 2 + ch]
-    up = cv2.resize(rgb, (W, H), interpolation=cv2.INTER_CUBIC).astype(np.float32)
-    up += np.random.default_rng(seed).normal(0.0, 2.0, up.shape).astype(np.float32)
-    return np.clip(up + 0.5, 0, 255).astype(np.uint8)
-
-
-def jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
-    return cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
 
 
 def main() -> int:

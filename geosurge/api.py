@@ -22,6 +22,7 @@ function           CLI                                         returns
 :func:`evaluate`   ``geosurge eval``                           :class:`geosurge.evaluation.EvalReport`
 :func:`reference`  ``geosurge reference``                      :class:`geosurge.training.reference.ReferenceModel`
 :func:`views`      ``geosurge views``                          the manifest written (Path)
+:func:`benchmark`  ``geosurge benchmark``                      report dict (tables: ``format_report``)
 =================  ==========================================  ===============================================
 
 Locating images is :class:`geosurge.runtime.Localizer` (the device API).
@@ -33,8 +34,8 @@ from typing import Callable, Iterable
 
 from .errors import GeosurgeError
 
-__all__ = ["export", "prune", "prune_cost", "parity", "evaluate", "reference", "views", "verify", "bench", "load_model",
-           "calibration_set"]
+__all__ = ["export", "prune", "prune_cost", "parity", "evaluate", "reference", "views", "verify", "bench",
+           "benchmark", "load_model", "calibration_set"]
 
 Log = Callable[[str], None]
 PathLike = str | Path
@@ -279,3 +280,35 @@ def bench(bundle, backend: str | None = None, threads: int | None = None, images
     from .runtime.bench import bench_bundle
 
     return bench_bundle(bundle, backend, threads, _paths(images), iters, warmup)
+
+
+def benchmark(bundles, *, images=None, truth: PathLike | None = None, backends: Iterable[str] | None = None,
+              threads: int | None = None, iters: int | None = None, warmup: int | None = None,
+              pause_ms: float = 100.0, quick: bool = False, anchors: Iterable[str] = ("eager", "compile"),
+              workers: int = 2, pools: Iterable[str] = ("serial", "threads", "processes"), rss: bool = True,
+              json: PathLike | None = None, png: PathLike | None = None, cache_dir: PathLike | None = None,
+              accuracy_km: float = 25.0, log: Log = print) -> dict:
+    """``geosurge benchmark``: every bundle (one path or several) on every installed backend that reads its format,
+    beside torch anchors of its source model, in one run. Returns the report (``latency`` rows per bundle x backend
+    x image x pacing with p50 / p95 ms of decode, preprocess, inference, cell_search, e2e; ``summary`` per bundle x
+    backend; ``skipped`` with reasons; ``throughput``, ``memory``, ``parity``, ``task``, ``call_order``; fields in
+    docs/benchmarks.md). ``images``: files / folders for the throughput folder (default: phone-size JPEGs
+    synthesised from the sample photos); ``truth``: a CSV manifest (path, lat, lon) for task-level parity;
+    ``backends``: only these; ``pause_ms``: the paced rows' pause before each call (100 = a camera at 10 fps);
+    ``quick``: a short run; ``anchors``: a subset of ("eager", "compile"), () for none; ``workers`` / ``pools``:
+    the folder's decode pools; ``rss``: measure the runtime's peak RSS in a fresh process. Writes ``json`` and
+    ``png`` when given. Raises BundleError naming a bundle that cannot be opened, before anything is timed.
+    Print ``geosurge.export.benchmark.format_report(report)``, or ``short_form(report)`` for one bundle's lines."""
+    from .export.benchmark import run_benchmark, write_png
+    from .report import write_json
+
+    report = run_benchmark(_paths(bundles), images=_paths(images), truth=truth,
+                           backends=list(backends) if backends else None, threads=threads, iters=iters,
+                           warmup=warmup, pause_ms=pause_ms, quick=quick, anchors=tuple(anchors or ()),
+                           workers=workers, pools=tuple(pools), rss=rss, cache_dir=cache_dir,
+                           accuracy_km=accuracy_km, log=log)
+    if png:
+        report["png"] = str(write_png(report, png))
+    if json:
+        write_json(json, report)
+    return report

@@ -28,8 +28,10 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, tit
         return (title + "\n" if title else "") + "(no rows)"
     columns = list(columns or rows[0].keys())
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
-    numeric = [all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows)
-               for c in columns]
+    # a column is numeric (right-aligned) when every value it has is a number; None cells are blank
+    numeric = [any(r.get(c) is not None for r in rows) and
+               all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows
+                   if r.get(c) is not None) for c in columns]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
 
     def line(vals):

@@ -1,5 +1,6 @@
 """Runtime benchmark: latency per stage (decode, preprocess, inference, cell search) and end to end, throughput,
-peak RSS and model size, on given images or the bundle's golden photos re-encoded as JPEG (no torch)."""
+peak RSS and model size, on given images or the bundle's golden photos re-encoded as JPEG (no torch). The loop is
+the benchmark library's (``geosurge.runtime.benchmark``), shared with ``geosurge benchmark``."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,28 +32,26 @@ def peak_rss_mb() -> float:
 
 
 def bench_bundle(bundle_dir, backend: str | None = None, threads: int | None = None, images=None, iters: int = 50,
-                 warmup: int = 5) -> dict:
-    """``iters`` timed ``locate`` calls after ``warmup`` untimed ones, cycling over the images. Returns the report
-    (per-stage p50 / p95 / mean in ms, throughput in images/s, peak RSS in MB, model size in MB)."""
+                 warmup: int = 5, pause_ms: float = 0.0) -> dict:
+    """``iters`` timed ``locate`` calls after ``warmup`` untimed ones, cycling over the images, ``pause_ms`` before
+    each (0: back-to-back; 100: paced as a camera at 10 fps), on the loop ``geosurge benchmark`` uses
+    (:func:`geosurge.runtime.benchmark.time_scenarios`). Returns the report (per-stage p50 / p95 / mean in ms,
+    ``total`` = the call's wall time; throughput in images/s = 1000 / mean total; peak RSS in MB; model and bundle
+    size in MB)."""
+    from .benchmark import Scenario, percentiles, runtime_contender, time_scenarios
+
     with Localizer(bundle_dir, backend=backend, threads=threads) as loc:
         sources = ([p.read_bytes() for p in list_images(images).paths if p.is_file()] if images
                    else Golden.load(loc.bundle.path("golden")).jpegs(loc.spec))
         if not sources:
             raise GeosurgeError("bench: no images")
-        times = {k: [] for k in STAGES}
-        for i in range(warmup + iters):
-            pred = loc.locate(sources[i % len(sources)])
-            if i >= warmup:
-                for k, v in pred["timing_ms"].items():
-                    times[k].append(v)
-                times["total"].append(sum(pred["timing_ms"].values()))
+        c = runtime_contender(loc, str(bundle_dir), loc.runner.name.value)
+        sc = Scenario("images", "paced" if pause_ms else "back-to-back", sources, pause_ms)
+        times = time_scenarios([c], [sc], iters, warmup).samples[(sc.name, c.name)]
         m = loc.bundle.manifest
-        model = loc.bundle.path("model")
-        model_mb = (sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) if model.is_dir()
-                    else model.stat().st_size) / 1e6
-        backend_name = loc.runner.name.value
-    rows = [{"stage": k, "p50_ms": float(np.percentile(v, 50)), "p95_ms": float(np.percentile(v, 95)),
-             "mean_ms": float(np.mean(v))} for k, v in times.items()]
-    return {"bundle": str(bundle_dir), "backend": backend_name, "threads": threads, "iters": iters, "stages": rows,
-            "throughput_img_s": 1000.0 / rows[-1]["mean_ms"], "peak_rss_mb": peak_rss_mb(),
-            "precision": m.model.precision.value, "model_mb": model_mb}
+    rows = [{"stage": "total" if k == "e2e" else k, "p50_ms": p50, "p95_ms": p95, "mean_ms": float(np.mean(v))}
+            for k, v in times.items() for p50, p95 in [percentiles(v)]]
+    return {"bundle": str(bundle_dir), "backend": c.backend, "threads": threads, "iters": iters,
+            "pause_ms": pause_ms, "stages": rows, "throughput_img_s": 1000.0 / rows[-1]["mean_ms"],
+            "peak_rss_mb": peak_rss_mb(), "precision": m.model.precision.value, "model_mb": c.info["model_mb"],
+            "bundle_mb": c.info["bundle_mb"]}

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--images", nargs="*", help="images to time (default: the bundle's golden photos)")
     be.add_argument("--iters", type=int, default=50)
     be.add_argument("--warmup", type=int, default=5)
+    be.add_argument("--pause-ms", type=float, default=0.0, help="pause before each call: paced, as a camera "
+                    "(100 = 10 fps); default 0, back-to-back")
     be.add_argument("--json", metavar="FILE", help="write the report as JSON")
     be.set_defaults(func=cmd_bench)
 
@@ -233,9 +235,11 @@ def cmd_bench(args) -> int:
     from .bench import bench_bundle
 
     t0 = time.perf_counter()
-    rep = bench_bundle(args.bundle, args.backend, args.threads, args.images, args.iters, args.warmup)
+    rep = bench_bundle(args.bundle, args.backend, args.threads, args.images, args.iters, args.warmup,
+                       args.pause_ms)
+    paced = f", {args.pause_ms:g} ms pause before each" if args.pause_ms else ", back-to-back"
     print(format_table(rep["stages"], title=f"{args.bundle} ({rep['backend']}, {rep['precision']}, "
-                                            f"{args.iters} runs, {time.perf_counter() - t0:.1f}s)"))
+                                            f"{args.iters} runs{paced}, {time.perf_counter() - t0:.1f}s)"))
     print(f"throughput {rep['throughput_img_s']:.1f} img/s   peak RSS {rep['peak_rss_mb']:.0f} MB   "
           f"model {rep['model_mb']:.1f} MB")
     if args.json:

@@ -15,7 +15,13 @@ def verify_bundle(bundle_dir, backend: str | None = None, threads: int | None = 
     bundle = open_bundle(bundle_dir, verify=False)
     backend = bundle.backend(backend)
     files = bundle.verify_checksums()
-    golden = Golden.load(bundle.path("golden"))
     with Localizer(bundle, backend=backend, threads=threads, verify=False) as loc:
-        rep = compare(golden.embedding, loc.embed(golden.inputs), loc.scorer, bundle.manifest.gates() or None)
+        rep = replay_golden(loc)
     return {"bundle": str(bundle_dir), "backend": backend.value, "files": files, **rep}
+
+
+def replay_golden(loc: Localizer) -> dict:
+    """The bundle's golden inputs through ``loc``'s backend vs the FP32 torch embeddings stored beside them, under
+    the manifest's gates: ``geosurge.parity.compare``'s ``{"metrics", "gates", "passed"}``."""
+    golden = Golden.load(loc.bundle.path("golden"))
+    return compare(golden.embedding, loc.embed(golden.inputs), loc.scorer, loc.bundle.manifest.gates() or None)

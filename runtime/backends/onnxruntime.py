@@ -16,6 +16,26 @@ from . import BackendUnavailable, Runner
 SPINNING: bool | None = False
 
 
+def release_freed_heap() -> None:
+    """Hand the heap that building a session freed back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    onnxruntime parses the model file, copies the initializers and re-lays the convolution weights (NCHWc) while it
+    builds a session, then frees the intermediate copies; glibc keeps that memory mapped in the process. Measured on
+    the edge FP32 model (27 MB): resident memory after the session 142 MB without, ~95 MB with, so the cell table
+    and the image buffers that follow do not stack on top of it (the peak of the build itself is unchanged)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to release this way
+        pass
+
+
 class OnnxRuntimeRunner(Runner):
     """onnxruntime InferenceSession; ``threads`` sets the intra-op thread count (one inter-op thread);
     ``spinning`` whether idle intra-op threads busy-wait (default :data:`SPINNING`)."""
@@ -45,6 +65,7 @@ class OnnxRuntimeRunner(Runner):
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise BackendUnavailable(f"{model_path}: onnxruntime {ort.__version__} cannot load this model "
                                      f"({reason})") from None
+        release_freed_heap()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.version = ort.__version__

@@ -1,0 +1,250 @@
+"""``geosurge benchmark`` (and the runtime timing it shares with ``geosurge-run bench``): what the report holds, not
+how fast anything ran — no assertion here reads a timing."""
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from geosurge import api
+from geosurge.cli import main
+from geosurge.formats import backends_for
+from geosurge.manifest import manifest_digest
+from geosurge.runtime.backends import RUNNERS
+from geosurge.runtime.benchmark import STAGES, open_contenders, runtime_backends
+from geosurge.samples import sample_photo_paths
+from geosurge.timing import interleaved
+
+ITERS, WARMUP = 2, 1
+
+
+def _as_coreml(src, dst):
+    """A copy of an ONNX bundle whose manifest says Core ML (checksums re-sealed): a format that no backend
+    installed on Linux runs."""
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["model"]["format"] = m["model"]["target"] = "coreml"
+    m["manifest_sha256"] = manifest_digest(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One quick CLI run on a tiny ONNX bundle and a Core ML one, with ground truth (two photos and a missing
+    file), the eager anchor, and the JSON + PNG written."""
+    root = tmp_path_factory.mktemp("benchmark")
+    photos = sample_photo_paths()[:2]
+    tiny = api.export("tiny", root / "tiny", golden=photos, log=lambda m: None)
+    coreml = _as_coreml(tiny.root, root / "tiny-coreml")
+    truth = root / "truth.csv"
+    truth.write_text("path,lat,lon\n" + "".join(f"{p},{48.85 + i},{2.35 - i}\n" for i, p in enumerate(photos))
+                     + f"{root / 'missing.jpg'},0,0\n")
+    out = root / "report.json"
+    rc = main(["benchmark", str(tiny.root), str(coreml), "--quick", "--iters", str(ITERS), "--warmup", str(WARMUP),
+               "--pause-ms", "5", "--anchors", "eager", "--workers", "1", "--cache-dir", str(root / "cache"),
+               "--truth", str(truth), "--json", str(out)])
+    assert rc == 0
+    return json.loads(out.read_text()), out, tiny, root
+
+
+def test_report_has_every_stage_backend_and_bundle(run):
+    rep, _, tiny, _ = run
+    ran = [c for c in rep["contenders"] if c["kind"] == "runtime"]
+    # every backend that reads the bundle's format and has a runner is either timed or skipped with a reason
+    seen = {c["backend"] for c in ran if c["bundle"] == "tiny"} | {s["backend"] for s in rep["skipped"]
+                                                                   if s["bundle"] == "tiny"}
+    assert seen == set(runtime_backends(tiny)) and "onnxruntime" in seen
+    scen = {("12mp", "paced"), ("12mp", "back-to-back"), ("small", "paced"), ("small", "back-to-back")}
+    for c in rep["contenders"]:
+        rows = [r for r in rep["latency"] if (r["bundle"], r["backend"]) == (c["bundle"], c["backend"])]
+        assert {(r["image"], r["mode"]) for r in rows} == scen and all(r["n"] == ITERS for r in rows)
+        for r in rows:
+            for stage in (*STAGES, "e2e"):
+                got = (r[f"{stage}_p50_ms"], r[f"{stage}_p95_ms"])
+                if c["kind"] == "anchor" and stage != "inference":  # anchors are inference-only rows
+                    assert got == (None, None)
+                else:
+                    assert 0 <= got[0] <= got[1]
+    assert any(c["backend"] == "torch eager FP32" for c in rep["contenders"])
+    (row,) = [r for r in rep["summary"] if r["bundle"] == "tiny"]
+    assert row["model_mb"] > 0 and row["bundle_mb"] > row["model_mb"]
+    assert row["x_eager"] > 0 and row["img_s"] > 0 and row["img_s_pool"] in ("serial", "threads", "processes")
+    assert row["golden"] == "PASS" and row["recorded"] == "reference"  # FP32: its own reference, replay exact
+    # the folder's images are all accounted for, on every pool
+    t = rep["throughput"]["tiny | onnxruntime"]
+    assert {"serial", "threads", "processes"} <= set(t) and t["refused"] == []
+
+
+def test_contenders_are_interleaved_call_by_call(run):
+    rep, *_ = run
+    names = [c["name"] for c in rep["contenders"]]
+    assert len(names) >= 2
+    by_scenario = {}
+    for scenario, rnd, name in rep["call_order"]:
+        by_scenario.setdefault(scenario, []).append((rnd, name))
+    assert len(by_scenario) == 4
+    for calls in by_scenario.values():
+        # round after round, each contender once, in the same turn: never two calls of one contender in a row
+        assert calls == [(r, n) for r in range(ITERS + WARMUP) for n in names]
+
+
+def test_peak_rss_is_measured_in_a_process_without_torch(run):
+    rep, *_ = run
+    assert "torch" in sys.modules  # this process exported the bundle with torch ...
+    mem = rep["memory"]["tiny | onnxruntime"]
+    assert mem["heavy_modules"] == [] and mem["peak_rss_mb"] > 0  # ... the measured runtime process did not load it
+    assert mem["child"]["backend"] == "onnxruntime" and len(mem["child"]["images"]) == 2
+
+
+def test_json_schema(run):
+    rep, *_ = run
+    assert rep["schema"] == "geosurge-benchmark/1"
+    assert {"schema", "machine", "settings", "images", "contenders", "skipped", "latency", "summary", "throughput",
+            "memory", "parity", "task", "call_order", "seconds", "png"} <= set(rep)
+    assert {"threads", "iters", "warmup", "pause_ms", "quick", "workers", "anchors"} <= set(rep["settings"])
+    assert rep["settings"]["iters"] == ITERS and rep["settings"]["quick"] is True
+    assert rep["images"]["12mp"]["size"] == [4032, 3024]
+    for r in rep["latency"]:
+        assert {"bundle", "backend", "kind", "image", "mode", "n"} <= set(r)
+    for s in rep["skipped"]:
+        assert set(s) == {"bundle", "backend", "reason"} and s["reason"]
+    p = rep["parity"]["tiny | onnxruntime"]
+    assert p["recorded"]["status"] == "reference" and 0.999 <= p["golden"]["cosine_mean"] <= 1.0 + 1e-6
+
+
+def test_png_is_written(run):
+    import cv2
+
+    rep, out, _, _ = run
+    png = out.with_suffix(".png")
+    assert rep["png"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = cv2.imread(str(png))
+    assert img is not None and img.shape[1] > 600
+
+
+def test_a_bundle_no_installed_backend_runs_is_skipped_with_a_reason(run):
+    rep, *_ = run
+    (skip,) = [s for s in rep["skipped"] if s["bundle"] == "tiny-coreml"]
+    assert skip["backend"] == "coreml" and "macOS" in skip["reason"]
+    assert not [r for r in rep["latency"] + rep["summary"] if r["bundle"] == "tiny-coreml"]
+
+
+def test_task_parity_with_ground_truth_accounts_for_every_row(run):
+    rep, *_ = run
+    task = rep["task"]["tiny | onnxruntime"]
+    assert task["n"] == 2 and len(task["refused"]) == 1 and "missing.jpg" in task["refused"][0]["input"]
+    assert set(task["deployed"]["accuracy"]) == {"1km", "25km", "200km", "750km", "2500km"}
+    assert all(0 <= v <= 1 for v in task["deployed"]["accuracy"].values())
+    # the FP32 torch reference on the same pixels, and the parity of the two embeddings
+    assert task["fp32"]["n"] == 2 and task["parity"]["cosine_min"] > 0.999
+    assert rep["summary"][0]["acc@25km"] == task["deployed"]["accuracy"]["25km"]
+
+
+def test_short_form_for_the_demo(run):
+    from geosurge.export.benchmark import short_form
+
+    rep, *_ = run
+    text = short_form(rep, "tiny")
+    assert "tiny" in text and "onnxruntime" in text and "x_torch_eager" in text and "12mp_e2e_p95_ms" in text
+    assert short_form(rep, run[2].root) == text == short_form(rep)  # by path, and the first bundle by default
+    with pytest.raises(Exception, match="no results"):
+        short_form(rep, "tiny-coreml")
+
+
+def test_bad_bundle_path_is_one_clear_error(tmp_path, capsys):
+    rc = main(["benchmark", str(tmp_path / "nope"), "--quick"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "nope" in err[0] and "not found" in err[0] and "Traceback" not in err[0]
+
+
+def test_a_registered_runner_appears_without_a_change_here(run):
+    """The benchmark asks the formats table and the runner registry: give a backend of the ONNX format a runner
+    that runs here and it becomes a contender."""
+    from geosurge.runtime.backends.onnxruntime import OnnxRuntimeRunner
+
+    _, _, tiny, _ = run
+    other = next(b.value for b in backends_for("onnx") if b.value != "onnxruntime")
+    saved = dict.__getitem__(RUNNERS, other)  # (Registry.get imports a lazy entry; keep the entry as it is)
+    RUNNERS[other] = OnnxRuntimeRunner
+    try:
+        contenders, skipped, _ = open_contenders([tiny.root], log=lambda m: None)
+    finally:
+        RUNNERS[other] = saved
+    for c in contenders:
+        c.close()
+    assert {c.backend for c in contenders} == {"onnxruntime", other} and not skipped
+
+
+def test_interleaved_pause_results_and_order():
+    seen = []
+    calls = {"a": lambda: seen.append("a") or 1, "b": lambda: seen.append("b") or 2}
+    results, order = {}, []
+    times = interleaved(calls, iters=3, warmup=1, pause_ms=1, results=results, order=order)
+    assert seen == ["a", "b"] * 4 and order == [(i, n) for i in range(4) for n in "ab"]
+    assert results == {"a": [1, 1, 1], "b": [2, 2, 2]} and [len(v) for v in times.values()] == [3, 3]
+
+
+def test_geosurge_run_bench_uses_the_shared_loop(run):
+    from geosurge.runtime.bench import bench_bundle
+
+    _, _, tiny, _ = run
+    rep = bench_bundle(tiny.root, iters=3, warmup=1, pause_ms=1)
+    assert [r["stage"] for r in rep["stages"]] == [*STAGES, "total"] and rep["pause_ms"] == 1
+    assert np.isfinite(rep["throughput_img_s"]) and rep["model_mb"] > 0 and rep["bundle_mb"] > rep["model_mb"]
+
+
+def test_folder_throughput_goes_past_a_bad_image_and_names_it(run, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from geosurge.runtime import Localizer
+    from geosurge.runtime.benchmark import folder_throughput
+
+    _, _, tiny, _ = run
+    good = sample_photo_paths()[0]
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 20)  # a JPEG signature, then nothing decodable
+    with Localizer(tiny) as loc, ThreadPoolExecutor(1) as pool:
+        for p in (None, pool):
+            r = folder_throughput(loc, [good, bad, good], p)
+            assert r["images"] == 2 and len(r["refused"]) == 1 and "cut.jpg" in r["refused"][0]
+
+
+def test_bad_options_fail_before_anything_runs(run, tmp_path, capsys):
+    _, _, tiny, _ = run
+    rc = main(["benchmark", str(tiny.root), "--truth", str(tmp_path / "truth.csv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "truth.csv" in err[0] and "not found" in err[0]
+    with pytest.raises(Exception, match="unknown anchor 'jit'"):
+        api.benchmark(tiny.root, anchors=("jit",), log=lambda m: None)
+
+
+def test_test_images_are_deterministic_and_fall_back_to_the_golden_probes(run, tmp_path, monkeypatch):
+    import geosurge.samples
+    from geosurge.errors import GeosurgeError
+    from geosurge.runtime.benchmark import bench_images
+
+    _, _, tiny, _ = run
+    a = bench_images(2, cache_dir=tmp_path / "a", size=(400, 300))
+    b = bench_images(2, cache_dir=tmp_path / "b", size=(400, 300))
+    assert [p.read_bytes() for p in a.folder] == [p.read_bytes() for p in b.folder] and len(a.folder) == 2
+    assert a.info["12mp"]["size"] == [400, 300] and a.phone == a.folder[0]
+
+    def no_samples():  # a device: scikit-image / matplotlib not installed
+        raise GeosurgeError("no sample photos found")
+
+    monkeypatch.setattr(geosurge.samples, "sample_photo_paths", no_samples)
+    c = bench_images(1, bundle=tiny, cache_dir=tmp_path / "c", size=(400, 300))
+    assert c.info["12mp"]["source"].startswith("golden-") and c.phone.is_file()
+
+
+@pytest.mark.slow
+def test_the_compile_anchor_joins_the_run(run, tmp_path):
+    """torch.compile of the source model (compiles for a minute or more on 2 cores) is a timed, inference-only row
+    and the summary's x_compile."""
+    _, _, tiny, _ = run
+    rep = api.benchmark(tiny.root, quick=True, iters=2, warmup=1, pause_ms=5, anchors=("compile",), pools=(),
+                        rss=False, cache_dir=tmp_path, log=lambda m: None)
+    assert [c["backend"] for c in rep["contenders"] if c["kind"] == "anchor"] == ["torch.compile FP32"]
+    assert rep["summary"][0]["x_compile"] > 0
