@@ -179,3 +179,44 @@ def test_api_evaluate_library_call(tiny_models, photo_dir):
     assert rep.format == "exif" and rep.items == 5 and rep.inputs()["skipped"] == 2
     assert {s.path.name for s in rep.skipped} == {"notes.txt", "m.csv"}
     assert sum(line.startswith("skipped ") for line in logged) == 2
+
+
+def test_drift_km_between_two_results():
+    """Task-level drift of one predictor vs another on the rows both predicted: km between predicted points, the
+    share with the same point, acc@km deltas (other minus reference)."""
+    from geosurge.evaluation import EvalResult
+    from geosurge.evaluation.baselines import drift_km
+
+    def result(preds):
+        r = EvalResult({"label": "x"}, False)
+        for path, (plat, plon, km) in preds.items():
+            r.predictions.append({"path": path, "source": "s", "lat": 0.0, "lon": 0.0, "pred_lat": plat,
+                                  "pred_lon": plon, "km": km})
+        return r
+
+    ref = result({"a": (0.0, 0.0, 10.0), "b": (0.0, 1.0, 100.0), "c": (5.0, 5.0, 3000.0)})
+    other = result({"a": (0.0, 0.0, 10.0), "b": (0.0, 2.0, 300.0), "d": (9.0, 9.0, 1.0)})  # "d": not in ref
+    d = drift_km(ref, other)
+    assert d["n"] == 2 and d["same_point"] == 0.5
+    assert d["drift_max_km"] == pytest.approx(111.19, abs=0.1)  # 1 degree of longitude on the equator
+    assert d["delta_acc@200km"] == -50.0 and d["delta_acc@25km"] == 0.0
+    with pytest.raises(ValueError, match="share no image"):
+        drift_km(ref, result({"z": (0.0, 0.0, 1.0)}))
+
+
+def test_demo_accuracy_gate():
+    """The demo fails unless the trained model beats every baseline within 750 and 2,500 km and in median km on the
+    held-out views of the training source (the other source's rows do not count)."""
+    from geosurge.commands.demo import beats_baselines
+
+    def row(model, source, a750, a2500, med):
+        return {"model": model, "source": source, "acc@750km": a750, "acc@2500km": a2500, "median_km": med}
+
+    base = [row("prior", "bmng", 0.0, 1.4, 8127), row("untrained", "bmng", 0.0, 4.8, 9530),
+            row("prior", "shadedrelief", 0.0, 1.4, 8127), row("untrained", "shadedrelief", 0.0, 2.6, 8541)]
+    good = base + [row("FP32", "bmng", 26.0, 54.0, 1867), row("FP32", "shadedrelief", 0.0, 1.0, 9000)]
+    g = beats_baselines(good, "FP32", ["prior", "untrained"], "bmng")
+    assert g["passed"] and "PASS" in g["line"]
+    worse_median = base + [row("FP32", "bmng", 26.0, 54.0, 8200)]
+    assert not beats_baselines(worse_median, "FP32", ["prior", "untrained"], "bmng")["passed"]
+    assert not beats_baselines(base, "FP32", ["prior", "untrained"], "bmng")["passed"]  # no rows: fails, says so

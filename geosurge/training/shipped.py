@@ -9,7 +9,9 @@ semantic tokenizer, the segmenter head and the per-level temperatures — is not
   allows it, see :func:`write_shipped_weights`);
 * ``reference-<config>.json``: the recipe, its hash (:func:`geosurge.training.reference.recipe_hash`), the
   hierarchy digest, the geosurge version, the sha256 of the weights, which prefixes are rebuilt rather than shipped,
-  the measured accuracy (the training run's report rows) and the float16 parity.
+  the measured accuracy (the training run's report rows), the float16 parity and the held-out view specs (centre,
+  heading, footprint as the held-out manifest records them), so the held-out views are rendered again without
+  redrawing the split.
 
 :func:`load_shipped` rebuilds the model and loads the shipped tensors only when the recipe hash and the hierarchy
 digest match (otherwise it says why, and the caller trains); a weight file whose sha256 differs from the record is
@@ -107,10 +109,26 @@ def write_shipped_weights(model, recipe, report: dict, folder, dtype: str = "flo
         "training": {"timings": report.get("timings"), "threads": report.get("threads"),
                      "history": report.get("history")},
     }
+    record["heldout"] = heldout_specs_from_manifest(report)
     from ..report import write_json
 
     write_json(record_path, record)
     return record
+
+
+def heldout_specs_from_manifest(report: dict) -> dict | None:
+    """The held-out views of the training source as the training run's ``heldout/manifest.csv`` records them:
+    ``{"source", "columns": [lat, lon, heading_deg, footprint_km], "specs": [[...], ...]}`` (None when the
+    run wrote no held-out views)."""
+    import csv
+
+    path, source = report.get("heldout_manifest"), (report.get("sources") or {}).get("train")
+    if not path or not Path(path).is_file():
+        return None
+    cols = ["lat", "lon", "heading_deg", "footprint_km"]
+    with open(path, newline="") as f:
+        rows = [[float(r[c]) for c in cols] for r in csv.DictReader(f) if r.get("source") == source]
+    return {"source": source, "columns": cols, "specs": rows}
 
 
 @dataclass
@@ -132,6 +150,16 @@ class ShippedWeights:
         except (OSError, ValueError) as e:
             raise GeosurgeError(f"{record_path}: unreadable shipped-weights record ({e})") from None
         return cls(weights, record)
+
+    def heldout_specs(self, size: int) -> list | None:
+        """The held-out view specs recorded at training time (``geosurge.data.views.ViewSpec``, ``size`` pixels;
+        in the recorded order), or None when the record holds none."""
+        from ..data.views import ViewSpec
+
+        held = self.record.get("heldout") or {}
+        if not held.get("specs"):
+            return None
+        return [ViewSpec(lat, lon, heading, footprint, size) for lat, lon, heading, footprint in held["specs"]]
 
     def mismatch(self, recipe, hierarchy) -> str | None:
         """Why these weights do not belong to ``recipe`` over ``hierarchy`` (None: they do)."""
