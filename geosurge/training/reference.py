@@ -605,7 +605,7 @@ def fp16_parity(model, recipe: ReferenceRecipe, view_sets: list[ViewSet]) -> dic
     s32, s16 = summarize_km(np.concatenate(acc["fp32"])), summarize_km(np.concatenate(acc["fp16"]))
     out = {"views": int(same.size), "cell_agreement": float(same.mean()), "median_drift_km": float(np.median(drift)),
            "p95_drift_km": float(np.percentile(drift, 95)), "max_drift_km": float(drift.max()),
-           **{f"{k}_{p}": s[k] for p, s in (("fp32", s32), ("fp16", s16)) for k in ("acc@750km", "acc@2500km")}}
+           **{f"{p}_{k}": s[k] for p, s in (("fp32", s32), ("fp16", s16)) for k in ("acc@750km", "acc@2500km")}}
     out["passed"] = bool(abs(out["fp32_acc@750km"] - out["fp16_acc@750km"]) <= 0.5
                          and abs(out["fp32_acc@2500km"] - out["fp16_acc@2500km"]) <= 0.5
                          and out["median_drift_km"] == 0.0)
