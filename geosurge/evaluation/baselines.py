@@ -3,7 +3,7 @@
 The two baselines every accuracy figure of the reference model is shown beside, measured on the same rows:
 
 * the prior's most likely cell — the representative point of the finest cell holding most photos of the hierarchy,
-  predicted for every image (:func:`geosurge.training.reference.prior_prediction`);
+  predicted for every image (:meth:`geosurge.geo.CellHierarchy.prior_mode`);
 * the untrained model — the same config built with the same seed, before any training.
 """
 from __future__ import annotations
@@ -21,10 +21,9 @@ def baselines(config, hierarchy, seed: int = 0) -> list:
     import torch
 
     from ..models import build_model
-    from ..training.reference import prior_prediction
     from .predictors import ConstantPredictor, TorchPredictor
 
-    lat, lon = prior_prediction(hierarchy)
+    lat, lon = hierarchy.prior_mode()
     torch.manual_seed(seed)
     untrained = build_model(config, hierarchy).eval()
     return [ConstantPredictor(lat, lon, PRIOR_LABEL), TorchPredictor(None, UNTRAINED_LABEL, model=untrained)]

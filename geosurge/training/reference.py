@@ -341,13 +341,6 @@ def predict_cached(model, tokens: np.ndarray, global_token: np.ndarray, batch: i
     return np.concatenate(out) if out else np.zeros((0, 2))
 
 
-def prior_prediction(hierarchy) -> tuple[float, float]:
-    """The prior's most likely place: the representative point of the finest cell holding most photos."""
-    fin = hierarchy.level(-1)
-    i = int(np.argmax(fin.count))
-    return float(fin.rep_lat[i]), float(fin.rep_lon[i])
-
-
 def errors_km(pred: np.ndarray, vs: ViewSet) -> np.ndarray:
     return haversine_km(vs.lat, vs.lon, pred[:, 0], pred[:, 1])
 
@@ -513,7 +506,7 @@ def train_reference(recipe: ReferenceRecipe, output, log=print, progress: bool =
 
     # baselines, in the same run
     results = {}
-    plat, plon = prior_prediction(hierarchy)
+    plat, plon = hierarchy.prior_mode()
     eval_sets = [k for k in ("heldout", "second") if k in sets]
     for k in eval_sets:
         vs = sets[k]
