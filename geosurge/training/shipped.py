@@ -86,6 +86,7 @@ def write_shipped_weights(model, recipe, report: dict, folder, dtype: str = "flo
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"format": "pt", "geosurge": __version__, "recipe_hash": recipe_hash(recipe)})
+        os.chmod(tmp, 0o644)  # package data: mkstemp's 0600 would travel into wheels
         os.replace(tmp, weights)
     finally:
         if os.path.exists(tmp):
