@@ -158,7 +158,8 @@ def cmd_demo(args) -> int:
             print(text)
     steps["benchmark_s"] = time.perf_counter() - t0
 
-    quant_ok = all(r["parity"] == "PASS" for r in quant)
+    quant_failed = [r["precision"] for r in quant if r["parity"] != "PASS"]
+    quant_ok = not quant_failed
     summary = {"model": {"checkpoint": str(checkpoint), "reference": None if ref is None else {
                    "origin": ref.report.get("origin"), "recipe": ref.report["recipe"],
                    "report": str(checkpoint.parent / "report.json"), "measured_when_trained": ref.report["rows"]}},
@@ -170,11 +171,12 @@ def cmd_demo(args) -> int:
                "steps_s": steps, "threads": args.threads, "seconds": time.perf_counter() - t_all}
     write_json(out / "demo.json", summary)
     acc_ok = acc is None or acc["gate"]["passed"]
-    print(f"\ndone in {summary['seconds']:.0f}s: verify {'PASS' if ver['passed'] else 'FAIL'}, parity "
-          f"{'PASS' if par['passed'] else 'FAIL'}" + (f", FP16/INT8 parity {'PASS' if quant_ok else 'FAIL'}"
-                                                      if quant else "")
-          + ("" if acc is None else f", trained beats baselines {'PASS' if acc_ok else 'FAIL'}")
-          + f"; report {out / 'demo.json'}")
+    verdict = [f"verify {'PASS' if ver['passed'] else 'FAIL'}", f"parity {'PASS' if par['passed'] else 'FAIL'}"]
+    if quant:
+        verdict.append("FP16/INT8 parity " + ("PASS" if quant_ok else f"FAIL ({', '.join(quant_failed)})"))
+    if acc is not None:
+        verdict.append(f"trained beats baselines {'PASS' if acc_ok else 'FAIL'}")
+    print(f"\ndone in {summary['seconds']:.0f}s: {', '.join(verdict)}; report {out / 'demo.json'}")
     return 0 if ver["passed"] and par["passed"] and quant_ok and acc_ok else 1
 
 
@@ -273,8 +275,9 @@ def precision_rows(bundles: dict, images, checkpoint, threads: int) -> list[dict
 
 def accuracy(args, views: DemoViews, bundles: dict, model, out) -> dict:
     """Step 8: every bundle and the two baselines (``geosurge.evaluation.baselines``: the prior's most likely cell;
-    the untrained model: ``model``'s config and hierarchy, seed 0, torch) on the held-out manifest, side by side: acc@km and median km per source, the drift
-    of FP16 / INT8 vs FP32 in km; ``eval.json``, ``error_cdf.png`` and ``world_map.png`` in ``out``."""
+    the untrained model: ``model``'s config and hierarchy, seed 0, torch) on the held-out manifest, side by side:
+    acc@km and median km per source, the drift of FP16 / INT8 vs FP32 in km; ``eval.json``, ``error_cdf.png`` and
+    ``world_map.png`` in ``out``."""
     from .. import api
     from ..evaluation.baselines import PRIOR_LABEL, UNTRAINED_LABEL, baselines, drift_km
 
