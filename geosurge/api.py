@@ -19,8 +19,10 @@ function           CLI                                         returns
 :func:`parity`     ``geosurge parity``                         report dict (``passed``, ``metrics``, ``gates``)
 :func:`verify`     ``geosurge-run verify``                     report dict
 :func:`bench`      ``geosurge-run bench``                      report dict
+:func:`evaluate`   ``geosurge eval``                           :class:`geosurge.evaluation.EvalReport`
+:func:`reference`  ``geosurge reference``                      :class:`geosurge.training.reference.ReferenceModel`
+:func:`views`      ``geosurge views``                          the manifest written (Path)
 :func:`benchmark`  ``geosurge benchmark``                      report dict (tables: ``format_report``)
-(evaluation)       ``geosurge eval`` (being built separately)  its function belongs here, beside :func:`parity`
 =================  ==========================================  ===============================================
 
 :func:`choose_backend` is ``geosurge-run choose-backend`` (the backend a bundle runs fastest with at parity on this
@@ -33,8 +35,8 @@ from typing import Callable, Iterable
 
 from .errors import GeosurgeError
 
-__all__ = ["export", "prune", "prune_cost", "parity", "verify", "bench", "benchmark", "choose_backend", "load_model",
-           "calibration_set"]
+__all__ = ["export", "prune", "prune_cost", "parity", "evaluate", "reference", "views", "verify", "bench",
+           "benchmark", "choose_backend", "load_model", "calibration_set"]
 
 Log = Callable[[str], None]
 PathLike = str | Path
@@ -203,6 +205,80 @@ def parity(bundle, images=None, *, checkpoint: PathLike | None = None, backend: 
 
     return torch_vs_bundle(bundle, _paths(images) or sample_photo_paths(), str(checkpoint) if checkpoint else None,
                            backend, threads, gates, log=log, **options)
+
+
+def evaluate(models, source: PathLike, *, output: PathLike | None = None, images: PathLike | None = None,
+             backend: str | None = None, threads: int | None = 2, tencrop: bool = False, batch: int = 16,
+             labels: Iterable[str] | None = None, limit: int | None = None, plots: bool = True,
+             progress: bool = False, log: Log | None = print):
+    """Accuracy in km of one or several models on a labelled source, side by side (``geosurge eval``).
+
+    ``models``: a checkpoint directory (FP32 torch), a bundle (a directory or a :class:`~geosurge.runtime.Bundle`;
+    the runtime with ``backend``, default the one its format implies), an in-memory GeoSurge, or a list of them.
+    ``source``: a manifest CSV (``path,lat,lon`` | ``IMG_ID,LAT,LON`` | ``id,latitude,longitude``, optional
+    ``source`` column; image ids relative to ``images``) or a folder of photos whose EXIF GPS is the truth.
+    ``tencrop``: the paper's protocol (per-level probabilities averaged over 10 crops). With ``output``: writes
+    ``eval.json``, ``eval.txt`` and (``plots``) ``error_cdf.png`` and ``world_map.png``. Returns the
+    :class:`geosurge.evaluation.EvalReport` (``results[i].summary()``: acc@1/25/200/750/2500 km in %, median and
+    mean km, GeoScore, per source). Every row is a prediction or a named failure (missing file, undecodable
+    image, no GPS tags). Raises InputFileError for a missing source or a malformed manifest row."""
+    from .evaluation import run_eval
+
+    if isinstance(models, (str, Path)) or not isinstance(models, (list, tuple)):
+        models = [models]
+    return run_eval(source, list(models), output, images=images, backend=backend, threads=threads, tencrop=tencrop,
+                    batch=batch, labels=labels, limit=limit, plots=plots, progress=progress, log=log)
+
+
+def reference(output: PathLike | None = None, *, recipe=None, cache_dir: PathLike = "~/.cache/geosurge",
+              shipped: bool = True, retrain: bool = False, feature_cache: PathLike | None = None,
+              engine: str = "onnxruntime", threads: int | None = 2, write_views: bool = True,
+              ship_to: PathLike | None = None, progress: bool = False, log: Log = print):
+    """The reference model (``geosurge reference``; [reference.md]): ``edge`` trained on downward views of NASA Blue
+    Marble, with its held-out accuracy in km beside two baselines. Returns a
+    :class:`geosurge.training.reference.ReferenceModel` (``checkpoint``, ``report``, ``heldout_manifest``).
+
+    Without ``output``: the cached one in ``cache_dir`` (keyed by the recipe, its rasters, the hierarchy and the
+    geosurge version), else assembled from the shipped weights when they match the recipe (seconds), else trained
+    (minutes on 2 cores); ``retrain`` trains and replaces the cached one. With ``output``: always trains there
+    (``write_views``: also ``heldout/``; ``ship_to``: also writes the trained tensors and their record as shipped
+    weights there). ``recipe``: a :class:`~geosurge.training.reference.ReferenceRecipe` (default: the shipped
+    one). Raises GeosurgeError for a bad recipe or a damaged shipped file."""
+    import torch
+
+    from .training.reference import ReferenceModel, ReferenceRecipe, ensure_reference_model, train_reference
+
+    recipe = recipe or ReferenceRecipe()
+    if threads:
+        torch.set_num_threads(threads)
+    if output is None:
+        ck = ensure_reference_model(cache_dir, recipe, log=log, progress=progress, feature_cache=feature_cache,
+                                    threads=threads, engine=engine, shipped=shipped, retrain=retrain)
+        return ReferenceModel.at(ck)
+    from .training.reference import CHECKPOINT_DIR
+
+    report = train_reference(recipe, output, log=log, progress=progress, feature_cache=feature_cache,
+                             engine=engine, write_views=write_views, threads=threads, ship_to=ship_to)
+    return ReferenceModel(Path(output) / CHECKPOINT_DIR, report)
+
+
+def views(output: PathLike, *, sources=("bmng",), count: int = 100, seed: int = 0,
+          footprint_km: tuple[float, float] = (600.0, 1600.0), size: int = 256, jitter_km: float = 25.0,
+          fmt: str = "jpg", log: Log | None = None) -> Path:
+    """Render ``count`` downward views centred on the photo density (deterministic by ``seed``) from each of
+    ``sources`` (named rasters or paths: the same views from each) into ``output`` (images + ``manifest.csv``:
+    path, lat, lon, source, heading_deg, footprint_km; replaced whole). Returns the manifest path. Raises
+    GeosurgeError when fewer than ``count`` valid views can be drawn."""
+    import numpy as np
+
+    from .data import load_raster
+    from .data.views import draw_valid_specs, render_views, write_view_manifest
+
+    rasters = [load_raster(s) for s in sources]
+    specs = draw_valid_specs(count, np.random.default_rng(seed), rasters, footprint_km, size, jitter_km)
+    groups = [(r.name, specs, render_views(r, specs, progress=log is not None, desc=f"render {r.name}"))
+              for r in rasters]
+    return write_view_manifest(output, groups, fmt=fmt)
 
 
 def verify(bundle, backend: str | None = None, threads: int | None = None, **options) -> dict:

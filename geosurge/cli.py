@@ -11,14 +11,16 @@ import sys
 from . import __version__
 from .errors import run_command
 
-COMMAND_MODULES = ("cells", "model", "train", "distill", "export", "parity", "prune", "benchmark", "demo")
+COMMAND_MODULES = ("cells", "model", "train", "distill", "export", "parity", "prune", "benchmark", "demo", "eval",
+                   "reference", "views")
 
 
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     p = argparse.ArgumentParser(prog="geosurge", description="GeoSURGE edge toolkit: cells, model, train, distill, "
-                                "export (ONNX / TensorRT-bound / Core ML, fp16 / int8), parity, prune, benchmark, demo.")
+                                "export (ONNX / TensorRT-bound / Core ML, fp16 / int8), parity, prune, benchmark, demo, "
+                                "eval, reference, views.")
     p.add_argument("--version", action="version", version=f"geosurge {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

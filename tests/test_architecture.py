@@ -17,14 +17,20 @@ CORE = {"geosurge", "geosurge.errors", "geosurge.fsutil", "geosurge.report", "ge
         "geosurge.samples", "geosurge.timing", "geosurge.geo"}
 HEAVY = {"torch", "torchvision", "timm", "transformers", "onnx", "onnxscript", "modelopt", "coremltools", "safetensors"}
 WINGS = {"geosurge.runtime", "geosurge.calibration", "geosurge.models", "geosurge.training", "geosurge.export",
-         "geosurge.api", "geosurge.commands", "geosurge.cli"}
+         "geosurge.data", "geosurge.evaluation", "geosurge.api", "geosurge.commands", "geosurge.cli"}
 #: who may not import whom (a module is ruled by the longest matching prefix)
 FORBIDDEN = {
     "core": HEAVY | WINGS,
     "geosurge.runtime": HEAVY | WINGS - {"geosurge.runtime"},
     "geosurge.calibration": HEAVY | WINGS - {"geosurge.calibration"},
     "geosurge.models": WINGS - {"geosurge.models"},
-    "geosurge.training": WINGS - {"geosurge.models", "geosurge.training"},
+    "geosurge.training": WINGS - {"geosurge.models", "geosurge.training", "geosurge.data"},
+    # georeferenced rasters and views: numpy + OpenCV (+ rasterio / pyproj for GeoTIFFs), the contract only
+    "geosurge.data": HEAVY | WINGS - {"geosurge.data"},
+    # accuracy in km of checkpoints (through models, torch imported when one is evaluated) and bundles (through the
+    # runtime); below export, training and the top
+    "geosurge.evaluation": {"geosurge.training", "geosurge.export", "geosurge.calibration", "geosurge.api",
+                            "geosurge.commands", "geosurge.cli"},
     "geosurge.export": {"geosurge.training", "geosurge.api", "geosurge.commands", "geosurge.cli"},
     "geosurge.api": {"geosurge.commands", "geosurge.cli"},
 }

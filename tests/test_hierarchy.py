@@ -161,3 +161,20 @@ def test_build_rejects_bad_parameters():
         build_hierarchy([0.0], [0.0], tau_max=[1], tau_min=5)
     with pytest.raises(ValueError, match="tau_min"):
         build_hierarchy([0.0, 1.0], [0.0, 1.0], tau_max=[10], tau_min=5)
+
+
+def test_prior_mode_is_the_finest_cell_holding_most_photos():
+    """The prior baseline's point: the representative point of the finest cell with the largest count."""
+    import numpy as np
+
+    from geosurge.geo import build_hierarchy, haversine_km
+
+    rng = np.random.default_rng(0)
+    lat = np.concatenate([48.85 + rng.normal(0, 0.01, 300), rng.uniform(-60, 60, 300)])  # a crowd in Paris
+    lon = np.concatenate([2.35 + rng.normal(0, 0.01, 300), rng.uniform(-180, 180, 300)])
+    h = build_hierarchy(lat, lon, tau_max=[400, 100], tau_min=2, max_s2_level=14)
+    plat, plon = h.prior_mode()
+    fin = h.level(-1)
+    i = int(np.argmax(fin.count))
+    assert (plat, plon) == (float(fin.rep_lat[i]), float(fin.rep_lon[i]))
+    assert haversine_km(plat, plon, 48.85, 2.35) < 50

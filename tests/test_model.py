@@ -73,9 +73,10 @@ def test_full_paper_config_by_parameter_arithmetic(default_hierarchy):
     vit = 3 * 14 * 14 * d + d + n_pos * d + 2 * d + layers * per_layer + 2 * d
     assert vit == 303_507_456
     assert round(info["backbone"]["params_M"] * 1e6) == vit
-    # fusion: 2 input projections, 3 blocks (3 LN, q/k/v/out, MLP x4), final LN + linear to 768
+    # fusion: 2 input projections, 3 blocks (4 LN; q/k/v/out of the cross- and of the query self-attention; MLP x4),
+    # final LN + linear to 768
     f, e = 768, 768
-    block = 3 * 2 * f + 4 * (f * f + f) + (f * 4 * f + 4 * f) + (4 * f * f + f)
+    block = 4 * 2 * f + 2 * 4 * (f * f + f) + (f * 4 * f + 4 * f) + (4 * f * f + f)
     fusion = 2 * (d * f + f) + 3 * block + 2 * f + (f * e + e)
     assert round(info["fusion"]["params_M"] * 1e6) == fusion
     assert round(info["cell_tables"]["params_M"] * 1e6) == len(default_hierarchy) * 768 + 7
@@ -195,3 +196,69 @@ def test_tencrop_prediction_averages_crop_probabilities(small_hierarchy):
         logps = model.head.level_log_probs(model.embed(crops))
     manual = model.head.hierarchical_scores([lp.exp().mean(0, keepdim=True).log() for lp in logps])
     torch.testing.assert_close(pred["log_score"], manual.topk(3).values)
+
+
+def _seg_swap_embeddings(model, seed=0):
+    """The embedding of the same backbone features with two different segmentation maps."""
+    torch.manual_seed(seed)
+    s = model.config.preprocess.size
+    x = torch.randn(2, 3, s, s)
+    with torch.no_grad():
+        feats = model.backbone(x)
+        seg = model.segmenter(x, feats.feature_map)
+        a = model.forward_features(feats, x, seg_logits=seg)["embedding"]
+        b = model.forward_features(feats, x, seg_logits=torch.randn_like(seg) * 5)["embedding"]
+    return a, b
+
+
+@pytest.mark.parametrize("name", ["tiny", "nano", "paper-reduced"])
+def test_the_segmentation_map_reaches_the_embedding(name, small_hierarchy):
+    cfg = reduced_paper_config() if name == "paper-reduced" else get_config(name)
+    assert cfg.fusion.query_self_attention  # every named config fuses the semantic tokens into the CLS
+    model = GeoSurge(cfg, small_hierarchy).eval()
+    a, b = _seg_swap_embeddings(model)
+    assert (a - b).abs().max() > 1e-3  # a different map moves the (unit-norm) embedding visibly
+    # and the segmenter head gets a gradient from the per-level InfoNCE
+    from geosurge.training.train import level_losses
+
+    model.train()
+    s = cfg.preprocess.size
+    out = model(torch.randn(2, 3, s, s))
+    sum(level_losses(out["level_logits"], torch.zeros(2, small_hierarchy.num_levels, dtype=torch.long))).backward()
+    grads = [p.grad for p in model.semantic.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_without_query_self_attention_the_map_has_no_effect(small_hierarchy):
+    """The behaviour before the fix (and of checkpoints written then): cross-attention only, the CLS never reads a
+    semantic token, so the embedding is exactly independent of the segmentation map."""
+    cfg = get_config("tiny")
+    cfg = replace(cfg, fusion=replace(cfg.fusion, query_self_attention=False))
+    model = GeoSurge(cfg, small_hierarchy).eval()
+    a, b = _seg_swap_embeddings(model)
+    assert torch.equal(a, b)
+    assert all(blk.self_attn is None for blk in model.fusion.blocks)
+
+
+def test_a_checkpoint_from_before_the_fix_loads_with_the_old_fusion(tmp_path, small_hierarchy):
+    import json
+
+    cfg = get_config("tiny")
+    torch.manual_seed(1)
+    old = GeoSurge(replace(cfg, fusion=replace(cfg.fusion, query_self_attention=False)), small_hierarchy).eval()
+    ck = old.save_pretrained(tmp_path / "old")
+    meta = json.loads((ck / "config.json").read_text())
+    del meta["config"]["fusion"]["query_self_attention"]  # what a config.json written before the field looks like
+    (ck / "config.json").write_text(json.dumps(meta))
+    loaded = GeoSurge.from_pretrained(ck).eval()
+    assert loaded.config.fusion.query_self_attention is False
+    assert not any(k.startswith("fusion.") and "self_attn" in k for k in loaded.state_dict())
+    x = torch.randn(2, 3, cfg.preprocess.size, cfg.preprocess.size)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["embedding"], old(x)["embedding"])
+    # a new checkpoint records the field and round-trips with it on
+    new = GeoSurge(cfg, small_hierarchy).eval()
+    back = GeoSurge.from_pretrained(new.save_pretrained(tmp_path / "new")).eval()
+    assert back.config.fusion.query_self_attention is True
+    with torch.no_grad():
+        assert torch.equal(back(x)["embedding"], new(x)["embedding"])

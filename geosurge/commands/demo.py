@@ -1,24 +1,47 @@
-"""``geosurge demo``: the main job on embedded defaults (README command 1), through the Python API.
+"""``geosurge demo``: README command 1, the toolkit on a model that knows where things are.
 
-The ``edge`` model from real pretrained parts (EfficientNet-Lite0 ImageNet weights, cell embeddings from GeoCLIP's
-location encoder over the default hierarchy) -> FP32 ONNX bundle -> on-device verify -> workstation parity on real
-photos -> the torch-free runtime locates the sample photos -> timings -> FP16 and INT8 bundles side by side.
+The reference model (``edge`` trained on downward views of NASA Blue Marble; assembled from its shipped weights in
+seconds, or reused from the cache, or trained when the shipped weights do not match the recipe) -> FP32 bundle ->
+on-device verify -> workstation parity on held-out views -> the torch-free runtime locates held-out views (true
+place, prediction, error in km) -> FP16 and INT8 bundles -> accuracy in km of FP32 / FP16 / INT8 on held-out views of
+both sources beside the two baselines (``geosurge.api.evaluate``: table, JSON, two PNGs) -> the ``geosurge
+benchmark`` short form (``geosurge.api.benchmark``). Exit 1 when a gate fails: verify, parity of each bundle, or the
+trained model not beating both baselines on the held-out views.
 """
 from __future__ import annotations
 
 import time
 
+WHAT_IT_IS = """\
+WHAT THIS MODEL IS: the reference GeoSURGE model (`edge`: EfficientNet-Lite0 + segmentation fusion + 512-d S2-cell
+  embeddings) trained here to locate DOWNWARD VIEWS OF THE EARTH at ~2.5-6 km per pixel (views 600-1,600 km wide,
+  NASA Blue Marble), the task of offline field teams and GPS-denied drones. It is NOT a street-photo model: a
+  holiday photo gives it nothing to go on. To locate ground photos, bring a photo model: point the `paper` config
+  at your local CLIP / SegFormer (or OneFormer) folders (docs/model.md, "User weights"; nothing downloads), then
+    geosurge train --init runs/my-start --manifest photos.csv -o runs/mine   (your geotagged photos: path,lat,lon)
+    geosurge distill --teacher runs/mine/best --student edge --images photos/ -o runs/student
+    geosurge demo --checkpoint runs/student/best --heldout my_labelled.csv"""
+
 
 def register(sub) -> None:
     from ..models.config import CONFIGS
 
-    p = sub.add_parser("demo", help="run the demo pipeline on the embedded defaults")
+    p = sub.add_parser("demo", help="the toolkit end to end on the reference model (README command 1)")
     p.add_argument("-o", "--output", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--model", default="edge", choices=list(CONFIGS))
-    p.add_argument("--checkpoint", help="a trained checkpoint (predictions are meaningful only with one)")
+    p.add_argument("--cache", default="~/.cache/geosurge", help="where the reference model is kept (default "
+                                                                "~/.cache/geosurge)")
+    p.add_argument("--checkpoint", help="your own trained checkpoint instead of the reference model")
+    p.add_argument("--heldout", metavar="CSV", help="labelled images (path,lat,lon[,source]) for the accuracy "
+                                                    "table (default: the reference model's held-out views)")
+    p.add_argument("--model", default="edge", choices=list(CONFIGS), help="the reference model's config "
+                                                                          "(default edge: the shipped one)")
+    p.add_argument("--views", type=int, default=150, help="held-out views per source in the accuracy table "
+                                                          "(default 150)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-quant", action="store_true", help="skip the FP16 / INT8 bundles (step 7)")
-    p.add_argument("--calib-size", type=int, default=128, help="calibration views for the INT8 bundle")
+    p.add_argument("--no-quant", action="store_true", help="skip the FP16 / INT8 bundles")
+    p.add_argument("--calib-size", type=int, default=128, help="calibration views for the INT8 bundle (views "
+                                                               "that are not held out)")
+    p.add_argument("--no-benchmark", action="store_true", help="skip the `geosurge benchmark` short form")
     p.set_defaults(func=cmd_demo)
 
 
@@ -28,81 +51,206 @@ def cmd_demo(args) -> int:
     import torch
 
     from .. import api
-    from ..export.compare import time_torch_vs_runtime
-    from ..export.source import load_model
     from ..geo import build_default_hierarchy
     from ..parity import format_parity
     from ..report import format_table, write_json
-    from ..runtime import Localizer
-    from ..runtime.golden import Golden
-    from ..samples import copy_samples
     from .cells import print_info
 
     torch.set_num_threads(args.threads)
     out = Path(args.output)
     t_all = time.perf_counter()
+    steps = {}
     print("== geosurge demo ==")
-    if not args.checkpoint:
-        print("NOTE: no trained checkpoint (--checkpoint): the model is built from real pretrained parts but its "
-              "fusion layers are untrained,\n      so the predicted places below are NOT meaningful. The pipeline, "
-              "parity and timings are real.")
-    print("\n[1/7] cell hierarchy from the real MP-16 photo density (100K sample shipped in geoclip)")
+    print(WHAT_IT_IS if not args.checkpoint else f"model: your checkpoint {args.checkpoint}")
+
+    print("\n[1/9] cell hierarchy from the real MP-16 photo density (100K sample shipped in geoclip)")
     t0 = time.perf_counter()
     h = build_default_hierarchy()
     print_info(h.info(), False, title=f"      {len(h):,} cells in {h.num_levels} levels, built in "
                                       f"{time.perf_counter() - t0:.2f}s")
+    steps["hierarchy_s"] = time.perf_counter() - t0
 
-    print(f"\n[2/7] {args.checkpoint or args.model} model (EfficientNet-Lite0 ImageNet weights, GeoCLIP cell init)")
-    model, source = load_model(args.model, args.checkpoint, seed=0, hierarchy=h)
-    samples = copy_samples(out / "samples")
-    print(f"      {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; {len(samples)} sample photos "
-          f"-> {out / 'samples'}")
-
-    print("\n[3/7] export FP32 ONNX bundle")
     indent = lambda m: print("      " + m)  # noqa: E731
-    bundle = api.export(model, out / "bundle-fp32", source=source, golden=samples, threads=args.threads, log=indent)
+    t0 = time.perf_counter()
+    if args.checkpoint:
+        print(f"\n[2/9] your checkpoint {args.checkpoint}")
+        checkpoint, ref = Path(args.checkpoint), None
+        if not args.heldout:
+            print("      (no --heldout: predictions are shown on the sample photos, and there is no accuracy table)")
+    else:
+        from ..training.reference import ReferenceRecipe
 
-    print("\n[4/7] on-device check: geosurge-run verify (checksums + golden replay)")
+        print("\n[2/9] the reference model (shipped weights assembled over the packaged backbone and GeoCLIP cell "
+              "init; cached afterwards)")
+        ref = api.reference(recipe=ReferenceRecipe(config=args.model), cache_dir=args.cache, threads=args.threads,
+                            progress=True, log=indent)
+        checkpoint = ref.checkpoint
+        measured = {(r["model"], r["views"]): r for r in ref.report["rows"]}
+        ho = measured.get(("reference model", "heldout"), {})
+        print(f"      {checkpoint}\n      when trained: {ho.get('acc@750km', float('nan')):.1f}% of held-out views "
+              f"within 750 km, {ho.get('acc@2500km', float('nan')):.1f}% within 2,500 km, median "
+              f"{ho.get('median_km', float('nan')):,.0f} km (report: {checkpoint.parent / 'report.json'})")
+    steps["model_s"] = time.perf_counter() - t0
+
+    views = demo_views(args, out, ref)
+    golden = [it.path for it in views.golden]
+    model, source = api.load_model(checkpoint)
+    print(f"      {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+
+    print("\n[3/9] export the FP32 ONNX bundle")
+    t0 = time.perf_counter()
+    bundle = api.export(model, out / "bundle-fp32", source=source, golden=golden, threads=args.threads, log=indent)
+    steps["export_fp32_s"] = time.perf_counter() - t0
+
+    print("\n[4/9] on-device check: geosurge-run verify (checksums + golden replay)")
     ver = api.verify(bundle, threads=args.threads)
     print(format_parity(ver["metrics"], ver["gates"], title="      golden replay vs FP32 torch reference"))
     print(f"      verify: {'PASS' if ver['passed'] else 'FAIL'}")
 
-    print("\n[5/7] workstation parity: FP32 torch vs the bundle on the sample photos")
-    par = api.parity(bundle, out / "samples", checkpoint=args.checkpoint, threads=args.threads, log=indent)
-    print(format_parity(par["metrics"], par["gates"], title=f"      {par['metrics']['n']} photos"))
+    print(f"\n[5/9] workstation parity: FP32 torch vs the bundle on {len(views.parity)} {views.what}")
+    par = bundle_parity(bundle, views.parity, checkpoint, args.threads, log=indent)
+    print(format_parity(par["metrics"], par["gates"], title=f"      {par['metrics']['n']} images"))
     print(f"      parity: {'PASS' if par['passed'] else 'FAIL'}")
 
-    print("\n[6/7] the torch-free runtime locates the sample photos")
-    with Localizer(bundle, threads=args.threads) as loc:
-        rows = []
-        for p in samples:
-            pred = loc.locate(p, top_k=3)
-            place = pred["place"] or {}
-            rows.append({"photo": p.name, "lat": pred["lat"], "lon": pred["lon"], "confidence": pred["confidence"],
-                         "radius_km": pred["uncertainty_km"],
-                         "nearest place": f"{place.get('name')}, {place.get('country')}",
-                         "ms": sum(pred["timing_ms"].values())})
-        print(format_table(rows))
-        # timings: torch eager FP32 vs onnxruntime, batch 1, same input, side by side
-        timing = time_torch_vs_runtime(model, loc, Golden.load(bundle.path("golden")).inputs[:1], iters=20)
-    b = api.bench(bundle, threads=args.threads, iters=30, warmup=3)
-    print(format_table(timing, title=f"\ninference latency, batch 1, {args.threads} threads (speed-up "
-                                     f"{timing[0]['p50_ms'] / timing[1]['p50_ms']:.1f}x)"))
-    print(format_table(b["stages"], title=f"\nruntime end to end per stage (throughput {b['throughput_img_s']:.1f} "
-                                          f"img/s; peak RSS of this torch-loaded process {b['peak_rss_mb']:.0f} MB "
-                                          "— `geosurge-run bench` measures the runtime alone)"))
-    size = bundle_mb(bundle)
-    quant = [] if args.no_quant else quantized_bundles(model, source, samples, out, bundle, args)
-    quant_ok = all(r["parity"] == "PASS" for r in quant)
-    summary = {"bundle": str(bundle), "bundle_mb": size, "verify": ver["passed"], "parity": par["passed"],
-               "parity_metrics": par["metrics"], "latency_ms": timing, "runtime_stages": b["stages"],
-               "peak_rss_mb": b["peak_rss_mb"], "predictions": rows, "checkpoint": args.checkpoint,
-               "precisions": quant, "seconds": time.perf_counter() - t_all}
+    print(f"\n[6/9] the torch-free runtime locates {views.what}")
+    rows = locate(bundle, views.shown, args.threads)
+    print(format_table(rows))
+
+    t0 = time.perf_counter()
+    bundles = {"fp32": bundle}
+    quant = []
+    if not args.no_quant:
+        what = ("augmented sample photos" if args.checkpoint else
+                "other Blue Marble views (seed 123), none of the held-out ones")
+        print(f"\n[7/9] FP16, and INT8 with the precision search (calibration: {args.calib_size} {what})")
+        calib = api.views(out / "calib", count=args.calib_size, seed=123) if not args.checkpoint else None
+        for precision, search in (("fp16", None), ("int8", "auto")):
+            bundles[precision] = api.export(model, out / f"bundle-{precision}", source=source, golden=golden,
+                                            precision=precision, precision_search=search, calibration=calib,
+                                            calib_size=args.calib_size, threads=args.threads, log=indent)
+        quant = precision_rows(bundles, views.parity, checkpoint, args.threads)
+        print(format_table(quant, title=f"\nFP32 vs FP16 vs INT8: size, parity vs FP32 torch on {len(views.parity)} "
+                                        f"{views.what} (speed: step 9)"))
+    steps["quantized_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    acc = None
+    if views.manifest is not None:
+        print(f"\n[8/9] accuracy in km on {views.what} ({views.manifest}), beside two baselines")
+        acc = accuracy(args, views, bundles, model, out / "eval")
+        print(format_table(acc["rows"], ["model", "source", "n", "acc@25km", "acc@200km", "acc@750km", "acc@2500km",
+                                         "median_km"], title="      % of views within each distance"))
+        if acc["drift_vs_fp32"]:
+            print(format_table(acc["drift_vs_fp32"], ["bundle", "n", "same_point", "drift_median_km", "drift_p95_km",
+                                                      "delta_acc@750km", "delta_acc@2500km"],
+                               title="      FP16 / INT8 vs the FP32 bundle on the same views (task-level drift)"))
+        print(f"      plots: {', '.join(acc['plots'].values())}")
+        print("      " + acc["gate"]["line"])
+    steps["accuracy_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    bench = None
+    if not args.no_benchmark:
+        print(f"\n[9/9] geosurge benchmark --quick (short form; every installed backend beside torch eager FP32, "
+              f"{args.threads} threads; `geosurge benchmark` without --quick for figures)")
+        bench = benchmark(bundles, out, args.threads, log=indent)
+        for text in bench["short"]:
+            print(text)
+    steps["benchmark_s"] = time.perf_counter() - t0
+
+    quant_failed = [r["precision"] for r in quant if r["parity"] != "PASS"]
+    quant_ok = not quant_failed
+    summary = {"model": {"checkpoint": str(checkpoint), "reference": None if ref is None else {
+                   "origin": ref.report.get("origin"), "recipe": ref.report["recipe"],
+                   "report": str(checkpoint.parent / "report.json"), "measured_when_trained": ref.report["rows"]}},
+               "bundle": str(bundle), "bundle_mb": bundle_mb(bundle), "verify": ver["passed"],
+               "parity": par["passed"], "parity_metrics": par["metrics"], "predictions": rows,
+               "precisions": quant, "accuracy": acc,
+               "benchmark": None if bench is None else {"json": bench["json"], "png": bench["png"],
+                                                        "summary": bench["report"]["summary"]},
+               "steps_s": steps, "threads": args.threads, "seconds": time.perf_counter() - t_all}
     write_json(out / "demo.json", summary)
-    print(f"\ndone in {summary['seconds']:.0f}s: bundle {bundle} ({size:.1f} MB), verify "
-          f"{'PASS' if ver['passed'] else 'FAIL'}, parity {'PASS' if par['passed'] else 'FAIL'}; report "
-          f"{out / 'demo.json'}")
-    return 0 if ver["passed"] and par["passed"] and quant_ok else 1
+    acc_ok = acc is None or acc["gate"]["passed"]
+    verdict = [f"verify {'PASS' if ver['passed'] else 'FAIL'}", f"parity {'PASS' if par['passed'] else 'FAIL'}"]
+    if quant:
+        verdict.append("FP16/INT8 parity " + ("PASS" if quant_ok else f"FAIL ({', '.join(quant_failed)})"))
+    if acc is not None:
+        verdict.append(f"trained beats baselines {'PASS' if acc_ok else 'FAIL'}")
+    print(f"\ndone in {summary['seconds']:.0f}s: {', '.join(verdict)}; report {out / 'demo.json'}")
+    return 0 if ver["passed"] and par["passed"] and quant_ok and acc_ok else 1
+
+
+class DemoViews:
+    """The images the demo shows: ``golden`` (probes stored in the bundle), ``parity`` (paths), ``shown`` (items
+    located in step 6), ``manifest`` (the accuracy table's rows; None: no table), ``what`` (in words)."""
+
+    def __init__(self, golden, parity, shown, manifest, what, first_source):
+        self.golden, self.parity, self.shown = golden, parity, shown
+        self.manifest, self.what, self.first_source = manifest, what, first_source
+
+
+def demo_views(args, out, ref) -> DemoViews:
+    """The held-out views (``args.views`` per source, in manifest order) as a manifest in ``out``; with a user
+    checkpoint and no ``--heldout``, the sample photos (no ground truth)."""
+    import csv
+    import io
+
+    from ..evaluation import EvalItem, read_items
+    from ..fsutil import atomic_write_bytes
+    from ..samples import copy_samples
+
+    source = args.heldout or (ref.heldout_manifest if ref is not None else None)
+    if source is None:
+        photos = copy_samples(out / "samples")
+        items = [EvalItem(p, None, None) for p in photos]
+        return DemoViews(items[:6], photos, items[:8], None, "sample photos (no ground truth)", None)
+    items, _ = read_items(source)
+    by_source: dict[str, list] = {}
+    for it in items:
+        by_source.setdefault(it.source, []).append(it)
+    chosen = [it for group in by_source.values() for it in group[:args.views]]
+    lines = [("path", "lat", "lon", "source")] + [(str(it.path.resolve()), it.lat, it.lon, it.source) for it in chosen]
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(lines)
+    manifest = out / "heldout.csv"
+    atomic_write_bytes(manifest, buf.getvalue().encode())
+    groups = list(by_source.values())
+    shown = [it for g in groups for it in g[:4]]
+    golden = [it for g in groups for it in g[4:7]]
+    parity = [it.path for g in groups for it in g[:24]]
+    what = ("held-out views" if args.heldout is None else "labelled images") + f" ({', '.join(by_source)})"
+    return DemoViews(golden, parity, shown, manifest, what, next(iter(by_source)))
+
+
+def bundle_parity(bundle, images, checkpoint, threads: int, log=lambda m: None) -> dict:
+    """The demo's one parity call (steps 5 and 7): FP32 torch vs ``bundle`` on ``images`` under the bundle's gates
+    (``geosurge.api.parity``). Returns its report (``passed``, ``metrics``, ``gates``)."""
+    from .. import api
+
+    return api.parity(bundle, images, checkpoint=checkpoint, threads=threads, log=log)
+
+
+def locate(bundle, shown, threads: int) -> list[dict]:
+    """Step 6: the runtime's prediction for each shown item, with its true place and the error in km when known."""
+    from ..geo import haversine_km
+    from ..runtime import Localizer
+
+    rows = []
+    with Localizer(bundle, threads=threads) as loc:
+        for it in shown:
+            pred = loc.locate(it.path, top_k=3)
+            place = pred["place"] or {}
+            row = {"view": f"{it.path.parent.name}/{it.path.name}"}
+            if it.lat is not None:
+                row.update({"true lat": it.lat, "true lon": it.lon})
+            row.update({"pred lat": pred["lat"], "pred lon": pred["lon"]})
+            if it.lat is not None:
+                row["error_km"] = float(haversine_km(it.lat, it.lon, pred["lat"], pred["lon"]))
+            row.update({"confidence": pred["confidence"], "nearest place": f"{place.get('name')}, "
+                                                                          f"{place.get('country')}"})
+            rows.append(row)
+    return rows
 
 
 def bundle_mb(bundle) -> float:
@@ -112,41 +260,71 @@ def bundle_mb(bundle) -> float:
     return (sum(f.bytes for f in bundle.manifest.files.values()) + (bundle / MANIFEST_FILE).stat().st_size) / 1e6
 
 
-def quantized_bundles(model, source, samples, out, fp32_bundle, args) -> list[dict]:
-    """Step 7: FP16 and INT8 (precision search) bundles, then FP32 / FP16 / INT8 side by side: size, inference
-    latency (interleaved, batch 1), parity vs FP32 torch on the sample photos."""
-    import numpy as np
-
-    from .. import api
-    from ..report import format_table
-    from ..runtime import Localizer
-    from ..runtime.golden import Golden
-    from ..timing import interleaved
-
-    print("\n[7/7] quantized bundles: FP16, and INT8 with the precision search (calibration: augmented views of "
-          "the sample photos)")
-    indent = lambda m: print("      " + m)  # noqa: E731
-    bundles = {"fp32": fp32_bundle}
-    for precision, search in (("fp16", None), ("int8", "auto")):
-        bundles[precision] = api.export(model, out / f"bundle-{precision}", source=source, golden=samples,
-                                        precision=precision, precision_search=search, calib_size=args.calib_size,
-                                        threads=args.threads, log=indent)
-    x = Golden.load(fp32_bundle.path("golden")).inputs[:1]
-    locs = {k: Localizer(v, threads=args.threads) for k, v in bundles.items()}
-    try:
-        times = interleaved({k: (lambda loc=loc: loc.embed(x)) for k, loc in locs.items()}, iters=20, warmup=5)
-    finally:
-        for loc in locs.values():
-            loc.close()
+def precision_rows(bundles: dict, images, checkpoint, threads: int) -> list[dict]:
+    """FP32 / FP16 / INT8 side by side: model and bundle MB, parity vs FP32 torch (:func:`bundle_parity`)."""
     rows = []
     for k, b in bundles.items():
-        par = api.parity(b, out / "samples", checkpoint=args.checkpoint, threads=args.threads, log=lambda m: None)
+        par = bundle_parity(b, images, checkpoint, threads)
         m = par["metrics"]
         rows.append({"precision": k, "model_mb": b.manifest.file_record("model").bytes / 1e6,
-                     "bundle_mb": bundle_mb(b), "infer_p50_ms": float(np.median(times[k])),
-                     "cos_mean": m["cosine_mean"], "cos_min": m["cosine_min"],
+                     "bundle_mb": bundle_mb(b), "cos_mean": m["cosine_mean"], "cos_min": m["cosine_min"],
                      "level_agree": m["level_top1_agreement_min"], "top1_in_top5": m["top1_in_top5"],
                      "parity": "PASS" if par["passed"] else "FAIL"})
-    print(format_table(rows, title=f"\nFP32 vs FP16 vs INT8 (onnxruntime CPU, batch 1, {args.threads} threads; "
-                                   "parity vs FP32 torch on the sample photos)"))
     return rows
+
+
+def accuracy(args, views: DemoViews, bundles: dict, model, out) -> dict:
+    """Step 8: every bundle and the two baselines (``geosurge.evaluation.baselines``: the prior's most likely cell;
+    the untrained model: ``model``'s config and hierarchy, seed 0, torch) on the held-out manifest, side by side:
+    acc@km and median km per source, the drift of FP16 / INT8 vs FP32 in km; ``eval.json``, ``error_cdf.png`` and
+    ``world_map.png`` in ``out``."""
+    from .. import api
+    from ..evaluation.baselines import PRIOR_LABEL, UNTRAINED_LABEL, baselines, drift_km
+
+    labels = [f"{k.upper()} bundle" for k in bundles]
+    rep = api.evaluate([*baselines(model.config, model.hierarchy), *bundles.values()], views.manifest, output=out,
+                       labels=[PRIOR_LABEL, UNTRAINED_LABEL, *labels], threads=args.threads, log=None)
+    several = len(rep.results[0].sources()) > 1
+    rows = [r for r in rep.rows() if not several or r["source"] != "all"]
+    fp32 = rep.results[2]
+    drift = [{"bundle": label, **drift_km(fp32, r)} for label, r in zip(labels[1:], rep.results[3:])]
+    return {"rows": rows, "baselines": [PRIOR_LABEL, UNTRAINED_LABEL], "table": rep.table, "plots": rep.plots,
+            "eval_json": str(out / "eval.json"), "inputs": rep.inputs(), "drift_vs_fp32": drift,
+            "gate": beats_baselines(rows, labels[0], [PRIOR_LABEL, UNTRAINED_LABEL], views.first_source)}
+
+
+def beats_baselines(rows: list[dict], model: str, baselines: list[str], source: str) -> dict:
+    """The demo's accuracy gate on ``source`` (the held-out views of the training raster): ``model`` puts more views
+    within 750 km and within 2,500 km than every baseline, and its median error in km is lower than theirs.
+    Returns ``passed``, the rows compared and a one-line verdict."""
+    by = {r["model"]: r for r in rows if r["source"] in (source, "all")}
+    if model not in by or any(b not in by for b in baselines):
+        return {"passed": False, "line": f"accuracy gate: no rows for {model} and the baselines on {source}"}
+    m, base = by[model], [by[b] for b in baselines]
+    passed = all(m["acc@750km"] > b["acc@750km"] and m["acc@2500km"] > b["acc@2500km"]
+                 and m["median_km"] < b["median_km"] for b in base)
+    best = max(base, key=lambda b: b["acc@750km"])
+    line = (f"held-out {source}: the trained model puts {m['acc@750km']:.1f}% of views within 750 km and "
+            f"{m['acc@2500km']:.1f}% within 2,500 km (median {m['median_km']:,.0f} km); the best baseline "
+            f"{best['acc@750km']:.1f}% / {max(b['acc@2500km'] for b in base):.1f}% (median "
+            f"{min(b['median_km'] for b in base):,.0f} km): {'PASS' if passed else 'FAIL'}")
+    return {"passed": passed, "model": m, "baselines": base, "line": line}
+
+
+def benchmark(bundles: dict, out, threads: int, log) -> dict:
+    """Step 9: ``geosurge benchmark --quick`` on the demo's bundles (every installed backend, torch eager FP32 as the
+    anchor; torch.compile left to the full command, it compiles for minutes) -> the short form of each bundle;
+    ``benchmark.json`` and ``benchmark.png`` in ``out``."""
+    from .. import api
+    from ..errors import GeosurgeError
+    from ..export.benchmark import short_form
+
+    rep = api.benchmark([b.root for b in bundles.values()], quick=True, anchors=("eager",), pools=("threads",),
+                        threads=threads, json=out / "benchmark.json", png=out / "benchmark.png", log=log)
+    short = []
+    for b in bundles.values():
+        try:
+            short.append(short_form(rep, b.root))
+        except GeosurgeError as e:  # no installed backend ran this bundle: say so, the others still print
+            short.append(f"      {b.root}: {e}")
+    return {"report": rep, "short": short, "json": str(out / "benchmark.json"), "png": rep.get("png")}

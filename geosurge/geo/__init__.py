@@ -1,12 +1,12 @@
 """Geography: S2 cell hierarchy and geodesic metrics. numpy only, shared by the toolkit and the runtime."""
 from .hierarchy import (CellHierarchy, CellLevel, build_hierarchy, load_hierarchy, scaled_taus)
 from .metrics import (ACCURACY_THRESHOLDS_KM, accuracy_within, geoscore, haversine_km, median_error_km, summarize,
-                      unit_vectors)
+                      summarize_errors, unit_vectors)
 
 __all__ = [
     "CellHierarchy", "CellLevel", "build_hierarchy", "load_hierarchy", "scaled_taus", "build_default_hierarchy",
     "ACCURACY_THRESHOLDS_KM", "accuracy_within", "geoscore", "haversine_km", "median_error_km", "summarize",
-    "unit_vectors",
+    "summarize_errors", "unit_vectors",
 ]
 
 

@@ -127,6 +127,13 @@ class CellHierarchy:
             out[:, k - 1] = self.level(k).parent[out[:, k]]
         return out
 
+    def prior_mode(self) -> tuple[float, float]:
+        """(lat, lon) in degrees of the prior's most likely place: the representative point of the finest cell
+        holding most photos (the "prior's most likely cell" baseline of the accuracy tables)."""
+        fin = self.level(-1)
+        i = int(np.argmax(fin.count))
+        return float(fin.rep_lat[i]), float(fin.rep_lon[i])
+
     def digest(self) -> str:
         """sha256 over the arrays and the build parameters: identifies the hierarchy a model was trained on."""
         h = hashlib.sha256()

@@ -48,3 +48,16 @@ def summarize(distances_km, thresholds_km=ACCURACY_THRESHOLDS_KM) -> dict:
         "median_km": median_error_km(d),
         "mean_geoscore": float(np.mean(geoscore(d))),
     }
+
+
+def summarize_errors(distances_km, thresholds_km=ACCURACY_THRESHOLDS_KM) -> dict:
+    """One table row of errors in km: ``n``, ``acc@<t>km`` (% within each threshold: 1 / 25 / 200 / 750 / 2500 km,
+    those of Im2GPS3k, YFCC4k and the GeoSURGE paper), ``median_km``, ``mean_km`` and mean ``geoscore``. NaN
+    figures for an empty array (a source where every image failed)."""
+    d = np.asarray(distances_km, np.float64).ravel()
+    nan = float("nan")
+    out = {"n": int(d.size)}
+    out.update({f"acc@{t:g}km": 100.0 * float(np.mean(d <= t)) if d.size else nan for t in thresholds_km})
+    out.update({"median_km": float(np.median(d)) if d.size else nan, "mean_km": float(d.mean()) if d.size else nan,
+                "geoscore": float(geoscore(d).mean()) if d.size else nan})
+    return out

@@ -100,6 +100,13 @@ def _natural_earth():
     return [str(x) for x in cols["name"]], [str(x) for x in cols["iso_a3"]], geometry
 
 
+def country_outlines() -> list:
+    """Natural Earth 1:110m country polygons (shapely geometries, lon/lat degrees), e.g. for map plots."""
+    shapely = _shapely()
+    _, _, geometry = _natural_earth()
+    return [shapely.from_wkb(g) for g in geometry]
+
+
 def country_codes() -> dict[str, str]:
     """ISO alpha-2 -> country name, for every country Natural Earth has a polygon for."""
     return {iso2: name for iso2, (name, _) in _country_index().items()}

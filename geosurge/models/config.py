@@ -56,7 +56,13 @@ class SegmenterConfig:
 
 @dataclass
 class FusionConfig:
-    """Latent cross-attention: semantic tokens (queries) over RGB tokens (keys/values)."""
+    """Latent cross-attention: semantic tokens (queries) over RGB tokens (keys/values).
+
+    ``query_self_attention``: each block also lets the queries ([global token; semantic tokens]) attend to each other
+    (Perceiver-style latent self-attention), which is how the semantic tokens reach the fused global token. Off, the
+    blocks are cross-attention only and the embedding does not depend on the segmentation map at all; that was the
+    only behaviour before the field existed, so a ``config.json`` without it loads with it off (the named configs
+    turn it on)."""
 
     dim: int = 768
     num_blocks: int = 3
@@ -64,6 +70,7 @@ class FusionConfig:
     mlp_ratio: float = 4.0
     latent_grid: int | None = None  # pool semantic tokens to latent_grid^2 queries (None: the full patch grid)
     dropout: float = 0.0
+    query_self_attention: bool = False
 
 
 @dataclass
@@ -136,7 +143,7 @@ def paper_config() -> GeoSurgeConfig:
         backbone=BackboneConfig(family="clip_vit", hidden_size=1024, intermediate_size=4096, num_layers=24,
                                 num_heads=16, patch_size=14, image_size=336, trainable_blocks=4),
         segmenter=SegmenterConfig(kind="segformer", num_classes=150),
-        fusion=FusionConfig(dim=768, num_blocks=3, num_heads=12, mlp_ratio=4.0),
+        fusion=FusionConfig(dim=768, num_blocks=3, num_heads=12, mlp_ratio=4.0, query_self_attention=True),
         head=HeadConfig(embed_dim=768),
         preprocess=PreprocessSpec(size=336, resize_size=336, resize="shorter_side", interpolation="bicubic",
                                   mean=CLIP_MEAN, std=CLIP_STD),
@@ -151,7 +158,7 @@ def edge_config() -> GeoSurgeConfig:
         backbone=BackboneConfig(family="timm", timm_name="tf_efficientnet_lite0", image_size=224,
                                 pretrained="package"),
         segmenter=SegmenterConfig(kind="light_head", num_classes=150, head_hidden=128),
-        fusion=FusionConfig(dim=256, num_blocks=2, num_heads=4, mlp_ratio=2.0),
+        fusion=FusionConfig(dim=256, num_blocks=2, num_heads=4, mlp_ratio=2.0, query_self_attention=True),
         head=HeadConfig(embed_dim=512, init_from_geoclip=True),
         # timm's tf_efficientnet_lite0 pretrained config: bicubic, crop 0.875, mean = std = 0.5
         preprocess=PreprocessSpec(size=224, resize_size=256, resize="shorter_side", interpolation="bicubic",
@@ -166,7 +173,7 @@ def tiny_config() -> GeoSurgeConfig:
         backbone=BackboneConfig(family="clip_vit", hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
                                 patch_size=16, image_size=64, trainable_blocks=-1),
         segmenter=SegmenterConfig(kind="light_head", num_classes=16, head_hidden=32),
-        fusion=FusionConfig(dim=32, num_blocks=1, num_heads=2, mlp_ratio=2.0),
+        fusion=FusionConfig(dim=32, num_blocks=1, num_heads=2, mlp_ratio=2.0, query_self_attention=True),
         head=HeadConfig(embed_dim=32),
         preprocess=PreprocessSpec(size=64, resize_size=72, resize="shorter_side", interpolation="bilinear",
                                   mean=IMAGENET_MEAN, std=IMAGENET_STD),
@@ -180,7 +187,7 @@ def nano_config() -> GeoSurgeConfig:
         backbone=BackboneConfig(family="clip_vit", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                                 patch_size=16, image_size=48, trainable_blocks=-1),
         segmenter=SegmenterConfig(kind="light_head", num_classes=16, head_hidden=16),
-        fusion=FusionConfig(dim=24, num_blocks=1, num_heads=2, mlp_ratio=2.0),
+        fusion=FusionConfig(dim=24, num_blocks=1, num_heads=2, mlp_ratio=2.0, query_self_attention=True),
         head=HeadConfig(embed_dim=24),
         preprocess=PreprocessSpec(size=48, resize_size=56, resize="shorter_side", interpolation="bilinear",
                                   mean=IMAGENET_MEAN, std=IMAGENET_STD),

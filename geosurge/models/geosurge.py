@@ -57,8 +57,18 @@ class GeoSurge(nn.Module):
     def forward(self, images: torch.Tensor) -> dict:
         """images: (B, 3, S, S) preprocessed per ``config.preprocess``. Returns the L2-normalised ``embedding``,
         the segmenter's ``seg_logits`` and the per-level cell ``level_logits``."""
-        feats = self.backbone(images)
-        seg_logits = self.segmenter(images, feats.feature_map)
+        return self.forward_features(self.backbone(images), images)
+
+    def forward_features(self, feats, images: torch.Tensor | None = None,
+                         seg_logits: torch.Tensor | None = None) -> dict:
+        """The model after its backbone, from a ``BackboneOutput`` (e.g. cached outputs of a frozen backbone;
+        see ``geosurge.training.reference``). ``images`` is needed only by a segmenter that reads the image
+        (``segformer``); the ``light_head`` reads the backbone's feature map. ``seg_logits`` (B, K, h, w), when
+        given, stands in for the segmenter (cached outputs of a frozen one). Same outputs as :meth:`forward`."""
+        if seg_logits is None:
+            if images is None and getattr(self.segmenter, "uses_image", False):
+                raise ValueError(f"the {self.config.segmenter.kind} segmenter reads the image: pass images")
+            seg_logits = self.segmenter(images, feats.feature_map)
         embedding = self.fusion(feats.tokens, feats.global_token, self.semantic(seg_logits))
         return {"embedding": embedding, "seg_logits": seg_logits, "level_logits": self.head.level_logits(embedding)}
 
