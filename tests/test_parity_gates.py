@@ -180,3 +180,23 @@ def test_choices_are_made_with_half_the_slack():
     assert t["top1_agreement_confident"] == (">=", 0.975)
     assert t["accuracy_delta_min_pts"] == (">=", -1.0)
     assert tightened({"cosine_mean": (">=", 0.995)}) == {"cosine_mean": (">=", 0.9975)}
+
+
+def test_a_count_gate_on_few_images_allows_exactly_one_image():
+    """On 32 images one image is 3.125 points: a -2 point gate would mean "no image may change". It is held to one
+    image there, and unchanged where it can resolve its own threshold (n >= 50 for -2 points, n >= 20 for 0.95)."""
+    gates = {"accuracy_delta_min_pts": (">=", -2.0), "top1_agreement_confident": (">=", 0.95)}
+
+    def row(metrics, name):
+        return next(r for r in evaluate_gates(metrics, gates) if r["gate"] == name)
+
+    one, two = -100 / 32, -200 / 32
+    assert row({"n": 32, "accuracy_delta_min_pts": one}, "accuracy_delta_min_pts")["pass"] == "PASS"
+    r = row({"n": 32, "accuracy_delta_min_pts": two}, "accuracy_delta_min_pts")
+    assert r["pass"] == "FAIL" and r["note"] == "one image of 32 allowed" and r["need"] == ">= -3.125"
+    r = row({"n": 200, "accuracy_delta_min_pts": -2.5}, "accuracy_delta_min_pts")  # 5 images of 200: over -2
+    assert r["pass"] == "FAIL" and "note" not in r and r["need"] == ">= -2"
+    assert row({"confident_n": 10, "top1_agreement_confident": 0.9}, "top1_agreement_confident")["pass"] == "PASS"
+    assert row({"confident_n": 10, "top1_agreement_confident": 0.8}, "top1_agreement_confident")["pass"] == "FAIL"
+    r = row({"confident_n": 100, "top1_agreement_confident": 0.94}, "top1_agreement_confident")
+    assert r["pass"] == "FAIL" and "note" not in r

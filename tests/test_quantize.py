@@ -83,14 +83,13 @@ def _manifest(path):
 
 
 def assert_replay_passes(out):
-    """``geosurge-run verify`` passes every gate, except that the per-level top-1 agreement of the 6 golden probes
-    may fail while the embedding and km gates pass: on the untrained tiny (a flat head over 46K cells: top-1 margin
-    ~0.03) a cosine of 0.9996 still flips a near-tied top-1 cell on one probe, and which one depends on the CPU's
-    INT8 kernels (measured here: 5/6 on one level for int8 and int8-dynamic once the fusion's query
-    self-attention changed the function; the held-out check over 64 images, which the search gates on, passes)."""
+    """``geosurge-run verify`` fails no gate (a SKIP, e.g. accuracy with no ground truth, is not a failure). On the
+    untrained tiny (a flat head over 46K cells) a cosine of 0.9996 can flip a near-tied top-1 cell on a probe, and
+    which one depends on the CPU's INT8 kernels; the km gates are tie-aware (a flip inside FP32's near-tied set is
+    no drift) and a count gate over 6 probes tolerates one image, so neither depends on the CPU."""
     rep = verify_bundle(out)
-    failed = {g["gate"] for g in rep["gates"] if g["pass"] != "PASS"}
-    assert failed <= {"level_top1_agreement_min"}, rep["gates"]
+    failed = {g["gate"] for g in rep["gates"] if g["pass"] == "FAIL"}
+    assert not failed, rep["gates"]
 
 
 def test_int8_search_finds_a_passing_mix_where_all_int8_fails(tmp_path, sensitive_tiny, calib):
