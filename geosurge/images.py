@@ -324,6 +324,15 @@ def _pillow_image(data: bytes, kind: str, name: str):
         raise ImageDecodeError(f"{name}: cannot decode {kind.upper()} image ({e})") from None
 
 
+def open_pillow(path):
+    """A Pillow image of the file at ``path`` (lazy: header and metadata only, for EXIF), its kind found by content
+    (:func:`geosurge.image_headers.sniff_kind`), with pillow-heif registered for HEIF/HEIC. Raises
+    ImageDecodeError naming the file when it cannot be read or decoded, or when HEIF support is not installed."""
+    path = Path(path)
+    data = _read_bytes(path)
+    return _pillow_image(data, sniff_kind(data[:SNIFF_BYTES]) or "image", str(path))
+
+
 def _decode_pillow(data: bytes, kind: str, name: str, background, max_aspect) -> np.ndarray:
     """HEIF/HEIC (pillow-heif: libheif applies the container's rotation/mirror and resets EXIF orientation), AVIF
     (Pillow reports the container's rotation as EXIF orientation) and GIF: the first/primary image, EXIF

@@ -220,3 +220,31 @@ def test_demo_accuracy_gate():
     worse_median = base + [row("FP32", "bmng", 26.0, 54.0, 8200)]
     assert not beats_baselines(worse_median, "FP32", ["prior", "untrained"], "bmng")["passed"]
     assert not beats_baselines(base, "FP32", ["prior", "untrained"], "bmng")["passed"]  # no rows: fails, says so
+
+
+def test_a_gps_folder_of_phone_formats_is_evaluated(tiny_models, photo_dir, tmp_path, capsys):
+    """A folder of GPS-tagged photos where phones' formats sit beside JPEG: HEIC (pillow-heif) and WebP carry the
+    same EXIF GPS as the JPEGs and are evaluated like them; a photo without GPS is a named failure."""
+    pillow_heif = pytest.importorskip("pillow_heif", reason="HEIC needs `pip install 'geosurge[heif]'`")
+    from PIL import ExifTags, Image
+
+    ck, _ = tiny_models
+    src, rows = photo_dir
+    d = tmp_path / "phone"
+    d.mkdir()
+    pillow_heif.register_heif_opener()
+    for (name, lat, lon), ext in zip(rows[:3], ("heic", "webp", "jpg")):
+        with Image.open(src / name) as im:
+            exif = im.getexif()
+            im.convert("RGB").save(d / f"{name[:-4]}.{ext}", exif=exif.tobytes(), quality=95)
+    Image.new("RGB", (64, 48), (90, 120, 60)).save(d / "no_gps.png")
+    for ext in ("heic", "webp"):
+        la, lo = exif_gps(next(d.glob(f"*.{ext}")))
+        want = next((r[1], r[2]) for r in rows if next(d.glob(f"*.{ext}")).stem == r[0][:-4])
+        assert (la, lo) == pytest.approx(want, abs=1e-3)  # DMS to 1e-4 arc-seconds
+    out = tmp_path / "out"
+    assert main(["eval", str(d), "-m", str(ck), "-o", str(out), "--no-progress", "--no-plots"]) == 0
+    rep = json.loads((out / "eval.json").read_text())
+    summ = rep["results"][0]["summary"]["all"]
+    assert summ["n"] == 3 and summ["failed"] == 1
+    assert "no_gps.png" in capsys.readouterr().out

@@ -20,7 +20,7 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputFileError
+from ..errors import GeosurgeError, InputFileError
 
 #: extensions tried, in order, for an image id given without one (OSV-5M ids; Im2GPS ids carry their own)
 ID_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -104,12 +104,14 @@ def read_manifest_items(path, images=None) -> tuple[list[EvalItem], str]:
 def exif_gps(path) -> tuple[float, float] | None:
     """(lat, lon) in degrees from a photo's EXIF GPS tags (Pillow), or None when it has none. Raises
     InputFileError for a file Pillow cannot open."""
-    from PIL import ExifTags, Image, UnidentifiedImageError
+    from PIL import ExifTags
+
+    from ..images import open_pillow
 
     try:
-        with Image.open(path) as im:
+        with open_pillow(path) as im:  # by content, HEIF/HEIC included (pillow-heif)
             gps = im.getexif().get_ifd(ExifTags.IFD.GPSInfo)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (GeosurgeError, OSError, SyntaxError, ValueError) as e:
         raise InputFileError(f"{path}: cannot read EXIF ({e})") from None
     try:
         lat = _dms(gps[ExifTags.GPS.GPSLatitude], gps.get(ExifTags.GPS.GPSLatitudeRef, "N"))
