@@ -372,7 +372,7 @@ def short_form(report: dict, bundle=None) -> str:
     """A compact table for one bundle (its label in the report or its path; default: the first that ran), one row
     per backend: end to end on the 12 MP
     JPEG at 10 fps (p50 / p95 ms), inference p50, speed-up over torch eager FP32 (inference p50 ratio), folder img/s,
-    peak RSS. For ``geosurge demo`` and other callers that print a line or two of speed."""
+    peak RSS, the parity the export recorded (``reference`` for FP32, PASS / FAIL). For ``geosurge demo`` and other callers that print a line or two of speed."""
     if bundle is not None:  # a label of the report, or the bundle's path
         by_path = {str(Path(c["bundle_path"]).resolve()): c["bundle"] for c in report["contenders"]
                    if c.get("bundle_path")}
@@ -383,7 +383,8 @@ def short_form(report: dict, bundle=None) -> str:
     bundle = rows[0]["bundle"]
     short = [{"backend": r["backend"], "precision": r["precision"], "12mp_e2e_p50_ms": r["e2e_p50_ms"],
               "12mp_e2e_p95_ms": r["e2e_p95_ms"], "inference_p50_ms": r["inference_p50_ms"],
-              "x_torch_eager": r.get("x_eager"), "img_s": r.get("img_s"), "peak_rss_mb": r.get("peak_rss_mb")}
+              "x_torch_eager": r.get("x_eager"), "img_s": r.get("img_s"), "peak_rss_mb": r.get("peak_rss_mb"),
+              "parity": r.get("recorded")}
              for r in rows if r["bundle"] == bundle]
     pause = report["settings"]["pause_ms"]
     paced = f", paced at {1000 / pause:.0f} fps" if pause else ""

@@ -22,12 +22,22 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, title: str | None = None) -> str:
-    """Render dict rows as an aligned text table (numbers right-aligned)."""
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, title: str | None = None,
+                 decimals: dict[str, int] | None = None) -> str:
+    """Render dict rows as an aligned text table (numbers right-aligned). ``decimals``: a fixed number of decimals
+    for some columns (percentages: 1), instead of the default significant-digit rule."""
     if not rows:
         return (title + "\n" if title else "") + "(no rows)"
     columns = list(columns or rows[0].keys())
-    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    decimals = decimals or {}
+
+    def cell(r, c):
+        v = r.get(c)
+        if c in decimals and isinstance(v, float) and v == v:
+            return f"{v:,.{decimals[c]}f}"
+        return _fmt(v)
+
+    cells = [[cell(r, c) for c in columns] for r in rows]
     # a column is numeric (right-aligned) when every value it has is a number; None cells are blank
     numeric = [any(r.get(c) is not None for r in rows) and
                all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows

@@ -134,7 +134,8 @@ def locate_files(loc, args) -> int:
             failed += 1
             summary.count(False)
             rec = {"input": str(path), "error": str(e)}
-            print(json.dumps(rec) if args.json else f"{path}: ERROR {e}", flush=True)
+            msg = str(e).removeprefix(f"{path}: ")  # the message usually names the file already
+            print(json.dumps(rec) if args.json else f"{path}: ERROR {msg}", flush=True)
             continue
         rec = {"input": str(path), **pred}
         features.append(rec)

@@ -286,6 +286,11 @@ def test_locate_accounts_for_every_file_of_a_phone_folder(tiny_bundle, tmp_path)
     assert "aspect ratio 60,000:1" in lines["strip_1x60000.png"]["error"]
     assert f"skipped {d / 'notes.txt'}: text" in r.stderr
     assert "7 files: 5 located, 1 refused, 1 skipped (not an image)" in r.stderr
+    # the plain-text error line names the file once
+    r = run_cli("geosurge-run", "locate", tiny_bundle[0], d / "strip_1x60000.png")
+    strip_path = str(d / "strip_1x60000.png")
+    assert r.returncode == 1 and f"{strip_path}: ERROR aspect ratio 60,000:1" in r.stdout, r.stdout
+    assert r.stdout.count(strip_path) == 1, r.stdout
     # the limit is the user's: raised, the strip is located too (crop-first resize keeps it small)
     r = run_cli("geosurge-run", "locate", tiny_bundle[0], d / "strip_1x60000.png", "--json",
                 env={"GEOSURGE_MAX_ASPECT": "inf"})

@@ -54,6 +54,7 @@ def cmd_demo(args) -> int:
     from .. import api
     from ..geo import build_default_hierarchy
     from ..parity import format_parity
+    from ..evaluation.evaluate import PERCENT_DECIMALS
     from ..report import format_table, write_json
     from .cells import print_info
 
@@ -140,11 +141,15 @@ def cmd_demo(args) -> int:
         print(f"\n[8/9] accuracy in km on {views.what} ({views.manifest}), beside two baselines")
         acc = accuracy(args, views, bundles, model, out / "eval")
         print(format_table(acc["rows"], ["model", "source", "n", "acc@25km", "acc@200km", "acc@750km", "acc@2500km",
-                                         "median_km"], title="      % of views within each distance"))
+                                         "median_km"], title="      % of views within each distance",
+                           decimals=PERCENT_DECIMALS))
+        if views.second_source:
+            print(f"      {views.second_source}: the same places from another mosaic the model never saw (other "
+                  f"colours and shading): a test of appearance shift, expected far below {views.first_source}")
         if acc["drift_vs_fp32"]:
             print(format_table(acc["drift_vs_fp32"], ["bundle", "n", "same_point", "drift_median_km", "drift_p95_km",
                                                       "delta_acc@750km", "delta_acc@2500km"],
-                               title="      FP16 / INT8 vs the FP32 bundle on the same views (task-level drift)"))
+                               decimals={"delta_acc@750km": 1, "delta_acc@2500km": 1}, title="      FP16 / INT8 vs the FP32 bundle on the same views (task-level drift)"))
         print(f"      plots: {', '.join(acc['plots'].values())}")
         print("      " + acc["gate"]["line"])
     steps["accuracy_s"] = time.perf_counter() - t0
@@ -189,9 +194,11 @@ class DemoViews:
     """The images the demo shows: ``golden`` (probes stored in the bundle), ``parity`` (paths), ``shown`` (items
     located in step 6), ``manifest`` (the accuracy table's rows; None: no table), ``what`` (in words)."""
 
-    def __init__(self, golden, parity, shown, manifest, what, first_source):
+    def __init__(self, golden, parity, shown, manifest, what, first_source, second_source=None):
         self.golden, self.parity, self.shown = golden, parity, shown
         self.manifest, self.what, self.first_source = manifest, what, first_source
+        #: the reference model's appearance-shift source(s) (views of the same places from another mosaic)
+        self.second_source = second_source
 
 
 def demo_views(args, out, ref) -> DemoViews:
@@ -225,7 +232,8 @@ def demo_views(args, out, ref) -> DemoViews:
     golden = [it for g in groups for it in g[4:7]]
     parity = [it.path for g in groups for it in g[:24]]
     what = ("held-out views" if args.heldout is None else "labelled images") + f" ({', '.join(by_source)})"
-    return DemoViews(golden, parity, shown, manifest, what, next(iter(by_source)))
+    second = ", ".join(list(by_source)[1:]) if args.heldout is None and len(by_source) > 1 else None
+    return DemoViews(golden, parity, shown, manifest, what, next(iter(by_source)), second)
 
 
 def bundle_parity(bundle, images, checkpoint, threads: int, log=lambda m: None) -> dict:

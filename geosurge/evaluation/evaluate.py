@@ -18,6 +18,8 @@ from .manifests import EvalItem
 
 TABLE_COLUMNS = ["model", "source", "n", "failed", *[f"acc@{t:g}km" for t in ACCURACY_THRESHOLDS_KM], "median_km",
                  "mean_km", "geoscore"]
+#: the accuracy columns are percentages: one decimal in tables (23.3, not 23.3333 or 0.0000)
+PERCENT_DECIMALS = {f"acc@{t:g}km": 1 for t in ACCURACY_THRESHOLDS_KM}
 
 
 @dataclass
@@ -130,7 +132,8 @@ def evaluate_models(models, items, backend: str | None = None, threads: int | No
 def results_table(results: list[EvalResult], title: str | None = None) -> str:
     from ..report import format_table
 
-    return format_table([r for res in results for r in res.rows()], TABLE_COLUMNS, title=title)
+    return format_table([r for res in results for r in res.rows()], TABLE_COLUMNS, title=title,
+                        decimals=PERCENT_DECIMALS)
 
 
 def failures_text(results: list[EvalResult], limit: int = 20) -> str:
