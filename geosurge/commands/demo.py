@@ -130,7 +130,7 @@ def cmd_demo(args) -> int:
             bundles[precision] = api.export(model, out / f"bundle-{precision}", source=source, golden=golden,
                                             precision=precision, precision_search=search, calibration=calib,
                                             calib_size=args.calib_size, threads=args.threads, log=indent)
-        quant = precision_rows(bundles, views.parity, checkpoint, args.threads)
+        quant = precision_rows(bundles, views.parity, checkpoint, args.threads, measured={"fp32": par})
         print(format_table(quant, title=f"\nFP32 vs FP16 vs INT8: size, parity vs FP32 torch on {len(views.parity)} "
                                         f"{views.what} (speed: step 9)"))
     steps["quantized_s"] = time.perf_counter() - t0
@@ -273,12 +273,13 @@ def bundle_mb(bundle) -> float:
     return (sum(f.bytes for f in bundle.manifest.files.values()) + (bundle / MANIFEST_FILE).stat().st_size) / 1e6
 
 
-def precision_rows(bundles: dict, images, checkpoint, threads: int) -> list[dict]:
+def precision_rows(bundles: dict, images, checkpoint, threads: int, measured: dict | None = None) -> list[dict]:
     """FP32 / FP16 / INT8 side by side: model and bundle MB, parity vs FP32 torch in km (:func:`bundle_parity`;
-    cosine a diagnostic), the gates that failed."""
+    cosine a diagnostic), the gates that failed. ``measured``: parity reports already taken on ``images`` (the FP32
+    bundle's from step 5), not measured again."""
     rows = []
     for k, b in bundles.items():
-        par = bundle_parity(b, images, checkpoint, threads)
+        par = (measured or {}).get(k) or bundle_parity(b, images, checkpoint, threads)
         m = par["metrics"]
         failed = [g["gate"] for g in par["gates"] if g["pass"] == "FAIL"]
         rows.append({"precision": k, "model_mb": b.manifest.file_record("model").bytes / 1e6,
