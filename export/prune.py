@@ -21,7 +21,7 @@ from geosurge.errors import GeosurgeError
 from geosurge.manifest import SCHEMA_VERSION, CellTableSection, HierarchySection, PruningSection
 from geosurge.runtime.bundle import Bundle, open_bundle
 from geosurge.runtime.cells import CellScorer, save_cell_table, table_dtype
-from geosurge.runtime.places import Places, save_places
+from geosurge.runtime.places import LAYOUT, Places, save_places
 
 from .writer import BundleWriter
 
@@ -164,9 +164,11 @@ def prune_bundle(src_dir, out_dir, cut: Cut, log=print) -> Bundle:
                 from geosurge.geo.regions import contains_points
 
                 inside &= contains_points(region, pl.lat, pl.lon)
+            meta = {k: v for k, v in pl.meta.items() if k != "layout"}  # save_places writes its own
             save_places(w.add("places", sm.parts["places"]), pl.lat[inside], pl.lon[inside], pl.name[inside],
-                        pl.admin1[inside], pl.country[inside], meta={**pl.meta, "restricted_to": cut.describe()})
-            m.places = dataclasses.replace(sm.places, places=int(inside.sum())) if sm.places else None
+                        pl.admin1[inside], pl.country[inside], meta={**meta, "restricted_to": cut.describe()})
+            m.places = (dataclasses.replace(sm.places, places=int(inside.sum()), layout=LAYOUT) if sm.places
+                        else None)
         m.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         m.hierarchy = HierarchySection.of(sub, source_levels=levels)
         m.cell_table = CellTableSection(dtype=dtype, embed_dim=sm.cell_table.embed_dim,

@@ -394,7 +394,7 @@ def decode_image_bytes(data: bytes, name: str = "<bytes>", spec=None, reduce: bo
                      8: cv2.IMREAD_REDUCED_COLOR_8}[spec.jpeg_reduction(*dims)]
         bgr = _imdecode(np.frombuffer(data, np.uint8), flags, name)
         if bgr is not None:
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)  # in place: no second full-size buffer
     if rgb is None:
         what = "" if kind else f"; its content is {describe_non_image(data[:SNIFF_BYTES])}"
         raise ImageDecodeError(f"{name}: not a decodable image (truncated, corrupt or unsupported format{what})")

@@ -358,6 +358,9 @@ class CellTableSection(Section):
 class PlacesSection(Section):
     places: int
     source: str
+    #: the places file's layout (``geosurge.runtime.places.LAYOUTS``); None: written before layouts were recorded
+    #: (numpy ``<U`` columns)
+    layout: str | None = None
     extra: dict = field(default_factory=dict, repr=False)
 
 

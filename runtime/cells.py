@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 import zipfile
 from collections.abc import Sequence
@@ -77,13 +78,11 @@ def save_cell_table(path, tables: list[np.ndarray], temperatures: np.ndarray, dt
              meta=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
 
 
-def _mapped_npz_members(path, names: list[str]) -> tuple[dict[str, np.ndarray], mmap.mmap | None]:
-    """Read-only arrays viewing the members ``names`` of an uncompressed ``.npz`` through one memory map of the
-    file (pages are read on first touch and count in RSS only once touched). Members that are compressed or not
-    plain numeric arrays are left out (the caller reads those normally)."""
-    out: dict[str, np.ndarray] = {}
-    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
-        spans = []
+def _npz_member_spans(f, names: list[str]) -> dict[str, tuple[int, tuple, np.dtype]]:
+    """For the members ``names`` of an uncompressed ``.npz`` open as ``f``: name -> (byte offset of the array data in
+    the file, shape, dtype). Members that are compressed or not plain C-ordered numeric arrays are left out."""
+    spans = {}
+    with zipfile.ZipFile(f) as zf:
         for name in names:
             info = zf.getinfo(f"{name}.npy")
             if info.compress_type != zipfile.ZIP_STORED:
@@ -98,18 +97,86 @@ def _mapped_npz_members(path, names: list[str]) -> tuple[dict[str, np.ndarray], 
             shape, fortran, dtype = read(f)
             if fortran or dtype.hasobject or dtype.kind not in "fiu":
                 continue
-            spans.append((name, f.tell(), shape, dtype))
+            spans[name] = (f.tell(), shape, dtype)
+    return spans
+
+
+def _mapped_npz_members(path, names: list[str]) -> tuple[dict[str, np.ndarray], mmap.mmap | None, dict]:
+    """Read-only arrays viewing the members ``names`` of an uncompressed ``.npz`` through one memory map of the
+    file (pages are read on first touch and count in RSS only once touched), the map, and the members' spans
+    (:func:`_npz_member_spans`). Members that are compressed or not plain numeric arrays are left out (the caller
+    reads those normally)."""
+    out: dict[str, np.ndarray] = {}
+    with open(path, "rb") as f:
+        spans = _npz_member_spans(f, names)
         if not spans:
-            return out, None
+            return out, None, spans
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):
         mm.madvise(mmap.MADV_RANDOM)  # no read-around: touching a row maps that row's pages only
-    for name, offset, shape, dtype in spans:
+    for name, (offset, shape, dtype) in spans.items():
         count = int(np.prod(shape))
         if offset + count * dtype.itemsize > len(mm):
             raise ValueError(f"member {name} runs past the end of the file")
         out[name] = np.frombuffer(mm, dtype, count, offset).reshape(shape)
-    return out, mm
+    return out, mm, spans
+
+
+#: how the exact search reads the rows it re-scores from a file-backed table: ``"pread"`` (:class:`RowReader`:
+#: copied, never mapped, so they never count in RSS) or ``"mmap"`` (through the memory map). Measured on the edge
+#: bundle (docs/benchmarks.md, "Runtime memory"): pread keeps the table out of RSS (mmap: +19 MB after two images,
+#: +43 MB after 50 different queries, as Linux maps whole page-cache folios) at ~0.1 ms more per search (p50).
+READ_ROWS = "pread"
+
+
+class RowReader:
+    """Rows of the table's levels read from the bundle file with ``pread`` into the caller's buffer: nothing of the
+    file is mapped into the process, so the rows the exact search re-scores never count in its RSS. (A memory map
+    does: Linux maps whole page-cache folios on a fault, up to 2 MB each on recent kernels, so re-scoring ~50 rows
+    mapped ~15 MB of the fp16 table on the first search and ~20 MB after a few.)
+
+    ``spans``: level k -> (byte offset of its (n_k, dim) rows in the file, shape, dtype), all levels of one
+    ``shape[1]`` and dtype. Safe to use from several threads (positional reads). Raises OSError when the file
+    cannot be read (it was checksummed when the bundle was opened)."""
+
+    def __init__(self, path, spans: list[tuple[int, tuple, np.dtype]]):
+        self.path = str(path)
+        self._file = open(path, "rb")  # closed with the reader (garbage collection)
+        self._fd = self._file.fileno()
+        self.offsets = np.array([o for o, _, _ in spans], np.int64)
+        self.sizes = np.array([shape[0] for _, shape, _ in spans], np.int64)
+        self.base = np.concatenate([[0], np.cumsum(self.sizes)])  # global row id of each level's first row
+        self.dim, self.dtype = int(spans[0][1][1]), np.dtype(spans[0][2])
+        self.row_bytes = self.dim * self.dtype.itemsize
+
+    def close(self) -> None:
+        self._file.close()
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """(L, m) int row indices, row ``[k, i]`` of level k -> (L, m, dim) rows in the stored dtype."""
+        levels, m = rows.shape
+        return self._read((rows + self.base[:levels, None]).ravel()).reshape(levels, m, self.dim)
+
+    def take(self, k: int, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (int array) of level k -> (len(idx), dim) in the stored dtype."""
+        return self._read(np.asarray(idx, np.int64) + self.base[k])
+
+    def _read(self, gid: np.ndarray) -> np.ndarray:
+        """Global row ids (level k's row r is ``base[k] + r``) -> their rows. Each distinct row is read once, a run
+        of consecutive rows of one level in one call."""
+        u, inv = np.unique(gid, return_inverse=True)
+        level = np.searchsorted(self.base, u, side="right") - 1
+        at = self.offsets[level] + (u - self.base[level]) * self.row_bytes  # file offset of each row
+        new = np.ones(u.size, bool)
+        new[1:] = np.diff(at) != self.row_bytes  # another read where the next row is not the next in the file
+        starts = np.flatnonzero(new)
+        sizes = np.diff(np.append(starts, u.size)) * self.row_bytes
+        fd, pread = self._fd, os.pread
+        data = b"".join([pread(fd, n, o) for n, o in zip(sizes.tolist(), at[starts].tolist())])
+        if len(data) != u.size * self.row_bytes:
+            raise OSError(f"{self.path}: short read of the cell table ({len(data)} of {u.size * self.row_bytes} "
+                          f"bytes)")
+        return np.frombuffer(data, self.dtype).reshape(u.size, self.dim)[inv.ravel()]
 
 
 class _Float32Levels(Sequence):
@@ -162,6 +229,7 @@ class CellScorer:
         self.tokens = fin.tokens
         self._xyz = np.ascontiguousarray(unit_vectors(self.rep_lat, self.rep_lon).T)  # (3, n_finest)
         self._mmap = None
+        self._reader: RowReader | None = None
         self._index: PathIndex | None = None
         # children lists (CSR) per level, for the beam search
         self._children = []
@@ -174,14 +242,15 @@ class CellScorer:
     @classmethod
     def load(cls, cells_path, table_path, mmap_rows: bool = True) -> "CellScorer":
         """The bundle's hierarchy (``cells.npz``) and cell table (``cell_table.npz``). With ``mmap_rows`` the
-        table's rows are memory-mapped when the file stores them uncompressed. Raises GeosurgeError naming the
-        file when it is not a geosurge cell table."""
+        table's rows are memory-mapped when the file stores them uncompressed, and the exact search reads the rows
+        it re-scores with ``pread`` (:class:`RowReader`: never mapped, so they never count in RSS). Raises
+        GeosurgeError naming the file when it is not a geosurge cell table."""
         h = load_hierarchy(cells_path)
         try:
             with np.load(table_path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
                 names = [f"emb_{k}" for k in range(meta["levels"])]
-                mapped, mm = _mapped_npz_members(table_path, names) if mmap_rows else ({}, None)
+                mapped, mm, spans = _mapped_npz_members(table_path, names) if mmap_rows else ({}, None, {})
                 tables = [mapped[n] if n in mapped else z[n] for n in names]
                 scales = ([z[f"scale_{k}"] for k in range(meta["levels"])] if meta.get("dtype") == "int8" else None)
                 temps = z["temperature"]
@@ -191,6 +260,8 @@ class CellScorer:
             raise GeosurgeError(f"{table_path}: not a geosurge cell table ({e})") from None
         sc = cls(h, tables, temps, proj, outside, scales)
         sc._mmap = mm
+        if READ_ROWS == "pread" and hasattr(os, "pread") and len(spans) == len(names) and len({spans[n][2] for n in names}) == 1:
+            sc._reader = RowReader(table_path, [spans[n] for n in names])
         return sc
 
     @classmethod
@@ -242,7 +313,7 @@ class CellScorer:
 
     def _rows_f64(self, k: int, idx) -> np.ndarray:
         """Level k's rows ``idx`` in float64, exactly the stored values (int8: q * scale, exact in float64)."""
-        t = self._rows[k][idx]
+        t = self._reader.take(k, idx) if self._reader is not None else self._rows[k][idx]
         out = t.astype(np.float64)
         if t.dtype == np.int8:
             out *= self._scales[k][idx].astype(np.float64)[:, None]
@@ -309,7 +380,7 @@ class CellScorer:
         check (the search then runs brute force)."""
         if self._index is None and kernel_is_exact():
             self._index = PathIndex(self._rows_f64, self.ancestors, self.temperatures, self.dim,
-                                    after_chunk=self._release_mapped_rows)
+                                    after_chunk=None if self._reader is not None else self._release_mapped_rows)
         return self._index
 
     def _release_mapped_rows(self) -> None:
@@ -323,9 +394,12 @@ class CellScorer:
         are gathered into one buffer, so the work is a few numpy calls whatever the number of levels."""
         m, levels = len(cells), self.num_levels
         anc = self.ancestors[cells]
-        rows = np.empty((levels, m, self.dim), self._rows_dtype)
-        for k in range(levels):
-            rows[k] = self._rows[k][anc[:, k]]  # (np.take would copy a whole unaligned memory-mapped level)
+        if self._reader is not None:  # read from the file, not mapped (see RowReader)
+            rows = self._reader.gather(anc.T)
+        else:
+            rows = np.empty((levels, m, self.dim), self._rows_dtype)
+            for k in range(levels):
+                rows[k] = self._rows[k][anc[:, k]]  # (np.take would copy a whole unaligned memory-mapped level)
         vals = np.einsum("lmd,d->lm", rows.astype(np.float64), y)  # the cast of the stored values is exact
         if self._scales is not None:  # int8: <y, q * scale> = <y, q> * scale, each product of exact values
             for k in range(levels):

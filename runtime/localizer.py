@@ -12,6 +12,7 @@ from geosurge.preprocess import preprocess
 from .backends import embed_batches, open_runner
 from .bundle import Bundle, open_bundle
 from .cells import CellScorer, log_softmax
+from .memory import release_freed_heap
 from .places import Places
 
 __all__ = ["Localizer", "OUTSIDE_REGION_MASS", "expand_inputs"]
@@ -46,13 +47,16 @@ class Localizer:
         self.spec = m.preprocess
         self.runner = open_runner(self.bundle, backend, threads, **(options or {}))
         self.scorer = CellScorer.load(self.bundle.path("cells"), self.bundle.path("cell_table"))
-        self.places = Places.load(self.bundle.path("places")) if self.bundle.has("places") else None
+        self.places = (Places.load(self.bundle.path("places"), m.places.layout if m.places else None)
+                       if self.bundle.has("places") else None)
         self.input = m.io.input.name
         self.output = m.io.embedding.name
         self.static_batch = m.io.static_batch
         self.beam = beam
+        release_freed_heap()  # what reading the hierarchy, table and places freed (the runner trims its own) ...
         if beam is None:
             self.scorer.prepare_search()  # build the exact search's int8 scoring graph now, not on the first photo
+            release_freed_heap()  # ... and building the search index: neither stacks on what comes next
 
     def close(self) -> None:
         self.runner.close()

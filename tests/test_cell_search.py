@@ -347,3 +347,32 @@ def test_search_on_several_threads_and_large_k(tmp_path, hierarchy_file, default
     r = sc.search(emb[:2], k=40)
     np.testing.assert_array_equal(r.indices, ref_topk(a[:2], 40))
     assert (r.candidates >= 40).all()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_rows_read_with_pread_equal_the_mapped_rows(tmp_path, hierarchy_file, default_hierarchy, dtype, monkeypatch):
+    """The exact search reads the rows it re-scores from the file (RowReader) instead of the memory map: the same
+    bytes, so the same search results to the last bit (whether the pages stay unmapped is the kernel's; the RSS
+    figure is measured in benchmarks/runtime_rss.py, not here)."""
+    from geosurge.runtime import cells
+
+    rng = np.random.default_rng(3)
+    tables = geo_like_tables(default_hierarchy, DIM, rng)
+    sc, path = _scorer(tmp_path, hierarchy_file, tables, dtype)
+    assert sc._reader is not None
+    monkeypatch.setattr(cells, "READ_ROWS", "mmap")
+    mapped = CellScorer.load(hierarchy_file, path)
+    assert mapped._reader is None
+    # any rows, repeated, consecutive and at level boundaries, in any order
+    n = [len(t) for t in tables]
+    idx = np.stack([rng.integers(0, n_k, 40) for n_k in n])
+    idx[:, :3] = 0
+    idx[:, 3:6] = np.array(n)[:, None] - 1
+    idx[:, 6:12] = np.minimum(np.arange(6) + 5, np.array(n)[:, None] - 1)
+    got = sc._reader.gather(idx)
+    want = np.stack([mapped._rows[k][idx[k]] for k in range(len(n))])
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    emb = queries(rng, tables)
+    a, b = sc.search(emb, k=5, with_scores=True), mapped.search(emb, k=5, with_scores=True)
+    for f in ("indices", "logit_sums", "log_probs", "log_norm", "scores"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))

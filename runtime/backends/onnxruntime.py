@@ -7,6 +7,7 @@ import numpy as np
 
 from geosurge.formats import Backend
 
+from ..memory import release_freed_heap
 from . import BackendUnavailable, Runner
 
 #: whether the model session's idle worker threads busy-wait for the next parallel section (ORT's
@@ -14,26 +15,6 @@ from . import BackendUnavailable, Runner
 #: workers burnt ~60 ms of a core after each inference and made both the model and the work after it slower, paced
 #: (10 fps) and back-to-back, p50 and p95. None keeps ONNX Runtime's default (on).
 SPINNING: bool | None = False
-
-
-def release_freed_heap() -> None:
-    """Hand the heap that building a session freed back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    onnxruntime parses the model file, copies the initializers and re-lays the convolution weights (NCHWc) while it
-    builds a session, then frees the intermediate copies; glibc keeps that memory mapped in the process. Measured on
-    the edge FP32 model (27 MB): resident memory after the session 142 MB without, ~95 MB with, so the cell table
-    and the image buffers that follow do not stack on top of it (the peak of the build itself is unchanged)."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to release this way
-        pass
 
 
 class OnnxRuntimeRunner(Runner):
