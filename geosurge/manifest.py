@@ -50,9 +50,10 @@ from .formats import TARGETS, Format, Precision, Target
 from .preprocess import PreprocessSpec
 
 SCHEMA = "geosurge.bundle"
-SCHEMA_VERSION = 3
-#: versions this code reads (older ones are upgraded in memory by :func:`upgrade`)
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+#: versions this code reads (older ones are upgraded in memory by :func:`upgrade`). 4: the places file's layout
+#: is recorded (``places.layout``: the compact UTF-8 layout a schema-3 runtime cannot read); 3: km parity gates
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 # ---- the bundle's file names (the only place they are spelled) ---------------------------------------------------
 MANIFEST_FILE = "manifest.json"
@@ -530,7 +531,7 @@ def check_schema(d, where: str = "manifest") -> None:
 
 
 def upgrade(d: dict) -> dict:
-    """A schema-1 or -2 manifest as the current schema (in memory; the JSON on disk and its checksum are untouched).
+    """A schema-1, -2 or -3 manifest as the current schema (in memory; the JSON on disk and its checksum are untouched).
     Version 1 had no output shapes (read as unknown) and, for TensorRT-bound and Core ML models, no held-out parity
     record (read as not measured, saying why). Versions 1 and 2 keep the gates they were written with (embedding
     cosine, per-level agreement, median drift): ``geosurge.parity`` still computes every one of them."""

@@ -11,7 +11,7 @@ import pytest
 from geosurge import api
 from geosurge.errors import GeosurgeError
 from geosurge.formats import Backend, Precision, Target
-from geosurge.manifest import Manifest, manifest_digest
+from geosurge.manifest import SCHEMA_VERSION, Manifest, manifest_digest
 from geosurge.runtime import BundleError, Localizer, open_bundle
 from geosurge.runtime.backends import get_runner, open_runner
 from geosurge.samples import sample_photo_paths
@@ -40,7 +40,7 @@ def test_api_export_returns_the_typed_bundle_it_wrote(tiny_bundle):
     assert isinstance(m, Manifest) and m.model.precision == Precision.FP32 and m.model.target == Target.ONNXRUNTIME
     assert m == open_bundle(b).manifest  # what the writer returned is what a reader reads
     raw = json.loads((b / "manifest.json").read_text())
-    assert raw["schema_version"] == 3 and Manifest.from_dict(raw).to_dict() == raw
+    assert raw["schema_version"] == SCHEMA_VERSION and Manifest.from_dict(raw).to_dict() == raw
     assert m.io.embedding.shape == [1, 32] and m.io.static_batch == 1
     assert m.source.config == "tiny" and m.source.seed == 0 and m.check is None
 
@@ -198,3 +198,32 @@ def test_a_schema_2_bundle_with_the_old_gates_still_verifies(tiny_bundle, tmp_pa
     assert rep["passed"] and [g["gate"] for g in rep["gates"]] == list(LEGACY_GATES)
     # ... and the new metrics are still reported beside them
     assert {"p95_drift_km", "top1_agreement_confident"} <= set(rep["metrics"])
+
+
+def test_a_schema_3_bundle_with_legacy_places_still_locates(tiny_bundle, tmp_path):
+    """Bundles of schema 3 hold places.npz as numpy ``<U`` columns and record no layout: this runtime reads them
+    (held compactly) and names the same place as for the bundle in the current layout."""
+    import shutil
+
+    from geosurge.manifest import sha256_file
+    from geosurge.runtime.places import Places
+
+    b = tmp_path / "old"
+    shutil.copytree(tiny_bundle.root, b)
+    new = Places.load(b / "places.npz", "utf8")
+    cols = [[str(v) for v in getattr(new, c)] for c in ("name", "admin1", "country")]
+    np.savez_compressed(b / "places.npz", lat=new.lat.astype(np.float32), lon=new.lon.astype(np.float32),
+                        name=np.asarray(cols[0], dtype=str), admin1=np.asarray(cols[1], dtype=str),
+                        country=np.asarray(cols[2], dtype=str),
+                        meta=np.frombuffer(json.dumps({k: v for k, v in new.meta.items() if k != "layout"}).encode(),
+                                            np.uint8))
+    raw = json.loads((b / "manifest.json").read_text())
+    raw["schema_version"] = 3
+    raw["places"].pop("layout", None)
+    raw["files"]["places.npz"] = {"sha256": sha256_file(b / "places.npz"), "bytes": (b / "places.npz").stat().st_size}
+    raw["manifest_sha256"] = manifest_digest(raw)
+    (b / "manifest.json").write_text(json.dumps(raw))
+    assert open_bundle(b).manifest.read_version == 3
+    photo = sample_photo_paths()[0]
+    with Localizer(b) as old, Localizer(tiny_bundle.root) as cur:
+        assert old.locate(photo)["place"] == cur.locate(photo)["place"] is not None

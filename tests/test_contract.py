@@ -45,7 +45,7 @@ def test_schema_1_manifests_read_as_typed_objects():
 def test_manifest_round_trip(name):
     m = Manifest.from_dict(V1[name])
     d = m.to_dict()
-    assert d["schema_version"] == SCHEMA_VERSION == 3
+    assert d["schema_version"] == SCHEMA_VERSION == 4
     again = Manifest.from_dict(json.loads(json.dumps(d)))
     assert again == m and again.to_dict() == d
     # keys this version does not know survive a round trip, in any section
@@ -69,11 +69,11 @@ def test_the_preprocess_section_carries_the_decode_rule():
         Manifest.from_dict(d)
 
 
-@pytest.mark.parametrize("version", [0, 4, 99, "2", None])
+@pytest.mark.parametrize("version", [0, 5, 99, "2", None])
 def test_other_schema_versions_are_refused_by_name(version):
     d = {**V1["fp32"], "schema_version": version}
     with pytest.raises(ManifestError, match=f"schema version {version} is not supported by this runtime "
-                                            r"\(reads versions 1, 2, 3\)"):
+                                            r"\(reads versions 1, 2, 3, 4\)"):
         Manifest.from_dict(d)
     with pytest.raises(ManifestError, match="not a geosurge bundle manifest"):
         Manifest.from_dict({**V1["fp32"], "schema": "something.else"})
