@@ -25,12 +25,12 @@ class TensorRTRunner(Runner):
         from ..trt import _check, _cudart, check_sidecar, device_facts, import_tensorrt, sidecar_path
 
         self.check_threads(threads)
+        trt = import_tensorrt()  # first: where TensorRT cannot be installed, that is the reason, not a missing engine
         plan_path = Path(plan_path)
         sidecar_file = sidecar_path(plan_path)
         if not plan_path.is_file() or not sidecar_file.is_file():
             raise BackendUnavailable(f"{plan_path}: no engine here; build it on this device first: "
                                      f"geosurge-run build-engine {plan_path.parent}")
-        trt = import_tensorrt()
         sidecar = json.loads(sidecar_file.read_text())
         problems = check_sidecar(sidecar, trt.__version__, device_facts(), onnx_sha256)
         if problems:
