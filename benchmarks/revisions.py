@@ -124,7 +124,8 @@ def worker_main(argv: list[str]) -> int:
             loc.locate(x)
         runner = getattr(loc, "runner", None) or getattr(loc, "backend", None)
         backend = getattr(getattr(runner, "name", None), "value", None) or type(runner).__name__
-        info = {"ready": True, "pid": os.getpid(), "python": sys.executable, "python_version": platform.python_version(),
+        info = {"ready": True, "pid": os.getpid(), "python": sys.executable,
+                "python_version": platform.python_version(),
                 "geosurge": getattr(geosurge, "__version__", None), "geosurge_file": geosurge.__file__,
                 "backend": backend, "localizer_kwargs": kw, "versions": {}}
         for mod in ("numpy", "onnxruntime", "cv2", "openvino"):
