@@ -4,10 +4,11 @@ Each install (its own python + a bundle it exported) gets one long-lived worker 
 install's* ``geosurge.runtime.Localizer``, loads the bundle with the same ``--threads`` and ``--backend`` as every
 other worker, and then, on each request, runs ``locate`` once on an image and returns the wall time it measured
 around that call (``time.perf_counter``, inside the worker: pipe overhead is not counted). The coordinator sends the
-requests in turn (A, B, A, B ...; which install goes first rotates round by round, or is shuffled with ``--order
-random``), so every install sees the same machine state; a worker waits, idle on its pipe, while another runs. Each
-image is timed paced (``--pause-ms`` of sleep before every call: a camera at 10 fps with the default 100 ms, so idle
-thread pools have stopped spinning) and back-to-back (no pause), ``--warmup`` untimed rounds then ``--rounds`` timed.
+requests in turn (A, B, A, B ...; for two installs which goes first rotates round by round, for more the order is
+shuffled per round: ``--order``), so every install sees the same machine state; a worker waits, idle on its pipe,
+while another runs. Each image is timed paced (``--pause-ms`` of sleep before every call: a camera at 10 fps with
+the default 100 ms, so idle thread pools have stopped spinning) and back-to-back (no pause: a call starts while the
+previous install's thread pools may still spin), ``--warmup`` untimed rounds then ``--rounds`` timed.
 
 The first install is the baseline: the table's ratios are baseline / install for p50 and p95 (> 1: faster than
 the baseline). Figures are ratios measured in one run; absolute milliseconds depend on the machine and its load.
@@ -16,7 +17,7 @@ the baseline). Figures are ratios measured in one run; absolute milliseconds dep
         --install old /work/wt/old608/.venv/bin/python out/bundles/old-edge-fp32 \\
         --install new .venv/bin/python out/bundles/new-edge-fp32 \\
         [--threads 2] [--backend onnxruntime] [--rounds 30] [--warmup 5] [--pause-ms 100] [--modes paced back-to-back]
-        [--images 12mp.jpg small.jpg] [--input bytes|path] [--order rotate|random] [--json FILE]
+        [--images 12mp.jpg small.jpg] [--input bytes|path] [--order auto|rotate|random] [--json FILE]
 
 Default images: the 12 MP phone JPEG and the small photo ``geosurge benchmark`` uses (``~/.cache/geosurge/bench``).
 The worker side (``--worker``) uses the standard library and the install's ``geosurge.runtime`` only, and passes the
@@ -42,19 +43,24 @@ STAGES = ("decode", "preprocess", "inference", "cell_search")
 
 
 # ---- pure logic (tested) -----------------------------------------------------------------------------------------
-def call_order(names: list[str], rounds: int, how: str = "rotate", seed: int = 0) -> list[list[str]]:
+def call_order(names: list[str], rounds: int, how: str = "auto", seed: int = 0) -> list[list[str]]:
     """The order of the calls in each round: every name once per round. ``rotate``: round r starts at
-    ``names[r % len(names)]`` (A B, B A, A B ... for two), so each install goes first equally often; ``random``:
-    a shuffle per round from ``seed``. Raises ValueError for an unknown ``how`` or duplicate names."""
+    ``names[r % len(names)]`` (A B, B A, A B ... for two), so each install goes first equally often — with two,
+    each also follows the other equally often; with three or more a rotation keeps one cyclic order (A always
+    after C), which in back-to-back runs hands the same neighbour's spinning thread pools to the same install.
+    ``random``: a shuffle per round from ``seed`` (every neighbour equally likely). ``auto``: rotate for two,
+    random for more. Raises ValueError for an unknown ``how`` or duplicate names."""
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate install names: {names}")
+    if how == "auto":
+        how = "rotate" if len(names) <= 2 else "random"
     if how == "rotate":
         n = len(names)
         return [names[r % n:] + names[:r % n] for r in range(rounds)]
     if how == "random":
         rng = random.Random(seed)
         return [rng.sample(names, len(names)) for _ in range(rounds)]
-    raise ValueError(f"unknown order {how!r} (rotate or random)")
+    raise ValueError(f"unknown order {how!r} (auto, rotate or random)")
 
 
 def percentile(v: list[float], q: float) -> float:
@@ -268,8 +274,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
     ap.add_argument("--pause-ms", type=float, default=100.0, help="sleep before each paced call (default 100)")
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    ap.add_argument("--order", choices=["rotate", "random"], default="rotate",
-                    help="who goes first in a round (default: rotate)")
+    ap.add_argument("--order", choices=["auto", "rotate", "random"], default="auto",
+                    help="the order within a round: rotate (who goes first rotates), random (a seeded shuffle per "
+                         "round); default auto: rotate for two installs, random for more")
     ap.add_argument("--seed", type=int, default=0, help="--order random's seed")
     ap.add_argument("--json", default="benchmarks/results/revisions.json")
     args = ap.parse_args(argv)

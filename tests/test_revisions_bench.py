@@ -21,15 +21,16 @@ def rev():
 
 
 def test_call_order(rev):
-    rot = rev.call_order(["a", "b"], 4)
+    rot = rev.call_order(["a", "b"], 4)  # auto: two installs rotate
     assert rot == [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
-    three = rev.call_order(["a", "b", "c"], 6)
+    three = rev.call_order(["a", "b", "c"], 6, "rotate")
     assert all(sorted(r) == ["a", "b", "c"] for r in three)
     assert Counter(r[0] for r in three) == {"a": 2, "b": 2, "c": 2}  # each goes first equally often
     rnd = rev.call_order(["a", "b", "c"], 50, "random", seed=3)
     assert all(sorted(r) == ["a", "b", "c"] for r in rnd)
     assert rnd == rev.call_order(["a", "b", "c"], 50, "random", seed=3)  # reproducible from the seed
     assert len({r[0] for r in rnd}) == 3
+    assert rev.call_order(["a", "b", "c"], 50, seed=3) == rnd  # auto: three or more are shuffled
     with pytest.raises(ValueError, match="duplicate"):
         rev.call_order(["a", "a"], 2)
     with pytest.raises(ValueError, match="unknown order"):
