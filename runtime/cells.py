@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from geosurge.errors import GeosurgeError
-from geosurge.geo import CellHierarchy, haversine_km, load_hierarchy, unit_vectors
+from geosurge.geo import CellHierarchy, haversine_km, load_hierarchy, s2, unit_vectors
 
 from .cellsearch import BATCH_CHUNK, PathIndex, SearchResult, kernel_is_exact
 
@@ -195,6 +195,26 @@ class _Float32Levels(Sequence):
         return self._scorer._rows_f32(k)
 
 
+class CellTokens(Sequence):
+    """``CellScorer.tokens``: the S2 token of each finest cell, made from its uint64 cell id when asked
+    (``geosurge.geo.s2.to_token``) instead of held as ~18k Python strings (~1.1 MB on the edge bundle).
+    ``tokens[i]`` -> str; ``tokens[idx]`` (slice or int array) -> list of str; equal to ``CellLevel.tokens``."""
+
+    def __init__(self, cell_id: np.ndarray):
+        self._ids = cell_id
+
+    def __len__(self) -> int:
+        return int(self._ids.size)
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            n = len(self)
+            if not -n <= i < n:
+                raise IndexError(f"cell {i} out of range ({n})")
+            return s2.to_token(self._ids[int(i)])[0]
+        return s2.to_token(self._ids[i])
+
+
 class CellScorer:
     """Scores embeddings against a bundle's cell table and hierarchy.
 
@@ -226,7 +246,7 @@ class CellScorer:
         self.ancestors = hierarchy.ancestors()
         fin = hierarchy.level(-1)
         self.rep_lat, self.rep_lon = fin.rep_lat, fin.rep_lon
-        self.tokens = fin.tokens
+        self.tokens = CellTokens(fin.cell_id)  # made when asked (the top-k's only)
         self._xyz = np.ascontiguousarray(unit_vectors(self.rep_lat, self.rep_lon).T)  # (3, n_finest)
         self._mmap = None
         self._reader: RowReader | None = None

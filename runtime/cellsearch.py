@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import onnxgraph
+from .memory import release_freed_heap
 
 #: query parts are 7-bit (|p| <= 63, shifted by 64 into 1..127 as uint8) so that u8 x s8 pairs cannot saturate
 #: int16 in AVX2's vpmaddubsw: 2 * 127 * 127 = 32258 < 32767
@@ -145,10 +146,13 @@ class PathIndex:
 
     ``rows(k, idx)`` -> float64 (len(idx), dim): the stored rows of level k, exactly. ``ancestors`` (n_finest, L)
     int; ``temperatures`` (L,) float32. Built in chunks of ``chunk`` finest cells (peak extra memory about
-    ``chunk x dim x 8 x 6`` bytes besides the int8 table); ``after_chunk()`` runs after each (the scorer drops
-    the memory-mapped rows it read from the process there)."""
+    ``chunk x dim x 8 x 6`` bytes besides the int8 table; each cell's row is computed alone, so the result does
+    not depend on ``chunk``); ``after_chunk()`` runs after each (the scorer drops the memory-mapped rows it read
+    from the process there). The freed chunk buffers are handed back to the OS before ONNX Runtime builds its
+    session (:func:`~geosurge.runtime.memory.release_freed_heap`). Measured on the edge bundle (18,204 x 512):
+    the build peaks ~17 MB lower with ``chunk`` 128 and that trim than with 512 and none, ~10% more build time."""
 
-    def __init__(self, rows, ancestors: np.ndarray, temperatures: np.ndarray, dim: int, chunk: int = 512,
+    def __init__(self, rows, ancestors: np.ndarray, temperatures: np.ndarray, dim: int, chunk: int = 128,
                  after_chunk=None):
         n, levels = ancestors.shape
         inv_t = 1.0 / np.asarray(temperatures, np.float64)
@@ -179,6 +183,7 @@ class PathIndex:
         self.resid_norm_max = float(self.resid_norm.max())
         self.n, self.dim = n, dim
         self.table_bytes = table.nbytes
+        release_freed_heap()  # the chunks' float64 temporaries: not kept beside what the session build allocates
         self.session = _session(_matmul_integer_graph(dim, n), table)
         self._local = threading.local()
 

@@ -239,7 +239,7 @@ def test_memory_holds_no_fp32_copy_of_the_table(tmp_path, hierarchy_file, defaul
         del sc
         # An FP32 copy of the table would hold fp32_bytes (23.6 MB here). Loaded: the hierarchy (~5 MB) plus, when
         # not memory-mapped, the fp16 rows (half of fp32_bytes). The search's working memory: the int8 path table
-        # (n_finest x dim = 2.3 MB, handed to ONNX Runtime) and float64 chunk buffers (512 x dim x 8 x ~6 = 3.1 MB).
+        # (n_finest x dim = 2.3 MB, handed to ONNX Runtime) and float64 chunk buffers (128 x dim x 8 x ~6 = 0.8 MB).
         assert loaded < (0.5 if not mmap_rows else 0) * fp32_bytes + 0.25 * fp32_bytes, (mmap_rows, loaded)
         assert peak - loaded < 0.3 * fp32_bytes, (mmap_rows, peak - loaded)
         assert held - loaded < 0.1 * fp32_bytes, (mmap_rows, held - loaded)
@@ -327,6 +327,55 @@ def test_model_session_threads_do_not_spin(tmp_path):
         assert spin.session.get_session_options().get_session_config_entry(key) == "1"
         assert spin.session.get_session_options().intra_op_num_threads == 2  # threads still honoured
         np.testing.assert_array_equal(spin.infer({"x": np.ones((1, 3))})["y"], np.ones((1, 3)))
+
+
+def test_model_session_has_no_memory_pattern(tmp_path, monkeypatch):
+    """The model session runs without ONNX Runtime's memory pattern (MEM_PATTERN, ~2 MB less resident); None keeps
+    ONNX Runtime's default (on)."""
+    from geosurge.runtime.backends import onnxruntime as ortb
+
+    path = tmp_path / "id.onnx"
+    path.write_bytes(onnxgraph.model([onnxgraph.node("Identity", ["x"], ["y"])],
+                                     [onnxgraph.value_info("x", np.float32, [1, 3])],
+                                     [onnxgraph.value_info("y", np.float32, [1, 3])]))
+    with ortb.OnnxRuntimeRunner(path) as r:
+        assert r.session.get_session_options().enable_mem_pattern is False
+        np.testing.assert_array_equal(r.infer({"x": np.ones((1, 3))})["y"], np.ones((1, 3)))
+    monkeypatch.setattr(ortb, "MEM_PATTERN", None)
+    with ortb.OnnxRuntimeRunner(path) as r:
+        assert r.session.get_session_options().enable_mem_pattern is True
+
+
+def test_path_index_does_not_depend_on_the_chunk_size(tmp_path, hierarchy_file, default_hierarchy):
+    """The index is built per finest cell, so any chunking gives the same quantized table and bound terms (the
+    default chunk is small to keep the build's peak memory low)."""
+    rng = np.random.default_rng(11)
+    tables = geo_like_tables(default_hierarchy, 48, rng)
+    sc, _ = _scorer(tmp_path, hierarchy_file, tables, "float16")
+    ref = cellsearch.PathIndex(sc._rows_f64, sc.ancestors, sc.temperatures, sc.dim, chunk=sc.ancestors.shape[0])
+    y = unit(rng.normal(size=(3, sc.dim)))
+    for chunk in (None, 7):
+        kw = {} if chunk is None else {"chunk": chunk}
+        idx = cellsearch.PathIndex(sc._rows_f64, sc.ancestors, sc.temperatures, sc.dim, **kw)
+        for name in ("scale", "resid_norm", "quant_norm"):
+            np.testing.assert_array_equal(getattr(idx, name), getattr(ref, name), err_msg=f"{name}, chunk {chunk}")
+        np.testing.assert_array_equal(idx.products(y)[0], ref.products(y)[0])  # the same int8 table inside ORT
+
+
+def test_cell_tokens_are_the_hierarchy_tokens(tmp_path, hierarchy_file, default_hierarchy):
+    """CellScorer.tokens makes each token from its cell id when asked; equal to the hierarchy's eager list."""
+    from geosurge.runtime.cells import CellTokens
+
+    rng = np.random.default_rng(12)
+    sc, _ = _scorer(tmp_path, hierarchy_file, geo_like_tables(default_hierarchy, 16, rng), "float16")
+    want = default_hierarchy.level(-1).tokens
+    assert isinstance(sc.tokens, CellTokens) and len(sc.tokens) == len(want)
+    assert list(sc.tokens) == want
+    idx = rng.choice(len(want), 20)
+    assert sc.tokens[idx] == [want[i] for i in idx]
+    assert sc.tokens[np.int64(3)] == want[3] and sc.tokens[-1] == want[-1] and sc.tokens[5:9] == want[5:9]
+    with pytest.raises(IndexError):
+        sc.tokens[len(want)]
 
 
 def test_search_on_several_threads_and_large_k(tmp_path, hierarchy_file, default_hierarchy):
