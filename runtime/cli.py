@@ -107,11 +107,15 @@ def main(argv=None) -> int:
 # ---- locate --------------------------------------------------------------------------------------------------
 def cmd_locate(args) -> int:
     from .localizer import Localizer
+    from .verify import export_check, export_check_line
 
     if not args.inputs and not args.source:
         raise GeosurgeError("locate: give image paths or --source")
     with Localizer(args.bundle, backend=args.backend, threads=args.threads, beam=args.beam,
                    options=runner_options(args)) as loc:
+        refused = export_check_line(export_check(loc.bundle.manifest))
+        if refused:
+            print(f"geosurge-run: warning: {args.bundle}: {refused}", file=sys.stderr, flush=True)
         if args.source is not None:
             return locate_stream(loc, args)
         return locate_files(loc, args)
@@ -244,7 +248,7 @@ def cmd_verify(args) -> int:
     from geosurge.report import format_table, write_json
 
     from .bundle import BundleError
-    from .verify import verify_bundle
+    from .verify import export_check_line, verify_bundle
 
     try:
         rep = verify_bundle(args.bundle, args.backend, args.threads, **runner_options(args))
@@ -258,6 +262,12 @@ def cmd_verify(args) -> int:
     print(format_parity(rep["metrics"], rep["gates"],
                         title=f"golden replay ({describe_runner(rep['backend'], rep['runner_options'])}) vs FP32 "
                               "torch reference stored in the bundle"))
+    check = rep["export_check"]
+    line = export_check_line(check)
+    print(f"export's held-out parity check: {check['status']}" + (f" on {check['images']} image(s)"
+                                                                 if check["images"] else ""))
+    if line:
+        print(f"verify: FAIL: {line}", file=sys.stderr)
     print(f"verify: {'PASS' if rep['passed'] else 'FAIL'}")
     if args.json:
         write_json(args.json, rep)

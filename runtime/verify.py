@@ -11,8 +11,11 @@ from .localizer import Localizer
 
 
 def verify_bundle(bundle_dir, backend: str | None = None, threads: int | None = None, **options) -> dict:
-    """Checksums + golden replay. ``options``: the backend's own (OpenVINO: ``device``, ``precision_hint``).
-    Returns ``{"bundle", "backend", "runner_options", "files", "metrics", "gates", "passed"}``; raises BundleError
+    """Checksums + golden replay + the export's own held-out parity record. ``options``: the backend's own
+    (OpenVINO: ``device``, ``precision_hint``). Returns ``{"bundle", "backend", "runner_options", "files",
+    "metrics", "gates", "golden_passed", "export_check", "passed"}``: ``passed`` needs the golden replay to pass
+    *and* the export's check not to have FAILed (:func:`export_check`: a bundle its export refused — measured on
+    far more images than the 6 golden probes — is not fit to deploy, whatever the probes say). Raises BundleError
     for a missing, tampered-with or unreadable bundle (the message names the file)."""
     bundle = open_bundle(bundle_dir, verify=False)
     backend = bundle.backend(backend)
@@ -20,8 +23,32 @@ def verify_bundle(bundle_dir, backend: str | None = None, threads: int | None = 
     with Localizer(bundle, backend=backend, threads=threads, verify=False, options=options) as loc:
         rep = replay_golden(loc)
         runner_options = dict(loc.runner.options or {})
+    check = export_check(bundle.manifest)
     return {"bundle": str(bundle_dir), "backend": backend.value, "runner_options": runner_options, "files": files,
-            **rep}
+            **rep, "golden_passed": rep["passed"], "export_check": check,
+            "passed": bool(rep["passed"]) and check["status"] != "FAIL"}
+
+
+def export_check(manifest) -> dict:
+    """The held-out parity check the export recorded (``quantization.check``): ``{"status": "PASS" | "FAIL" |
+    "not measured" | "none", "images", "failed_gates", "reason"}``. ``none``: an FP32 model part is its own
+    reference; ``not measured``: the exporting machine could not run it (the record says why)."""
+    c = manifest.check
+    if c is None:
+        return {"status": "none", "images": None, "failed_gates": [], "reason": "FP32: the model is the reference"}
+    if c.passed is None:
+        return {"status": "not measured", "images": c.images, "failed_gates": [], "reason": c.skipped}
+    return {"status": "PASS" if c.passed else "FAIL", "images": c.images, "failed_gates": c.failed_gates(),
+            "reason": None}
+
+
+def export_check_line(check: dict) -> str | None:
+    """One line saying that the export refused this bundle, or None when it did not."""
+    if check["status"] != "FAIL":
+        return None
+    gates = ", ".join(check["failed_gates"]) or "its gates"
+    return (f"the export's held-out parity check FAILED ({gates} on {check['images']} image(s)): the exporting "
+            "toolkit refused this bundle; it is not fit to deploy (re-export in another precision)")
 
 
 def replay_golden(loc: Localizer) -> dict:

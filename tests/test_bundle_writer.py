@@ -227,3 +227,31 @@ def test_a_schema_3_bundle_with_legacy_places_still_locates(tiny_bundle, tmp_pat
     photo = sample_photo_paths()[0]
     with Localizer(b) as old, Localizer(tiny_bundle.root) as cur:
         assert old.locate(photo)["place"] == cur.locate(photo)["place"] is not None
+
+
+def test_a_bundle_its_export_refused_fails_verify_and_warns_on_locate(tiny_bundle, tmp_path):
+    """The export's held-out check (many images) FAILed but the 6 golden probes pass: ``verify`` must not say PASS,
+    and ``locate`` still runs (the user asked for it) with one warning line saying why not to deploy it."""
+    import shutil
+
+    from .conftest import run_cli
+
+    b = tmp_path / "refused"
+    shutil.copytree(tiny_bundle.root, b)
+    raw = json.loads((b / "manifest.json").read_text())
+    raw["quantization"] = {**(raw.get("quantization") or {"precision": "fp32"}),
+                           "check": {"passed": False, "images": 64, "metrics": {},
+                                     "gates": [{"gate": "top1_agreement_confident", "op": ">=", "threshold": 0.95,
+                                                "value": 0.91, "pass": "FAIL"}]}}
+    raw["manifest_sha256"] = manifest_digest(raw)
+    (b / "manifest.json").write_text(json.dumps(raw))
+    rep = verify_bundle(b)
+    assert rep["golden_passed"] and not rep["passed"]
+    assert rep["export_check"] == {"status": "FAIL", "images": 64, "failed_gates": ["top1_agreement_confident"],
+                                   "reason": None}
+    r = run_cli("geosurge-run", "verify", b)
+    assert r.returncode == 1 and "held-out parity check FAILED (top1_agreement_confident on 64 image(s))" in r.stderr
+    r = run_cli("geosurge-run", "locate", b, sample_photo_paths()[0])
+    assert r.returncode == 0 and r.stderr.count("not fit to deploy") == 1 and "Traceback" not in r.stderr
+    # the bundle as exported (FP32: its own reference) verifies, with no such line
+    assert verify_bundle(tiny_bundle.root)["export_check"]["status"] == "none"
