@@ -188,7 +188,9 @@ def locate_stream(loc, args) -> int:
                 print(f"frame {rec['frame']}: {rec['lat']:.4f}, {rec['lon']:.4f}  confidence "
                       f"{rec['confidence']:.3f}  ±{rec['uncertainty_km']:.0f} km", flush=True)
     except StreamLost as e:
-        print(f"geosurge-run: {e} ({located} located)", file=sys.stderr, flush=True)
+        # the count of frames read is in the message; the located count only when --every made them differ
+        extra = f" ({located} located)" if located != e.frames else ""
+        print(f"geosurge-run: {e}{extra}", file=sys.stderr, flush=True)
         return 1
     if not located:
         print(f"geosurge-run: no frames read from {args.source}", file=sys.stderr)

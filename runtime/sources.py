@@ -162,7 +162,8 @@ class FrameSource:
         self.close()
         if time.monotonic() - self._reconnected_at >= self.options.stable_s:
             self._attempts = 0  # it ran steadily since the last outage: a new outage
-        self.log(f"{self.source}: {reason} after {self.frames} frame(s); reconnecting")
+        if self._attempts < self.options.reconnects:  # else StreamLost below says it all: no "reconnecting" first
+            self.log(f"{self.source}: {reason} after {self.frames} frame(s); reconnecting")
         while self._attempts < self.options.reconnects:
             wait = self.options.backoff(self._attempts)
             self._attempts += 1

@@ -94,6 +94,8 @@ def test_stalled_stream_is_reopened_then_reported_lost(clip):
     assert got == list(range(len(got)))  # frame indices continue across reconnects
     assert waits == [0.05, 0.1]  # exponential backoff, one wait per attempt
     assert src.reconnects == 2 and sum("reconnect 1/2" in m for m in log) == 1
+    # "reconnecting" only for the outages that were retried: the last one, with no attempt left, is StreamLost's
+    assert sum(m.endswith("; reconnecting") for m in log) == 2
     assert src._cap is None  # released
 
 
@@ -140,6 +142,7 @@ def test_locate_reports_a_lost_stream_and_exits_1(tmp_path, clip, default_hierar
     frames = [json.loads(line)["frame"] for line in r.stdout.splitlines()]
     assert frames and frames == list(range(len(frames))) and len(frames) % 2 == 0  # first connection + 1 reconnect
     assert f"stream lost after {len(frames)} frame(s)" in r.stderr and "reconnect 1/1" in r.stderr
+    assert f"({len(frames)} located)" not in r.stderr  # every frame read was located: the count is said once
     assert "no frame for 1s" in r.stderr  # reported as a stall, within the user's read timeout
     # the end of a video file stays a normal end
     r = run_cli("geosurge-run", "locate", b, "--source", clip, "--json", timeout=120)
