@@ -123,7 +123,8 @@ def cmd_demo(args) -> int:
     quant = []
     if not args.no_quant:
         what = ("augmented sample photos" if args.checkpoint else
-                "other Blue Marble views (seed 123), none of the held-out ones")
+                "other Blue Marble views (seed 123), none of the held-out ones; drawn like the training views, so "
+                "the export's check accuracy on them is not held-out accuracy: the km table below is")
         print(f"\n[7/9] FP16, and INT8 with the precision search (calibration: {args.calib_size} {what})")
         calib = api.views(out / "calib", count=args.calib_size, seed=123) if not args.checkpoint else None
         for precision, search in (("fp16", None), ("int8", "auto")):
