@@ -32,6 +32,17 @@ POOLS = ("serial", "threads", "processes")
 HEADLINE = ("12mp", "paced")
 #: (iters, warmup, folder images, folder passes, RSS calls) of a full and of a --quick run
 SETTINGS = {"full": (30, 3, 6, 2, 5), "quick": (5, 1, 2, 1, 2)}
+#: An anchor ratio (``x_eager``, ``x_compile``) is flagged noisy when the anchor's inference p95 exceeds this many
+#: times its p50 in the headline scenario. On this project's quiet 2-core run
+#: (benchmarks/results/benchmark-edge-fp32-quiet.json, 30 runs a row) every row's p95/p50 was 1.14-1.45 and the
+#: torch anchors' 1.14-1.27; a user's loaded runs, whose x_eager read 2.2, 88.8 and 22.5 within 10 minutes, had
+#: torch eager at 1,525 / 2,522 ms (1.65). Beyond 1.5 the anchor's calls were being descheduled (OpenMP threads
+#: waiting at a barrier for a sibling another process holds), and its p50 says more about the load than the model.
+NOISY_ANCHOR_P95_P50 = 1.5
+#: ... or when the per-round ratio (anchor ms / this ms, the two calls of one round being neighbours in time) has
+#: p75 / p25 above this: the middle half of the rounds disagree by more than 1.5x on the speed-up, so a figure read
+#: off another half of the same run could differ by 50 %.
+NOISY_RATIO_P75_P25 = 1.5
 
 Log = Callable[[str], None]
 
@@ -210,8 +221,10 @@ def _machine() -> dict:
             versions[mod] = __import__(mod).__version__
         except ImportError:
             pass
+    # the 1 / 5 / 15-minute load average as the run ends (Unix): a load above the CPU count explains noisy ratios
+    load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     return {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "versions": versions}
+            "cpus": os.cpu_count(), "loadavg": load, "python": platform.python_version(), "versions": versions}
 
 
 def run_benchmark(bundles, *, images=None, truth=None, backends=None, threads: int | None = None,
@@ -284,7 +297,8 @@ def run_benchmark(bundles, *, images=None, truth=None, backends=None, threads: i
                        for c in contenders],
         "skipped": skipped,
         "latency": rows,
-        "summary": summary_rows(contenders, rows, throughput, memory, parity, task, anchor_of, accuracy_km),
+        "summary": summary_rows(contenders, rows, throughput, memory, parity, task, anchor_of, accuracy_km,
+                                run.samples),
         "throughput": throughput, "memory": memory, "parity": parity, "task": task,
         "call_order": [list(o) for o in run.order],
         "seconds": round(time.perf_counter() - t_start, 1),
@@ -292,14 +306,57 @@ def run_benchmark(bundles, *, images=None, truth=None, backends=None, threads: i
     return report
 
 
+def ratio_spread(anchor_ms, this_ms) -> dict:
+    """How far one anchor ratio can be trusted, from one run's samples (ms per timed call, round by round: the i-th
+    anchor call and the i-th call of this contender ran in the same round, side by side). Returns
+    ``{"anchor_p95_p50", "ratio_p25", "ratio_min", "ratio_p75", "ratio_max", "rounds", "noisy", "why"}``: the
+    anchor's own spread, the quartiles and extremes of the per-round ratio anchor / this, and ``noisy`` (bool) with
+    ``why`` (the criteria that fired, in words; None when not noisy): anchor p95/p50 above
+    :data:`NOISY_ANCHOR_P95_P50` or ratio p75/p25 above :data:`NOISY_RATIO_P75_P25`. Raises ValueError on no
+    samples."""
+    a, b = np.asarray(anchor_ms, float), np.asarray(this_ms, float)
+    n = min(len(a), len(b))
+    if n == 0:
+        raise ValueError("ratio_spread: no samples")
+    a, b = a[:n], b[:n]
+    p50, p95 = np.percentile(a, [50, 95])
+    r = a / np.maximum(b, 1e-9)
+    q25, q75 = np.percentile(r, [25, 75])
+    out = {"anchor_p95_p50": float(p95 / p50) if p50 > 0 else float("inf"), "ratio_p25": float(q25),
+           "ratio_p75": float(q75), "ratio_min": float(r.min()), "ratio_max": float(r.max()), "rounds": n}
+    why = []
+    if out["anchor_p95_p50"] > NOISY_ANCHOR_P95_P50:
+        why.append(f"anchor p95/p50 {out['anchor_p95_p50']:.2f} > {NOISY_ANCHOR_P95_P50:g}")
+    if q75 > NOISY_RATIO_P75_P25 * q25:
+        why.append(f"per-round ratio p25-p75 {q25:.3g}-{q75:.3g} (x{q75 / q25:.2f} > {NOISY_RATIO_P75_P25:g})")
+    return {**out, "noisy": bool(why), "why": "; ".join(why) or None}
+
+
+def noise_lines(summary: list[dict]) -> list[str]:
+    """One warning line per anchor ratio of ``summary`` flagged noisy (``x_{kind}_noisy``), naming the row, the
+    anchor and why; empty when none is."""
+    lines = []
+    for r in summary:
+        for kind in ANCHORS:
+            sp = r.get(f"x_{kind}_spread")
+            if r.get(f"x_{kind}_noisy") and sp:
+                lines.append(f"warning: x_{kind} {r[f'x_{kind}']:.3g} of {r['bundle']} | {r['backend']} is noisy "
+                             f"({ANCHOR_NAMES[kind]}: {sp['why']}; per-round ratio min-max {sp['ratio_min']:.3g}-"
+                             f"{sp['ratio_max']:.3g} over {sp['rounds']} rounds): the machine was busy; rerun on a "
+                             "quiet one (or with --threads 1) before quoting it")
+    return lines
+
+
 def _row(rows: list[dict], bundle: str, backend: str, image: str, mode: str) -> dict | None:
     return next((r for r in rows if (r["bundle"], r["backend"], r["image"], r["mode"]) == (bundle, backend, image,
                                                                                             mode)), None)
 
 
-def summary_rows(contenders, rows, throughput, memory, parity, task, anchor_of, accuracy_km) -> list[dict]:
+def summary_rows(contenders, rows, throughput, memory, parity, task, anchor_of, accuracy_km,
+                 samples: dict | None = None) -> list[dict]:
     """One row per bundle x backend: the headline latency (12 MP JPEG, paced), speed-ups over the anchors
-    (inference p50), folder img/s, sizes, peak RSS, parity."""
+    (inference p50) with, when ``samples`` (``TimingRun.samples``) are given, their spread and noise flag
+    (``x_{kind}_spread``: :func:`ratio_spread`; ``x_{kind}_noisy``), folder img/s, sizes, peak RSS, parity."""
     out = []
     km = f"{accuracy_km:g}km"
     for c in contenders:
@@ -313,6 +370,12 @@ def summary_rows(contenders, rows, throughput, memory, parity, task, anchor_of, 
             a = _row(rows, a_bundle, a_backend, *HEADLINE)
             if a and row["inference_p50_ms"]:
                 row[f"x_{kind}"] = a["inference_p50_ms"] / row["inference_p50_ms"]
+                scen = " ".join(HEADLINE)
+                got = (samples or {}).get((scen, f"{a_bundle} | {a_backend}")), (samples or {}).get((scen, c.name))
+                if all(got):
+                    sp = ratio_spread(got[0]["inference"], got[1]["inference"])
+                    row[f"x_{kind}_noisy"] = sp.pop("noisy")
+                    row[f"x_{kind}_spread"] = sp
         t = throughput.get(c.name)
         if t:
             row["img_s"] = t[t["best"]]["img_s"]
@@ -358,11 +421,13 @@ def format_report(report: dict) -> str:
     parts = [format_table(lat, title=head)]
     summary = report["summary"]
     if summary:
-        cols = list(dict.fromkeys(k for r in summary for k in r))  # every row's columns (OpenVINO's hint ...)
+        # every row's columns (OpenVINO's hint ...) but the anchor ratios' spread: the JSON's, and warnings below
+        cols = [k for k in dict.fromkeys(k for r in summary for k in r) if not k.endswith(("_spread", "_noisy"))]
         parts.append(format_table(summary, cols, title=f"\nsummary: {HEADLINE[0]} {HEADLINE[1]} latency; x_eager / "
                                                  "x_compile = anchor inference p50 / this inference p50; img/s = "
                                                  "folder throughput, best decode pool; peak RSS of the runtime "
                                                  "alone; parity vs FP32 torch"))
+        parts += noise_lines(summary)
     if report["skipped"]:
         parts.append(format_table(report["skipped"], title="\nskipped"))
     return "\n".join(parts)
@@ -372,7 +437,9 @@ def short_form(report: dict, bundle=None) -> str:
     """A compact table for one bundle (its label in the report or its path; default: the first that ran), one row
     per backend: end to end on the 12 MP
     JPEG at 10 fps (p50 / p95 ms), inference p50, speed-up over torch eager FP32 (inference p50 ratio), folder img/s,
-    peak RSS, the parity the export recorded (``reference`` for FP32, PASS / FAIL). For ``geosurge demo`` and other callers that print a line or two of speed."""
+    peak RSS, the parity the export recorded (``reference`` for FP32, PASS / FAIL); under the table, a warning line
+    for each speed-up flagged noisy (:func:`noise_lines`). For ``geosurge demo`` and other callers that print a line
+    or two of speed."""
     if bundle is not None:  # a label of the report, or the bundle's path
         by_path = {str(Path(c["bundle_path"]).resolve()): c["bundle"] for c in report["contenders"]
                    if c.get("bundle_path")}
@@ -388,7 +455,9 @@ def short_form(report: dict, bundle=None) -> str:
              for r in rows if r["bundle"] == bundle]
     pause = report["settings"]["pause_ms"]
     paced = f", paced at {1000 / pause:.0f} fps" if pause else ""
-    return format_table(short, title=f"{bundle}: 12 MP JPEG end to end{paced}")
+    noisy = [r for r in rows if r["bundle"] == bundle and r.get("x_eager_noisy")]
+    return "\n".join([format_table(short, title=f"{bundle}: 12 MP JPEG end to end{paced}"),
+                      *(line for line in noise_lines(noisy) if line.startswith("warning: x_eager"))])
 
 
 def write_png(report: dict, path) -> Path:

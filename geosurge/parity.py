@@ -271,7 +271,8 @@ def format_parity(metrics: dict, rows: list[dict], title: str) -> str:
     diagnostics (embedding cosine, per-level agreement, raw drift)."""
     from .report import format_table
 
-    gates = format_table([{**r, "note": r.get("note", "")} for r in rows], ["gate", "value", "need", "pass", "note"])
+    gates = format_table([{**r, "note": r.get("note", "")} for r in rows], ["gate", "value", "need", "pass", "note"],
+                         mixed=["value"])  # one metric a row: km, fractions, cosines
     parts = [title, gates]
     acc = metrics.get("accuracy")
     if acc:

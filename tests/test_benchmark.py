@@ -275,3 +275,63 @@ def test_the_compile_anchor_joins_the_run(run, tmp_path):
                         rss=False, cache_dir=tmp_path, log=lambda m: None)
     assert [c["backend"] for c in rep["contenders"] if c["kind"] == "anchor"] == ["torch.compile FP32"]
     assert rep["summary"][0]["x_compile"] > 0
+
+
+# ---- noisy anchor ratios: the flagging logic on synthetic timings (no clock read) -------------------------------
+def test_ratio_spread_flags_a_spread_anchor_and_a_wobbling_ratio():
+    from geosurge.export.benchmark import NOISY_ANCHOR_P95_P50, NOISY_RATIO_P75_P25, ratio_spread
+
+    this = [10.0] * 8
+    steady = ratio_spread([40.0, 41.0, 40.5, 39.5, 40.0, 42.0, 40.0, 41.0], this)
+    assert not steady["noisy"] and steady["why"] is None and steady["rounds"] == 8
+    assert steady["ratio_min"] == 3.95 and steady["ratio_max"] == 4.2 and 3.95 <= steady["ratio_p25"] <= 4.0
+    # a user's loaded run: torch eager p50 1,525 ms with a p95 of 2,522 ms (p95/p50 1.65)
+    loaded = ratio_spread([1525.0] * 6 + [2522.0] * 2, this)
+    assert loaded["noisy"] and f"anchor p95/p50 {loaded['anchor_p95_p50']:.2f} > {NOISY_ANCHOR_P95_P50:g}" \
+        in loaded["why"] and loaded["anchor_p95_p50"] > NOISY_ANCHOR_P95_P50
+    # the anchor steady, this contender's time wobbling round by round: the per-round ratio's quartiles split
+    wobble = ratio_spread([40.0] * 8, [10.0, 20.0] * 4)
+    assert wobble["anchor_p95_p50"] == 1.0 and wobble["noisy"] and "per-round ratio p25-p75 2-4" in wobble["why"]
+    assert wobble["ratio_p75"] / wobble["ratio_p25"] > NOISY_RATIO_P75_P25
+    # ratios pair calls of the same round: the anchor slow in the rounds this one is slow is not noise
+    paired = ratio_spread([40.0, 80.0] * 4, [10.0, 20.0] * 4)
+    assert paired["ratio_min"] == paired["ratio_max"] == 4.0 and "per-round" not in (paired["why"] or "")
+    with pytest.raises(ValueError):
+        ratio_spread([], [])
+
+
+def _noisy_report(rep, anchor_ms):
+    """The fixture's report with its summary recomputed from synthetic samples: ``anchor_ms`` for the eager anchor,
+    a steady 10 ms for every runtime row (headline scenario)."""
+    from geosurge.export.benchmark import summary_rows
+    from geosurge.runtime.benchmark import Contender
+
+    cs = [Contender(c["bundle"], c["backend"], c["kind"], None, info=dict(c)) for c in rep["contenders"]]
+    anchor = next(c for c in cs if c.kind == "anchor")
+    samples = {("12mp paced", c.name): {"inference": list(anchor_ms) if c is anchor else [10.0] * len(anchor_ms)}
+               for c in cs}
+    anchor_of = {c.bundle: {"eager": (anchor.bundle, anchor.backend)} for c in cs if c.kind == "runtime"}
+    summary = summary_rows(cs, rep["latency"], rep["throughput"], rep["memory"], rep["parity"], rep["task"],
+                           anchor_of, rep["settings"]["accuracy_km"], samples)
+    return {**rep, "summary": summary}
+
+
+def test_noisy_x_eager_is_flagged_in_the_json_the_table_and_the_short_form(run):
+    from geosurge.export.benchmark import format_report, short_form
+
+    rep, *_ = run
+    # the fixture's own run: the spread is recorded whatever the machine's load (not asserted: it is a timing)
+    assert {"anchor_p95_p50", "ratio_p25", "ratio_p75", "rounds"} <= set(rep["summary"][0]["x_eager_spread"])
+    assert isinstance(rep["summary"][0]["x_eager_noisy"], bool) and "loadavg" in rep["machine"]
+    quiet = _noisy_report(rep, [40.0, 41.0, 40.0, 39.0, 40.0])
+    noisy = _noisy_report(rep, [1525.0, 1500.0, 1550.0, 2522.0, 2522.0])
+    assert quiet["summary"][0]["x_eager_noisy"] is False and noisy["summary"][0]["x_eager_noisy"] is True
+    assert noisy["summary"][0]["x_eager_spread"]["rounds"] == 5
+    text = format_report(noisy)
+    warn = [ln for ln in text.splitlines() if ln.startswith("warning: x_eager")]
+    assert len(warn) == len(noisy["summary"])  # every runtime row is compared with the same, noisy, anchor
+    (ort,) = [ln for ln in warn if "tiny | onnxruntime is noisy" in ln]
+    assert "torch eager FP32: anchor p95/p50 1.6" in ort
+    assert "x_eager_spread" not in text and "x_eager_noisy" not in text  # JSON fields, not table columns
+    assert "warning" not in format_report(quiet)
+    assert "warning: x_eager" in short_form(noisy) and "warning" not in short_form(quiet)

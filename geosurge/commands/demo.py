@@ -116,7 +116,7 @@ def cmd_demo(args) -> int:
 
     print(f"\n[6/9] the torch-free runtime locates {views.what}")
     rows = locate(bundle, views.shown, args.threads)
-    print(format_table(rows))
+    print(format_table(rows, decimals=LOCATE_DECIMALS))
 
     t0 = time.perf_counter()
     bundles = {"fp32": bundle}
@@ -243,6 +243,10 @@ def bundle_parity(bundle, images, checkpoint, threads: int, log=lambda m: None) 
     from .. import api
 
     return api.parity(bundle, images, checkpoint=checkpoint, threads=threads, log=log)
+
+
+#: step 6's table: degrees to 2 decimals (about 1 km, far finer than a cell), km whole
+LOCATE_DECIMALS = {"true lat": 2, "true lon": 2, "pred lat": 2, "pred lon": 2, "error_km": 0}
 
 
 def locate(bundle, shown, threads: int) -> list[dict]:
