@@ -112,7 +112,9 @@ def onnx_sections(model, facts: dict, spec, precision) -> tuple[ModelSection, IO
 
 def onnx_versions() -> dict:
     import onnx
-    import onnxruntime
+    from geosurge.privacy import import_onnxruntime
+
+    onnxruntime = import_onnxruntime()
 
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "exporter": "torch.onnx (TorchScript-based)"}
