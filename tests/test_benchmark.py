@@ -275,3 +275,20 @@ def test_the_compile_anchor_joins_the_run(run, tmp_path):
                         rss=False, cache_dir=tmp_path, log=lambda m: None)
     assert [c["backend"] for c in rep["contenders"] if c["kind"] == "anchor"] == ["torch.compile FP32"]
     assert rep["summary"][0]["x_compile"] > 0
+
+
+def test_the_cuda_home_note_is_dropped_around_torch_compile_only(caplog):
+    # torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when inductor imports it on a
+    # machine with a CUDA toolkit but no GPU; the compile anchor drops exactly that record, nothing else
+    import logging
+
+    from geosurge.export.benchmark import _quiet_cuda_home_note
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        with _quiet_cuda_home_note():
+            log.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+            log.warning("another warning")
+        log.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+    assert [r.getMessage() for r in caplog.records] == ["another warning",
+                                                        "No CUDA runtime is found, using CUDA_HOME='/usr/local'"]
