@@ -1,4 +1,4 @@
-"""Exact top-5 cell search on the device (issue 16 items 2-3): latency p50/p95 of the runtime's search before
+"""Exact top-5 cell search on the device (docs/benchmarks.md, "Cell search"): latency p50/p95 of the runtime's search before
 (numpy: an FP32 copy of the table, BLAS products), as first made exact (int8 path-table scoring graph in ONNX
 Runtime, every bound candidate re-scored in float64; :class:`ExactSearchBefore`) and now (the same int8 pass into
 preallocated buffers, candidates from the lower bounds of the k best approximate cells, lazy re-scoring in
@@ -35,7 +35,7 @@ from geosurge.runtime.cells import CellScorer, log_softmax
 
 
 class NumpySearchBefore:
-    """The runtime's cell search before issue 16: an FP32 copy of every level, the per-level logits by a BLAS
+    """The runtime's cell search before the speed work (2026-11-24): an FP32 copy of every level, the per-level logits by a BLAS
     product, log-softmax, the sum over ancestors for every finest cell, argpartition for the top-k."""
 
     def __init__(self, table_path, ancestors: np.ndarray):
@@ -64,7 +64,7 @@ class NumpySearchBefore:
 
 
 class ExactSearchBefore:
-    """The runtime's exact search as first merged (issue 16 item 3), kept here to be measured beside the current
+    """The runtime's exact search as first merged, kept here to be measured beside the current
     one: the int8 pass through ``session.run`` (new output arrays per call), ``Ã`` and the per-cell bound over
     every cell in float64, ``tau`` = the k-th lower bound by a partition over every cell, all candidates re-scored
     in float64 one level at a time, the normaliser over a float32 copy of every score."""

@@ -1,4 +1,4 @@
-"""Where all-INT8 loses on a model, and how much of it this CPU's integer kernels add (issue 16 item 4).
+"""Where all-INT8 loses on a model, and how much of it this CPU's integer kernels add (docs/quantization.md).
 
 For each post-training-quantization variant (onnxruntime static QDQ of the bundle's FP32 ONNX, as the export
 quantizes it: ``geosurge.export.precision.ort_static``), every evaluation image is embedded twice:

@@ -1,4 +1,4 @@
-"""What each cut of the default hierarchy costs (issue 7): cells and MB per cut (full, one country, keep-mass 0.9,
+"""What each cut of the default hierarchy costs (docs/benchmarks.md, "Pruning cuts"): cells and MB per cut (full, one country, keep-mass 0.9,
 5 levels, int8 table, PCA-256) with the agreement against the unpruned FP32 bundle and the cell-search latency.
 
 Agreement is measured on (a) the real sample photos through the edge model and (b) probe embeddings (finest-cell

@@ -1,4 +1,4 @@
-"""Precisions and backends side by side on a trained model (issue 16 item 4-5, issue 15 item 4): torch eager FP32 vs
+"""Precisions and backends side by side on a trained model (docs/benchmarks.md): torch eager FP32 vs
 onnxruntime FP32 / FP16 / INT8 (all-INT8 PTQ, the precision search's mix, QAT) vs OpenVINO (FP32 pinned, the
 device's default precision hint, INT8), batch 1, in one process, interleaved call by call and paced (a pause before
 each call, like a camera) so every contender sees the same machine state.

@@ -1,4 +1,4 @@
-"""The reference model's accuracy in km (issue 15): trained here on downward views of NASA Blue Marble (frozen
+"""The reference model's accuracy in km (docs/benchmarks.md): trained here on downward views of NASA Blue Marble (frozen
 EfficientNet-Lite0, cached features), evaluated on held-out views whose centres lie at least --min-km from every
 training centre, and on the same centres rendered from a second mosaic (appearance shift), beside two baselines
 measured in the same run (the prior's most likely cell; the untrained model). Then (unless --no-precisions) FP32,

@@ -9,6 +9,8 @@ torch is imported only for the anchors and the FP32 reference; without it those 
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import platform
 import time
 from pathlib import Path
@@ -53,6 +55,26 @@ def _source_key(bundle) -> tuple:
     return (s.checkpoint, s.config, s.seed, bundle.manifest.hierarchy.digest)
 
 
+class _NoCudaRuntimeNote(logging.Filter):
+    """Drops torch's one-line note "No CUDA runtime is found, using CUDA_HOME=..." (logged by
+    ``torch.utils.cpp_extension`` when inductor imports it on a machine with a CUDA toolkit but no GPU): the CPU
+    anchor never uses CUDA, so the note is noise there. Only that message; the module's other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+@contextlib.contextmanager
+def _quiet_cuda_home_note():
+    log = logging.getLogger("torch.utils.cpp_extension")
+    note = _NoCudaRuntimeNote()
+    log.addFilter(note)
+    try:
+        yield
+    finally:
+        log.removeFilter(note)
+
+
 def anchor_contenders(contenders: list[Contender], images: dict[str, bytes], which=ANCHORS,
                       threads: int | None = None, log: Log = print) -> tuple[list[Contender], list[dict], dict]:
     """Torch anchors for the source model of every bundle among ``contenders`` (one set per distinct source):
@@ -92,7 +114,7 @@ def anchor_contenders(contenders: list[Contender], images: dict[str, bytes], whi
                     t0 = time.perf_counter()
                     try:
                         fn = torch.compile(model.embed)
-                        with torch.inference_mode():
+                        with torch.inference_mode(), _quiet_cuda_home_note():  # compiles on this first call
                             for x in inputs.values():
                                 fn(x)
                     except Exception as e:  # noqa: BLE001 - inductor raises many types (no compiler, unsupported op)

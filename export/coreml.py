@@ -1,5 +1,5 @@
 """Export target ``coreml``: a Core ML (iOS 17+ / macOS 14+ ML Program) package through ``torch.export`` (coremltools 9; the ``torch.jit.trace``
-path fails with numpy 2.x, see TOOLCHAIN.md).
+path of coremltools 9.0 fails with numpy 2.x: a size-1 array converted to a scalar).
 
 The input is an ``ImageType`` (an app feeds a ``CVPixelBuffer``): Core ML applies one global ``scale`` and a
 per-channel ``bias`` to the 0..255 pixels. The manifest's normalisation ``(x/255 - mean_c) / std_c`` is folded in

@@ -43,7 +43,7 @@ def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, dynamic_batch: bo
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # the TorchScript-based exporter writes one self-contained file at opset 17 (dynamo=True forces opset 18
-        # and external data by default; see TOOLCHAIN.md)
+        # and writes the weights to a separate .onnx.data file by default)
         torch.onnx.export(ExportWrapper(model, with_logits), (x,), str(path), input_names=[INPUT_NAME],
                           output_names=names, opset_version=opset, dynamic_axes=dyn, do_constant_folding=True,
                           dynamo=False)
@@ -112,7 +112,9 @@ def onnx_sections(model, facts: dict, spec, precision) -> tuple[ModelSection, IO
 
 def onnx_versions() -> dict:
     import onnx
-    import onnxruntime
+    from geosurge.privacy import import_onnxruntime
+
+    onnxruntime = import_onnxruntime()
 
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "exporter": "torch.onnx (TorchScript-based)"}

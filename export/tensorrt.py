@@ -2,7 +2,8 @@
 ``geosurge-run build-engine``).
 
 fp32 / fp16 ONNX, or INT8 / FP8 QDQ ONNX from nvidia-modelopt's ONNX PTQ (its MHA QDQ is
-disabled: its fixed softmax scale wrecked attention outputs here, see TOOLCHAIN.md; float parts in fp16). Every
+disabled: it gave the attention softmax a fixed 1/127 scale, which wrecked the output, embedding cosine 0.31;
+float parts in fp16). Every
 TensorRT-bound model gets a readiness report: opset in TensorRT 10's range, every op parseable, LayerNormalization
 fused, QDQ placement, static shapes, no external data.
 """

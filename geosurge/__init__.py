@@ -5,3 +5,9 @@ Importing ``geosurge`` imports nothing heavy: the bundle contract (``geosurge.ma
 export parts import torch when used. The Python API is ``geosurge.api`` (docs/api.md).
 """
 __version__ = "0.1.0"
+
+from geosurge.privacy import opt_out as _opt_out
+
+# before any onnxruntime / openvino import: their usage telemetry off unless GEOSURGE_ALLOW_TELEMETRY=1
+# (geosurge/privacy.py, docs/runtime.md "Privacy: no telemetry")
+_opt_out()

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from geosurge.privacy import import_onnxruntime
+
 from . import onnxgraph
 from .memory import release_freed_heap
 
@@ -103,7 +105,7 @@ def _matmul_integer_graph(d: int, n: int) -> bytes:
 def _session(model: bytes, table: np.ndarray):
     """A single-threaded ONNX Runtime session whose ``table`` initializer is copied from ``table`` (ORT then packs
     it for its int8 GEMM; the caller may free its array)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1  # runs on the calling thread: no pool, nothing spinning between calls
@@ -307,7 +309,7 @@ class _Work:
     from ``query`` and write its int32 products into ``acc`` (no allocation per call)."""
 
     def __init__(self, session, n: int, dim: int):
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         self.query = np.empty((2, dim), np.uint8)
         self.acc = np.empty((2, n), np.int32)

@@ -11,10 +11,17 @@ from geosurge import __version__
 from geosurge.errors import GeosurgeError, run_command
 from geosurge.formats import Backend
 from geosurge.manifest import ENGINE_FILE
+from geosurge.privacy import ALLOW_ENV
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="geosurge-run", description="Run a geosurge bundle on this device (no torch).")
+    p = argparse.ArgumentParser(
+        prog="geosurge-run", description="Run a geosurge bundle on this device (no torch).",
+        epilog="exit codes: 0 ok; 1 when any input could not be located (each has its own ERROR line, the others "
+               "are still located) or none was found, a stream is lost, or verify fails (a bundle verify cannot open "
+               "included); 2 for a bad argument or a bundle locate / bench cannot open (one error line). "
+               "No telemetry: ONNX Runtime's and OpenVINO's usage telemetry is off unless "
+               f"{ALLOW_ENV}=1 (docs/runtime.md).")
     p.add_argument("--version", action="version", version=f"geosurge-run {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 

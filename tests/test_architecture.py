@@ -13,7 +13,7 @@ FOLDERS = {"geosurge": "geosurge", "runtime": "geosurge.runtime", "export": "geo
 #: the shared, numpy-only core: the bundle contract and what both sides agree on
 CORE = {"geosurge", "geosurge.errors", "geosurge.fsutil", "geosurge.report", "geosurge.registry", "geosurge.formats",
         "geosurge.manifest", "geosurge.preprocess", "geosurge.images", "geosurge.image_headers", "geosurge.inputs",
-        "geosurge.parity",
+        "geosurge.parity", "geosurge.privacy",
         "geosurge.samples", "geosurge.timing", "geosurge.geo"}
 HEAVY = {"torch", "torchvision", "timm", "transformers", "onnx", "onnxscript", "modelopt", "coremltools", "safetensors"}
 WINGS = {"geosurge.runtime", "geosurge.calibration", "geosurge.models", "geosurge.training", "geosurge.export",

@@ -335,3 +335,20 @@ def test_noisy_x_eager_is_flagged_in_the_json_the_table_and_the_short_form(run):
     assert "x_eager_spread" not in text and "x_eager_noisy" not in text  # JSON fields, not table columns
     assert "warning" not in format_report(quiet)
     assert "warning: x_eager" in short_form(noisy) and "warning" not in short_form(quiet)
+
+
+def test_the_cuda_home_note_is_dropped_around_torch_compile_only(caplog):
+    # torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when inductor imports it on a
+    # machine with a CUDA toolkit but no GPU; the compile anchor drops exactly that record, nothing else
+    import logging
+
+    from geosurge.export.benchmark import _quiet_cuda_home_note
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        with _quiet_cuda_home_note():
+            log.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+            log.warning("another warning")
+        log.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+    assert [r.getMessage() for r in caplog.records] == ["another warning",
+                                                        "No CUDA runtime is found, using CUDA_HOME='/usr/local'"]

@@ -262,3 +262,16 @@ def test_a_checkpoint_from_before_the_fix_loads_with_the_old_fusion(tmp_path, sm
     assert back.config.fusion.query_self_attention is True
     with torch.no_grad():
         assert torch.equal(back(x)["embedding"], new(x)["embedding"])
+
+
+def test_loading_geoclip_raises_no_torch_jit_script_deprecation():
+    # geoclip's own @torch.jit.script decorators warn at its import; geosurge silences exactly that warning there.
+    # A fresh interpreter (geoclip may already be imported in this one), every FutureWarning turned into an error.
+    import subprocess
+    import sys
+
+    code = ("from geosurge.models.head import load_geoclip_location_encoder; load_geoclip_location_encoder(); "
+            "print('loaded')")
+    r = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "loaded" in r.stdout, r.stderr[-2000:]

@@ -2,7 +2,8 @@
 
 What stays in float by default: only Conv / MatMul / Gemm are ever quantized, so LayerNormalization, Softmax, the
 residual Adds and GELU (Erf) keep float; nodes of the cell head (``/head/...``, present with ``--with-logits``) are
-always excluded (TOOLCHAIN.md: quantizing the cell table destroyed top-1 retrieval).
+always excluded (measured on a ViT + fusion model: quantizing the cell table, or its softmax, dropped top-1
+retrieval to 5%).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class QuantConfig:
     precision: str = "int8"
     calibrate_method: str = "minmax"
     per_channel: bool = True
-    #: U8 activations / S8 weights: the fast pairing on x86 VNNI CPUs (S8 activations ran slower, TOOLCHAIN.md)
+    #: U8 activations / S8 weights: the fast pairing on x86 VNNI CPUs (measured on EfficientNet-Lite0, batch 1, 2
+    #: threads: 2.4 ms, where S8 activations ran 8.6 ms, slower than FP32's 3.9)
     activation_type: str = "uint8"
     weight_type: str = "int8"
     nodes_to_exclude: list[str] = field(default_factory=list)

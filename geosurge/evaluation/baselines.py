@@ -1,4 +1,4 @@
-"""Baselines beside a trained model, and the task-level drift between two predictors (issue 15).
+"""Baselines beside a trained model, and the task-level drift between two predictors.
 
 The two baselines every accuracy figure of the reference model is shown beside, measured on the same rows:
 

@@ -3,6 +3,7 @@ log-softmax, and hierarchical-product inference in log space."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -69,7 +70,12 @@ class CellHead(nn.Module):
 def load_geoclip_location_encoder() -> nn.Module:
     """GeoCLIP's GPS encoder with its packaged weights (loaded by geoclip with ``weights_only=True``)."""
     try:
-        from geoclip.model.location_encoder import LocationEncoder
+        # geoclip decorates its random-Fourier-feature functions with @torch.jit.script at import
+        # (geoclip/model/rff/functional.py), which torch >= 2.14 answers with a FutureWarning on every run; the
+        # decorators are geoclip's, not ours: silence exactly that warning for this import
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+            from geoclip.model.location_encoder import LocationEncoder
     except ImportError:
         raise ImportError("initialising cell embeddings from GeoCLIP needs the 'geoclip' package "
                           "(pip install 'geosurge[toolkit]')") from None

@@ -240,7 +240,9 @@ class FeatureExtractor:
         self.engine = engine
         self._tmp = None
         if engine == "onnxruntime":
-            import onnxruntime as ort
+            from geosurge.privacy import import_onnxruntime
+
+            ort = import_onnxruntime()
 
             self._tmp = tempfile.mkdtemp(prefix="geosurge-backbone-")
             path = os.path.join(self._tmp, "backbone.onnx")

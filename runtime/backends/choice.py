@@ -2,7 +2,8 @@
 onnxruntime for ONNX), unless another was **measured faster at parity on this machine** and is installed here.
 
 Why a measurement and why per machine: OpenVINO's CPU plugin runs BF16 inside on CPUs with AVX512-BF16 / AMX
-(2.06 ms vs onnxruntime's 3.7 at cosine 0.999, TOOLCHAIN.md) but FP32 on AVX2-only CPUs, where it is no faster;
+(the edge model, batch 1, 2 threads, on an AVX-512 machine: 2.06 ms vs onnxruntime's 3.7 at embedding cosine
+0.999) but FP32 on AVX2-only CPUs, where it is no faster;
 INT8 kernels differ by instruction set too. The same bundle has a different best backend on different CPUs, so a
 recommendation is only valid where it was measured.
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from geosurge.formats import Backend
+from geosurge.privacy import import_onnxruntime
 
 from ..memory import release_freed_heap
 from . import BackendUnavailable, Runner
@@ -30,7 +31,7 @@ class OnnxRuntimeRunner(Runner):
 
     def __init__(self, model_path: Path, threads: int | None = None, providers: list[str] | None = None,
                  spinning: bool | None = None):
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         threads = self.check_threads(threads)
         opts = ort.SessionOptions()

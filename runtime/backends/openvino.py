@@ -16,6 +16,7 @@ import numpy as np
 
 from geosurge.errors import GeosurgeError
 from geosurge.formats import Backend
+from geosurge.privacy import import_openvino
 
 from . import BackendUnavailable, Runner
 
@@ -41,7 +42,7 @@ class OpenVINORunner(Runner):
                  precision_hint: str | None = None, names: tuple[list[str], list[str]] | None = None):
         threads = self.check_threads(threads)
         try:  # imported here: the runtime imports openvino only when this backend is chosen
-            import openvino as ov
+            ov = import_openvino()
         except ImportError:
             raise BackendUnavailable("the openvino backend needs OpenVINO (pip install 'geosurge[openvino]')") \
                 from None
