@@ -125,7 +125,10 @@ def _mapped_npz_members(path, names: list[str]) -> tuple[dict[str, np.ndarray], 
 #: how the exact search reads the rows it re-scores from a file-backed table: ``"pread"`` (:class:`RowReader`:
 #: copied, never mapped, so they never count in RSS) or ``"mmap"`` (through the memory map). Measured on the edge
 #: bundle (docs/benchmarks.md, "Runtime memory"): pread keeps the table out of RSS (mmap: +19 MB after two images,
-#: +43 MB after 50 different queries, as Linux maps whole page-cache folios) at ~0.1 ms more per search (p50).
+#: +43 MB after 50 different queries, as Linux maps whole page-cache folios) at ~0.1 ms more per search (p50) on the
+#: trained reference model; an untrained (flat) head re-scores more cells, ~0.4 ms more. Reading through the map and
+#: dropping its pages after each search (``madvise(MADV_DONTNEED)``) was measured too: 0.05-0.15 ms faster than
+#: pread at p50 with caches evicted between searches, but +11 MB peak RSS (a search maps whole folios while it runs).
 READ_ROWS = "pread"
 
 
