@@ -155,15 +155,16 @@ def _reference_embed(bundle):
 def recorded_parity(bundle) -> dict:
     """The parity the export recorded in the manifest (held-out images vs FP32 torch): ``{"status", "cosine_mean",
     ...}``; an FP32 bundle is its own reference."""
+    from geosurge.runtime.verify import export_check
+
     m = bundle.manifest
-    check = m.check
-    if check is None:
+    rec = export_check(m)  # the one reading of the record, shared with geosurge-run verify
+    if rec["status"] == "none":
         return {"status": "reference" if m.model.precision.value == "fp32" else "not recorded"}
-    if check.passed is None:
-        return {"status": "not measured", "reason": check.skipped}
-    metrics = check.metrics or {}
-    return {"status": "PASS" if check.passed else "FAIL", "images": check.images, "runner": check.runner,
-            **headline_metrics(metrics, m.gates()), "failed_gates": check.failed_gates()}
+    if rec["status"] == "not measured":
+        return {"status": "not measured", "reason": rec["reason"]}
+    return {"status": rec["status"], "images": rec["images"], "runner": m.check.runner,
+            **headline_metrics(m.check.metrics or {}, m.gates()), "failed_gates": rec["failed_gates"]}
 
 
 def headline_metrics(metrics: dict, gates: dict | None = None) -> dict:
