@@ -165,21 +165,40 @@ class RowReader:
         return self._read(np.asarray(idx, np.int64) + self.base[k])
 
     def _read(self, gid: np.ndarray) -> np.ndarray:
-        """Global row ids (level k's row r is ``base[k] + r``) -> their rows. Each distinct row is read once, a run
-        of consecutive rows of one level in one call."""
-        u, inv = np.unique(gid, return_inverse=True)
+        """Global row ids (level k's row r is ``base[k] + r``) -> their rows, each distinct row read once."""
+        u, inv = sorted_unique(gid)
+        return self.read_sorted(u)[inv]
+
+    def read_sorted(self, u: np.ndarray) -> np.ndarray:
+        """Sorted distinct global row ids -> (len(u), dim) rows in the stored dtype, a run of consecutive rows of
+        one level in one ``preadv`` straight into the result (no intermediate copy)."""
         level = np.searchsorted(self.base, u, side="right") - 1
         at = self.offsets[level] + (u - self.base[level]) * self.row_bytes  # file offset of each row
-        new = np.ones(u.size, bool)
-        new[1:] = np.diff(at) != self.row_bytes  # another read where the next row is not the next in the file
+        new = np.empty(u.size, bool)
+        new[:1] = True
+        np.not_equal(np.diff(at), self.row_bytes, out=new[1:])  # another read where the next row is not the next
         starts = np.flatnonzero(new)
-        sizes = np.diff(np.append(starts, u.size)) * self.row_bytes
-        fd, pread = self._fd, os.pread
-        data = b"".join([pread(fd, n, o) for n, o in zip(sizes.tolist(), at[starts].tolist())])
-        if len(data) != u.size * self.row_bytes:
-            raise OSError(f"{self.path}: short read of the cell table ({len(data)} of {u.size * self.row_bytes} "
-                          f"bytes)")
-        return np.frombuffer(data, self.dtype).reshape(u.size, self.dim)[inv.ravel()]
+        out = np.empty((u.size, self.dim), self.dtype)
+        buf = memoryview(out).cast("B")
+        ends = starts[1:].tolist() + [u.size]
+        fd, rb, got = self._fd, self.row_bytes, 0
+        for a, b, o in zip(starts.tolist(), ends, at[starts].tolist()):
+            got += os.preadv(fd, [buf[a * rb:b * rb]], o)
+        if got != out.nbytes:
+            raise OSError(f"{self.path}: short read of the cell table ({got} of {out.nbytes} bytes)")
+        return out
+
+
+def sorted_unique(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(a, return_inverse=True)`` for a small int array (flattened), in a few numpy calls: (sorted
+    distinct values, the index of each element of ``a`` among them)."""
+    flat = np.ravel(a)
+    s = np.sort(flat)
+    keep = np.empty(s.size, bool)
+    keep[:1] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    u = s[keep]
+    return u, np.searchsorted(u, flat)
 
 
 class _Float32Levels(Sequence):
@@ -242,11 +261,15 @@ class CellScorer:
         if any(t.dtype == np.int8 for t in self._rows) and scales is None:
             raise GeosurgeError("an int8 cell table needs its per-row scales")
         self._scales = None if scales is None else [np.asarray(s, np.float32) for s in scales]
+        #: int8: every level's scales in float64, indexed by global row id (n_cells x 8 bytes)
+        self._scales_flat = None if scales is None else np.concatenate(self._scales).astype(np.float64)
         self.temperatures = np.asarray(temperatures, np.float32)
         self._temps64 = self.temperatures.astype(np.float64)
         self.projection = None if projection is None else np.asarray(projection, np.float32)
         self.outside = None if outside is None else np.asarray(outside, np.float32)
         self.ancestors = hierarchy.ancestors()
+        #: global row id of each level's first row (level k's row r is ``_base[k] + r``), and the total
+        self._base = np.concatenate([[0], np.cumsum([len(t) for t in self._rows])]).astype(self.ancestors.dtype)
         fin = hierarchy.level(-1)
         self.rep_lat, self.rep_lon = fin.rep_lat, fin.rep_lon
         self.tokens = CellTokens(fin.cell_id)  # made when asked (the top-k's only)
@@ -413,22 +436,25 @@ class CellScorer:
 
     def _exact_sums(self, y: np.ndarray, cells: np.ndarray) -> np.ndarray:
         """(len(cells),) float64: A(f) = sum_k <y, t_k[a_k(f)]> / T_k over the stored rows, in float64 (relative
-        rounding ~1e-15: exact for ranking except between cells tied to that precision). The rows of all levels
-        are gathered into one buffer, so the work is a few numpy calls whatever the number of levels."""
-        m, levels = len(cells), self.num_levels
-        anc = self.ancestors[cells]
+        rounding ~1e-15: exact for ranking except between cells tied to that precision). Each distinct row of the
+        cells' paths (candidates share most ancestors) is read and scored once, all levels in one buffer, so the
+        work is a few numpy calls whatever the number of levels."""
+        anc = self.ancestors[cells]  # (m, L)
+        u, inv = sorted_unique(anc + self._base[:-1])  # distinct global row ids (level k's row r: base[k] + r)
+        level = np.searchsorted(self._base, u, side="right") - 1
         if self._reader is not None:  # read from the file, not mapped (see RowReader)
-            rows = self._reader.gather(anc.T)
+            rows = self._reader.read_sorted(u)
         else:
-            rows = np.empty((levels, m, self.dim), self._rows_dtype)
-            for k in range(levels):
-                rows[k] = self._rows[k][anc[:, k]]  # (np.take would copy a whole unaligned memory-mapped level)
-        vals = np.einsum("lmd,d->lm", rows.astype(np.float64), y)  # the cast of the stored values is exact
+            rows = np.empty((u.size, self.dim), self._rows_dtype)
+            cut = np.searchsorted(u, self._base)
+            for k in range(self.num_levels):
+                if cut[k + 1] > cut[k]:  # (np.take would copy a whole unaligned memory-mapped level)
+                    rows[cut[k]:cut[k + 1]] = self._rows[k][u[cut[k]:cut[k + 1]] - self._base[k]]
+        vals = np.einsum("ud,d->u", rows.astype(np.float64), y)  # the cast of the stored values is exact
         if self._scales is not None:  # int8: <y, q * scale> = <y, q> * scale, each product of exact values
-            for k in range(levels):
-                vals[k] *= self._scales[k][anc[:, k]].astype(np.float64)
-        vals /= self._temps64[:, None]
-        return vals.sum(0)
+            vals *= self._scales_flat[u]
+        vals /= self._temps64[level]
+        return vals[inv].reshape(anc.shape).sum(1)
 
     def search(self, emb: np.ndarray, k: int = 5, with_scores: bool = False) -> SearchResult:
         """Exact top-k finest cells for (N, D) or (D,) embeddings (see :mod:`geosurge.runtime.cellsearch`).

@@ -33,7 +33,8 @@ def register(sub) -> None:
                    "on. Default: augmented views of the sample photos")
     p.add_argument("--qat", action="store_true", help="int8: when all-INT8 PTQ fails the parity gates, "
                    "quantization-aware distillation (the FP32 model teaches a fake-quantized copy on the calibration "
-                   "images; nvidia-modelopt), then onnxruntime's static INT8 of the tuned weights")
+                   "images in onnxruntime's INT8 scheme, torch fake quantization; a GPU when torch sees one), then "
+                   "onnxruntime's static INT8 of the tuned weights")
     p.add_argument("--qat-steps", type=int, default=200, metavar="N", help="QAT optimizer steps (default 200)")
     p.add_argument("--min-speedup", type=float, default=1.0, metavar="X",
                    help="int8 / int8-dynamic: the model must run more than X times faster than FP32 on this machine "
