@@ -19,9 +19,13 @@ activations, MinMax), ``percentile`` / ``entropy`` (calibration methods), ``redu
 ``u8u8`` (uint8 weights: no int16 saturation on AVX2, slow kernels), ``conv-only`` / ``matmul-only`` (only those
 compute ops quantized: which part of the model loses), ``no-depthwise`` (every grouped Conv left float).
 
+``--tuned MODEL.onnx``: the same variants are also made from this FP32 ONNX of the same model with other weights
+(the export's QAT writes ``qat-fp32.onnx``: the weights quantization-aware distillation tuned) and compared with the
+bundle's FP32 all the same (rows ``tuned:VARIANT``): whether QAT closes the gap the grid opens.
+
     .venv/bin/python benchmarks/int8_anatomy.py BUNDLE --images IMAGES [--source bmng] [--eval-n 200] \\
         [--calib-n 192] [--threads 2] [--iters 20] [--pause-ms 100] [--variants ptq conv-only ...] \\
-        [--out runs/int8-anatomy] [--json FILE]
+        [--tuned qat-fp32.onnx] [--out runs/int8-anatomy] [--json FILE]
 
 ``IMAGES``: a ``path,lat,lon[,source]`` manifest (ground truth: the accuracy deltas are gated too) or a folder. The
 first ``--eval-n`` images are evaluated, the next ``--calib-n`` calibrate every variant (disjoint by position).
@@ -128,6 +132,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--pause-ms", type=float, default=100.0)
     ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--tuned", type=Path, help="an FP32 ONNX of the same model with tuned weights (QAT's "
+                    "qat-fp32.onnx): its variants are measured too, against the bundle's FP32")
     ap.add_argument("--out", type=Path, default=Path("runs/int8-anatomy"), help="quantized graphs are kept here")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/int8_anatomy.json"))
     a = ap.parse_args()
@@ -149,7 +155,11 @@ def main() -> int:
     print(f"{len(ev)} evaluation + {len(cal)} calibration images read in {time.time() - t0:.0f} s", flush=True)
     scorer = CellScorer.load(b.path("cells"), b.path("cell_table"))
     a.out.mkdir(parents=True, exist_ok=True)
-    prepared = ort_static.prepare(b.path("model"), a.out / "prepared.onnx")
+    if a.tuned is not None and not a.tuned.is_file():
+        raise SystemExit(f"{a.tuned}: no such ONNX file")
+    sources = {"": ort_static.prepare(b.path("model"), a.out / "prepared.onnx")}
+    if a.tuned is not None:
+        sources["tuned:"] = ort_static.prepare(a.tuned, a.out / "tuned-prepared.onnx")
     fp32 = session(b.path("model"), a.threads, True)
     ref = embed(fp32, ev, name)
 
@@ -159,12 +169,14 @@ def main() -> int:
                                                            "processor": platform.processor(),
                                                            "python": sys.version.split()[0],
                                                            "onnxruntime": ort.__version__},
-                        "variants": {}}
-    for i, v in enumerate(a.variants, 1):
-        kw, which = VARIANTS[v]
+                        "tuned": None if a.tuned is None else str(a.tuned), "variants": {}}
+    runs = [(tag, prep, v) for tag, prep in sources.items() for v in a.variants]
+    for i, (tag, prepared, base) in enumerate(runs, 1):
+        kw, which = VARIANTS[base]
+        v = tag + base
         cfg = QuantConfig(precision="int8", **kw)
         only, exclude = node_selection(prepared, which)
-        dst = a.out / f"{v}.onnx"
+        dst = a.out / f"{v.replace(':', '-')}.onnx"
         t = time.time()
         info = ort_static.quantize_int8_static(prepared, dst, cal, cfg, exclude=exclude, only=only)
         tq = time.time() - t
@@ -182,10 +194,11 @@ def main() -> int:
                      "kernel_agree": kern["agree_confident"], "kernel_acc_delta_pts": kern["acc_delta_min_pts"],
                      "kernel_gates": kern["gates"], "int8_p50_ms": p50["int8"], "fp32_p50_ms": p50["fp32"],
                      "x_fp32": p50["fp32"] / p50["int8"]})
-        report["variants"][v] = {"config": cfg.to_dict(), "which": which, "quantized_nodes": only,
+        report["variants"][v] = {"config": cfg.to_dict(), "which": which,
+                                 "weights": "tuned" if tag else "bundle", "quantized_nodes": only,
                                  "excluded_nodes": info["nodes_excluded"], "grid": grid, "kernels": kern,
                                  "latency_ms": ms, "quantize_s": round(tq, 1)}
-        print(f"[{i}/{len(a.variants)}] {v}: grid cos {grid['cos']:.4f} ({grid['gates']}), kernels cos "
+        print(f"[{i}/{len(runs)}] {v}: grid cos {grid['cos']:.4f} ({grid['gates']}), kernels cos "
               f"{kern['cos']:.4f} ({kern['gates']}), x{rows[-1]['x_fp32']:.2f} FP32", flush=True)
     report["rows"] = rows
     print(format_table(rows, title=f"all-INT8 anatomy: {a.bundle} ({len(ev)} views, {a.threads} threads; grid = "
