@@ -132,6 +132,9 @@ def _mapped_npz_members(path, names: list[str]) -> tuple[dict[str, np.ndarray], 
 READ_ROWS = "pread"
 
 
+_PREADV = hasattr(os, "preadv")
+
+
 class RowReader:
     """Rows of the table's levels read from the bundle file with ``pread`` into the caller's buffer: nothing of the
     file is mapped into the process, so the rows the exact search re-scores never count in its RSS. (A memory map
@@ -183,7 +186,12 @@ class RowReader:
         ends = starts[1:].tolist() + [u.size]
         fd, rb, got = self._fd, self.row_bytes, 0
         for a, b, o in zip(starts.tolist(), ends, at[starts].tolist()):
-            got += os.preadv(fd, [buf[a * rb:b * rb]], o)
+            if _PREADV:
+                got += os.preadv(fd, [buf[a * rb:b * rb]], o)
+            else:  # (no preadv on this OS, e.g. macOS before Python 3.12's: read, then copy)
+                data = os.pread(fd, (b - a) * rb, o)
+                buf[a * rb:a * rb + len(data)] = data
+                got += len(data)
         if got != out.nbytes:
             raise OSError(f"{self.path}: short read of the cell table ({got} of {out.nbytes} bytes)")
         return out
