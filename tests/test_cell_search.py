@@ -421,9 +421,10 @@ def test_rows_read_with_pread_equal_the_mapped_rows(tmp_path, hierarchy_file, de
     got = sc._reader.gather(idx)
     want = np.stack([mapped._rows[k][idx[k]] for k in range(len(n))])
     assert got.dtype == want.dtype and np.array_equal(got, want)
+    has_preadv = cells._PREADV
     monkeypatch.setattr(cells, "_PREADV", False)  # an OS without preadv: pread, then a copy
     assert np.array_equal(sc._reader.gather(idx), want)
-    monkeypatch.setattr(cells, "_PREADV", True)
+    monkeypatch.setattr(cells, "_PREADV", has_preadv)
     emb = queries(rng, tables)
     a, b = sc.search(emb, k=5, with_scores=True), mapped.search(emb, k=5, with_scores=True)
     for f in ("indices", "logit_sums", "log_probs", "log_norm", "scores"):
