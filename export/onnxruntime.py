@@ -286,6 +286,12 @@ def _qat(model, cfg: QuantConfig, calibration, quantizer: Quantizer, cands: Cand
     tuned, rec = qat_distill(model, calibration.inputs, QATConfig(steps=cfg.qat_steps, lr=cfg.qat_lr,
                                                                   weight_bits=7 if cfg.reduce_range else 8,
                                                                   seed=cfg.seed), log=log)
+    if cfg.qat_save:
+        saved = tuned.save_pretrained(cfg.qat_save, extra={"qat": {k: v for k, v in rec.items()
+                                                                  if isinstance(v, (int, float, str, bool))}})
+        rec["saved"] = str(saved)
+        log(f"QAT: tuned FP32 weights saved as a checkpoint in {saved} (export it with --precision int8"
+            f"{' --reduce-range' if cfg.reduce_range else ''} for this QAT graph without training again)")
     qfp32 = workdir / "qat-fp32.onnx"
     export_onnx(tuned, qfp32, log=lambda m: None, **export_kwargs)
     qprep = prepare(qfp32, workdir / "qat-prepared.onnx")

@@ -2,6 +2,7 @@
 all-INT8 fails; the int8 cell table; the TensorRT-readiness report; failures leave no bundle behind."""
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -374,10 +375,17 @@ def test_export_with_qat_records_ptq_vs_qat_on_the_choose_images(tmp_path, tiny,
     model, source = tiny
     bad = make_int8_sensitive(model, factor=100.0)
     out = write_bundle(tmp_path / "qat", bad, source, sample_photo_paths(),
-                       quant=QuantConfig("int8", qat=True, qat_steps=5, **NO_SPEED), calibration=calib,
+                       quant=QuantConfig("int8", qat=True, qat_steps=5, qat_save=str(tmp_path / "tuned"), **NO_SPEED),
+                       calibration=calib,
                        gates={"cosine_mean": (">=", 0.9999)}, **QUIET)  # a gate PTQ fails: QAT runs
     q = _manifest(out)["quantization"]
     assert q["qat"]["steps"] == 5 and q["qat"]["images"] == q["calibration"]["calibrate_images"]
+    # the tuned weights were kept as a checkpoint (--qat-save): they load, and they are not the untuned ones
+    from geosurge.models.geosurge import GeoSurge
+
+    tuned = GeoSurge.from_pretrained(q["qat"]["saved"])
+    assert Path(q["qat"]["saved"]) == tmp_path / "tuned"
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), bad.state_dict().values()))
     assert q["qat"]["base"] in ("qat", "ptq") and {"ptq", "qat"} <= set(q["qat"])
     names = [c["candidate"] for c in q["decision"]["candidates"]]
     assert names[:2] == ["all-INT8 PTQ", "all-INT8 QAT"]
@@ -387,6 +395,11 @@ def test_export_with_qat_records_ptq_vs_qat_on_the_choose_images(tmp_path, tiny,
     ptq, qat = q["qat"]["ptq"], q["qat"]["qat"]
     better = "qat" if closer_to_fp32(qat, ptq) else "ptq"
     assert q["qat"]["base"] == better and q["decision"]["shipped"] == f"all-INT8 {better.upper()}"
+
+
+def test_qat_save_needs_qat():
+    with pytest.raises(GeosurgeError, match="--qat-save needs --qat"):
+        QuantConfig("int8", qat_save="somewhere")
 
 
 def test_qat_vs_ptq_is_a_majority_of_the_task_figures():

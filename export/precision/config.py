@@ -66,6 +66,10 @@ class QuantConfig:
     qat: bool = False
     qat_steps: int = 200
     qat_lr: float = 2e-5
+    #: a folder to save QAT's tuned FP32 weights in as a geosurge checkpoint (None: not kept). Exporting that
+    #: checkpoint with ``--precision int8`` (and the same ``--reduce-range``) gives the QAT graph without training
+    #: again
+    qat_save: str | None = None
     #: onnxruntime's ``reduce_range``: 7-bit weights, which x86 CPUs without VNNI multiply without int16 saturation
     reduce_range: bool = False
 
@@ -88,6 +92,8 @@ class QuantConfig:
             raise GeosurgeError("--precision-search auto applies to --precision int8 and int8-dynamic")
         if self.qat and self.precision != "int8":
             raise GeosurgeError("--qat applies to --precision int8 (static QDQ)")
+        if self.qat_save is not None and not self.qat:
+            raise GeosurgeError("--qat-save needs --qat")
         if self.qat_steps < 1 or not self.qat_lr > 0:
             raise GeosurgeError("--qat-steps must be >= 1 and the QAT learning rate > 0")
         if self.min_speedup < 0:
