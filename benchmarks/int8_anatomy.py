@@ -20,8 +20,9 @@ activations, MinMax), ``percentile`` / ``entropy`` (calibration methods), ``redu
 compute ops quantized: which part of the model loses), ``no-depthwise`` (every grouped Conv left float).
 
 ``--tuned MODEL.onnx``: the same variants are also made from this FP32 ONNX of the same model with other weights
-(the export's QAT writes ``qat-fp32.onnx``: the weights quantization-aware distillation tuned) and compared with the
-bundle's FP32 all the same (rows ``tuned:VARIANT``): whether QAT closes the gap the grid opens.
+(QAT's: ``geosurge export --qat --qat-save CKPT ...``, then ``geosurge export --checkpoint CKPT --precision fp32``)
+and compared with the bundle's FP32 all the same (rows ``tuned:VARIANT``): whether QAT closes the gap the grid
+opens.
 
     .venv/bin/python benchmarks/int8_anatomy.py BUNDLE --images IMAGES [--source bmng] [--eval-n 200] \\
         [--calib-n 192] [--threads 2] [--iters 20] [--pause-ms 100] [--variants ptq conv-only ...] \\
@@ -132,8 +133,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--pause-ms", type=float, default=100.0)
     ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
-    ap.add_argument("--tuned", type=Path, help="an FP32 ONNX of the same model with tuned weights (QAT's "
-                    "qat-fp32.onnx): its variants are measured too, against the bundle's FP32")
+    ap.add_argument("--tuned", type=Path, help="an FP32 ONNX of the same model with tuned weights (QAT's, "
+                    "exported from --qat-save): its variants are measured too, against the bundle's FP32")
     ap.add_argument("--out", type=Path, default=Path("runs/int8-anatomy"), help="quantized graphs are kept here")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/int8_anatomy.json"))
     a = ap.parse_args()
