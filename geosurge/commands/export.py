@@ -36,6 +36,8 @@ def register(sub) -> None:
                    "images in onnxruntime's INT8 scheme, torch fake quantization; a GPU when torch sees one), then "
                    "onnxruntime's static INT8 of the tuned weights")
     p.add_argument("--qat-steps", type=int, default=200, metavar="N", help="QAT optimizer steps (default 200)")
+    p.add_argument("--qat-lr", type=float, default=2e-5, metavar="LR",
+                   help="QAT learning rate (AdamW, cosine decay over the steps; default 2e-5)")
     p.add_argument("--qat-save", metavar="DIR", help="keep QAT's tuned FP32 weights as a checkpoint in DIR (QAT is "
                    "training: export DIR with --precision int8 later for the same graph without training again)")
     p.add_argument("--min-speedup", type=float, default=1.0, metavar="X",
@@ -75,7 +77,7 @@ def cmd_export(args) -> int:
                         precision_search=args.precision_search, exclude_nodes=args.exclude_nodes, table=args.table,
                         dynamic_batch=args.dynamic_batch, with_logits=args.with_logits, opset=args.opset,
                         threads=args.threads, golden=args.golden, cells=args.cells, seed=args.seed, qat=args.qat,
-                        qat_steps=args.qat_steps, qat_save=args.qat_save, min_speedup=args.min_speedup, reduce_range=args.reduce_range,
+                        qat_steps=args.qat_steps, qat_lr=args.qat_lr, qat_save=args.qat_save, min_speedup=args.min_speedup, reduce_range=args.reduce_range,
                         recommend_backend=args.recommend_backend)
     m = bundle.manifest
     check = m.check
