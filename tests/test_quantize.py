@@ -143,6 +143,8 @@ def test_plain_int8_records_failing_gates_and_cli_exits_1(tmp_path, sensitive_ti
                 "-o", tmp_path / "b")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAILS the parity gates" in r.stderr
+    # it suggests what was not tried (here: all of them), not what was
+    assert "Try --precision-search auto, --qat, --exclude-nodes or another precision." in r.stderr
     q = _manifest(tmp_path / "b")["quantization"]
     assert q["check"]["passed"] is False and q["check"]["images"] > 0
     assert q["calibrate_method"] == "minmax" and q["activation_type"] == "uint8" and q["weight_type"] == "int8"
@@ -395,6 +397,18 @@ def test_export_with_qat_records_ptq_vs_qat_on_the_choose_images(tmp_path, tiny,
     ptq, qat = q["qat"]["ptq"], q["qat"]["qat"]
     better = "qat" if closer_to_fp32(qat, ptq) else "ptq"
     assert q["qat"]["base"] == better and q["decision"]["shipped"] == f"all-INT8 {better.upper()}"
+
+
+def test_parity_hints_suggest_what_was_not_tried():
+    from argparse import Namespace
+
+    from geosurge.commands.export import parity_hints
+
+    qat = parity_hints(Namespace(precision_search=None, qat=True, exclude_nodes=[], qat_steps=800))
+    assert qat.startswith("Try more --qat-steps than 800 (with --qat-save DIR")
+    assert "--qat," not in qat and "--precision-search auto" in qat and qat.endswith("or another precision.")
+    both = parity_hints(Namespace(precision_search="auto", qat=True, exclude_nodes=["n1"], qat_steps=200))
+    assert "--precision-search" not in both and "--exclude-nodes" not in both
 
 
 def test_qat_save_needs_qat():

@@ -62,6 +62,18 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def parity_hints(args) -> str:
+    """What to try when the model fails the parity gates: the options this run did not use, and more QAT steps
+    when QAT ran."""
+    tried = {"--precision-search auto": bool(args.precision_search), "--qat": args.qat,
+             "--exclude-nodes": bool(args.exclude_nodes)}
+    hints = [k for k, done in tried.items() if not done] + ["another precision"]
+    if args.qat:  # QAT ran and did not reach the gates: more of it, kept this time
+        hints.insert(0, f"more --qat-steps than {args.qat_steps} (with --qat-save DIR to keep the weights; a GPU "
+                        "makes steps cheap)")
+    return f"Try {', '.join(hints[:-1])} or {hints[-1]}."
+
+
 def cmd_export(args) -> int:
     import sys
     from pathlib import Path
@@ -77,7 +89,8 @@ def cmd_export(args) -> int:
                         precision_search=args.precision_search, exclude_nodes=args.exclude_nodes, table=args.table,
                         dynamic_batch=args.dynamic_batch, with_logits=args.with_logits, opset=args.opset,
                         threads=args.threads, golden=args.golden, cells=args.cells, seed=args.seed, qat=args.qat,
-                        qat_steps=args.qat_steps, qat_lr=args.qat_lr, qat_save=args.qat_save, min_speedup=args.min_speedup, reduce_range=args.reduce_range,
+                        qat_steps=args.qat_steps, qat_lr=args.qat_lr, qat_save=args.qat_save,
+                        min_speedup=args.min_speedup, reduce_range=args.reduce_range,
                         recommend_backend=args.recommend_backend)
     m = bundle.manifest
     check = m.check
@@ -87,8 +100,8 @@ def cmd_export(args) -> int:
     rc = 0
     if check is not None and check.passed is False:
         print(f"export: the {m.model.precision} model FAILS the parity gates on held-out images "
-              f"({', '.join(check.failed_gates())}); the bundle is written for inspection. Try --precision-search "
-              "auto, --qat, --exclude-nodes or another precision.", file=sys.stderr)
+              f"({', '.join(check.failed_gates())}); the bundle is written for inspection. {parity_hints(args)}",
+              file=sys.stderr)
         rc = 1
     if decision and not decision.get("passed"):
         print(f"export: {m.model.precision} is not recommended on this machine: {decision['why']} (the bundle is "
