@@ -188,7 +188,7 @@ class RowReader:
         for a, b, o in zip(starts.tolist(), ends, at[starts].tolist()):
             if _PREADV:
                 got += os.preadv(fd, [buf[a * rb:b * rb]], o)
-            else:  # (no preadv on this OS, e.g. macOS before Python 3.12's: read, then copy)
+            else:  # an OS without preadv: read, then copy
                 data = os.pread(fd, (b - a) * rb, o)
                 buf[a * rb:a * rb + len(data)] = data
                 got += len(data)
