@@ -39,16 +39,9 @@ from geosurge.runtime.localizer import Localizer
 
 
 def _session(table: np.ndarray, threads: int):
-    import onnxruntime as ort
-
-    o = ort.SessionOptions()
-    o.intra_op_num_threads, o.inter_op_num_threads = threads, 1
-    o.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    o.log_severity_level = 3
-    o.add_external_initializers(["table"], [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(table))])
+    """The runtime's scoring session (``cellsearch._session``) over ``table`` with ``threads`` intra-op threads."""
     d, n = table.shape
-    return ort.InferenceSession(cellsearch._matmul_integer_graph(d, n), o, providers=["CPUExecutionProvider"])
+    return cellsearch._session(cellsearch._matmul_integer_graph(d, n), table, threads)
 
 
 class Halves:

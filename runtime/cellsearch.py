@@ -102,14 +102,16 @@ def _matmul_integer_graph(d: int, n: int) -> bytes:
                            [onnxgraph.value_info("acc", np.int32, ["rows", n])], inits, name="cell_path_scores")
 
 
-def _session(model: bytes, table: np.ndarray):
-    """A single-threaded ONNX Runtime session whose ``table`` initializer is copied from ``table`` (ORT then packs
-    it for its int8 GEMM; the caller may free its array)."""
+def _session(model: bytes, table: np.ndarray, threads: int = 1):
+    """An ONNX Runtime session whose ``table`` initializer is copied from ``table`` (ORT then packs it for its int8
+    GEMM; the caller may free its array). The runtime's is single-threaded: it runs on the calling thread, no pool,
+    nothing spinning between calls; ``threads`` > 1 (benchmarks) gets a pool that does not spin."""
     ort = import_onnxruntime()
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # runs on the calling thread: no pool, nothing spinning between calls
+    opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
     opts.add_external_initializers(["table"], [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(table))])
