@@ -7,9 +7,11 @@ INT8 that pays (static int8; ``--qat`` and / or ``--precision-search auto``), in
 1. all-INT8 PTQ (onnxruntime static QDQ, U8 activations / S8 per-channel weights after ``quant_pre_process``);
 2. if it fails the gates and ``--qat``: quantization-aware distillation of the FP32 model
    (:mod:`.precision.qat`), its tuned FP32 weights exported and quantized by the same PTQ — all-INT8 again; the
-   graph (plain or QAT) closer to FP32 on a majority of the task figures is the base from here;
+   graph (plain or QAT) closer to FP32 on a majority of the task figures is the base from here; nodes kept out of
+   INT8 by ``--exclude-nodes`` stay float in QAT's student too (QAT for that mix);
 3. if it still fails and ``--precision-search auto``: nodes kept out of INT8, worst first, until a mix passes
-   (:mod:`.precision.search`); a mix whose kept-out nodes hold weight-only INT8 is timed against the same mix with
+   (:mod:`.precision.search`), always in the *original* weights (QAT's are tuned for INT8 in every node: kept
+   float they move away from FP32); a mix whose kept-out nodes hold weight-only INT8 is timed against the same mix with
    float weights (a DequantizeLinear per run can cost more than it saves);
 4. speed is a gate: every candidate is timed against FP32 on this machine (interleaved, paced like a camera), and
    an int8 / int8-dynamic model that is not faster than FP32 by more than ``min_speedup`` is not recommended — the
@@ -208,6 +210,7 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
     trial = workdir / "all-int8.onnx"
     facts = quantizer(trial)
     ptq = cands.add(ALL_INT8 if static else "all-INT8 dynamic", trial)
+    ptq_quantizer = quantizer
     if cfg.qat and not ptq["passed"]:
         quantizer, qat_facts = _qat(model, cfg, calibration, quantizer, cands, workdir, export_kwargs or {},
                                     calib, log)
@@ -216,6 +219,14 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
         cands.rows["all-INT8 QAT" if record["qat"]["base"] == "qat" else ALL_INT8]
     if cfg.search == "auto" and not base_rec.get("passed"):
         log("precision search: keeping the worst nodes out of INT8 until a mix passes ...")
+        if quantizer is not ptq_quantizer:
+            # QAT tuned every weight for INT8 everywhere: kept float, its nodes move *away* from FP32 (measured
+            # on the reference model: all-INT8 QAT cosine 0.988 on the choose images; its worst node float 0.830;
+            # every node float 0.939), so nodes are kept float in the original FP32 weights
+            log("  on the original weights: QAT's are tuned for INT8 in every node, and kept float they move away "
+                "from FP32 (to train for a mix, give its nodes with --exclude-nodes to --qat)")
+            record["qat"]["search_base"] = "ptq"
+            quantizer = ptq_quantizer
         search = search_precision(quantizer, dst, inputs, scorer, workdir, choose_gates, threads, log=log,
                                   reference=reference, truth=truth)
         if not search["passed"] and cfg.excluded_weights == "int8" and search["ranking"]:
@@ -277,15 +288,20 @@ def _qat(model, cfg: QuantConfig, calibration, quantizer: Quantizer, cands: Cand
          export_kwargs: dict, calib, log):
     """QAT of ``model`` on the calibration images, its tuned FP32 weights exported, prepared and quantized all-INT8;
     returns (the quantizer of the graph closer to FP32 (:func:`closer_to_fp32`), the manifest's ``qat`` record)."""
-    from .precision.qat import QATConfig, qat_distill
+    from .precision.qat import QATConfig, compute_modules, module_of_onnx_node, qat_distill
 
     if model is None:
         raise GeosurgeError("--qat needs the FP32 torch model")
-    log(f"all-INT8 PTQ fails the gates: quantization-aware distillation on the {len(calibration)} calibration "
+    mix = "" if not cfg.nodes_to_exclude else f" with {len(cfg.nodes_to_exclude)} node(s) kept float"
+    log(f"all-INT8{mix} PTQ fails the gates: quantization-aware distillation on the {len(calibration)} calibration "
         "image(s) ...")
+    # nodes kept out of INT8 (--exclude-nodes) stay float in the student too; a node with no Conv / Linear of its
+    # own (an activation MatMul) has nothing QAT quantizes
+    weighted = compute_modules(model)
+    exclude = sorted({m for m in map(module_of_onnx_node, cfg.nodes_to_exclude) if m in weighted})
     tuned, rec = qat_distill(model, calibration.inputs, QATConfig(steps=cfg.qat_steps, lr=cfg.qat_lr,
                                                                   weight_bits=7 if cfg.reduce_range else 8,
-                                                                  seed=cfg.seed), log=log)
+                                                                  seed=cfg.seed, exclude=exclude), log=log)
     if cfg.qat_save:
         saved = tuned.save_pretrained(cfg.qat_save, extra={"qat": {k: v for k, v in rec.items()
                                                                   if isinstance(v, (int, float, str, bool))}})

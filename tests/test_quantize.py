@@ -281,19 +281,21 @@ def reference_qdq_embeddings(path, x):
     return np.concatenate([s.run(None, {"image": x[i:i + 1]})[0] for i in range(len(x))])
 
 
-@pytest.mark.parametrize("weight_bits", [8, 7])
-def test_qat_student_is_onnxruntimes_int8_arithmetic(tmp_path, weight_bits):
+@pytest.mark.parametrize("weight_bits,keep_float", [(8, False), (7, False), (7, True)])
+def test_qat_student_is_onnxruntimes_int8_arithmetic(tmp_path, weight_bits, keep_float):
     """The fake-quantized student computes what onnxruntime's static QDQ of the same weights computes (its reference
     arithmetic: optimisations off, the same on every CPU), also with ``reduce_range`` (7-bit weights on [-64, 64],
     not [-63, 63]) and through a BatchNorm folded into its Conv whose output feeds a residual Add (onnxruntime
     quantizes that Conv output; quantizing Conv inputs alone misses it). A student trained on another grid than the
     one the export rounds to loses what it learned (measured on the reference model: deployed cosine 0.909 after
-    800 steps)."""
+    800 steps). ``keep_float``: a mix — the projection Conv kept out of INT8 compute with float weights
+    (``--exclude-nodes``) keeps float weights in the student too; the tensors around it stay quantized in both."""
     from timm.layers import BatchNormAct2d
     from torch import nn
 
     from geosurge.export.precision.ort_static import prepare, quantize_int8_static
-    from geosurge.export.precision.qat import freeze_ranges, insert_fake_quant
+    from geosurge.export.precision.graph import quantizable_nodes
+    from geosurge.export.precision.qat import freeze_ranges, insert_fake_quant, module_of_onnx_node
 
     class Block(nn.Module):  # as in timm's EfficientNet blocks: conv-BN-ReLU6, a projection conv-BN (no activation)
         def __init__(self):  # into a residual Add; then a Linear
@@ -314,24 +316,35 @@ def test_qat_student_is_onnxruntimes_int8_arithmetic(tmp_path, weight_bits):
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
             bn.weight.uniform_(0.5, 3.0)
+        if keep_float:  # weights INT8 rounds badly (one input channel 30x the others): float in the mix matters
+            model.proj[0].weight[:, 0] *= 30
     rng = np.random.default_rng(0)
     calib, test = (rng.uniform(-1, 1, (n, 3, 16, 16)).astype(np.float32) for n in (16, 4))
     torch.onnx.export(model, torch.from_numpy(test[:1]), str(tmp_path / "m.onnx"), input_names=["image"],
                       output_names=["out"], opset_version=17, dynamo=False)
     prepare(tmp_path / "m.onnx", tmp_path / "prep.onnx")
+    nodes = [n["node"] for n in quantizable_nodes(tmp_path / "prep.onnx", ("Conv",))]
+    excluded = [n for n in nodes if module_of_onnx_node(n) == "proj.0"] if keep_float else []
+    assert len(excluded) == int(keep_float), nodes  # the ONNX node's name leads to its module
     quantize_int8_static(tmp_path / "prep.onnx", tmp_path / "int8.onnx", calib,
-                         QuantConfig("int8", reduce_range=weight_bits == 7))
+                         QuantConfig("int8", reduce_range=weight_bits == 7), exclude=excluded)
     ort_out = reference_qdq_embeddings(tmp_path / "int8.onnx", test).reshape(len(test), -1)
 
-    student = copy.deepcopy(model)
-    acts = insert_fake_quant(student, weight_bits)
+    def student_out(exclude):
+        student = copy.deepcopy(model)
+        acts = insert_fake_quant(student, weight_bits, exclude)
+        with torch.no_grad():
+            student(torch.from_numpy(calib))
+            freeze_ranges(acts)
+            return student(torch.from_numpy(test)).reshape(len(test), -1).numpy()
+
+    got = student_out([module_of_onnx_node(n) for n in excluded])
     with torch.no_grad():
-        student(torch.from_numpy(calib))
-        freeze_ranges(acts)
-        got = student(torch.from_numpy(test)).reshape(len(test), -1).numpy()
         ref = model(torch.from_numpy(test)).reshape(len(test), -1).numpy()
     rms = lambda d: float(np.sqrt(np.mean(np.square(d))))  # noqa: E731
     assert rms(ort_out - ref) > 1e-3 * rms(ref)  # INT8 moves the output: the comparison below can fail
+    if keep_float:  # a student quantizing the kept-out node is another model than the deployed mix
+        assert rms(student_out([]) - ort_out) > 2 * rms(got - ort_out)
     # the same grids and the same quantized tensors; what is left is float rounding (a folded vs an unfolded
     # BatchNorm moves values across rounding points, one step each, which on a model this small is a large share).
     # Measured: 0.61 (8-bit) and 0.47 (7-bit) of FP32's distance; the scheme before the fix (7-bit on [-63, 63],
@@ -397,6 +410,35 @@ def test_export_with_qat_records_ptq_vs_qat_on_the_choose_images(tmp_path, tiny,
     ptq, qat = q["qat"]["ptq"], q["qat"]["qat"]
     better = "qat" if closer_to_fp32(qat, ptq) else "ptq"
     assert q["qat"]["base"] == better and q["decision"]["shipped"] == f"all-INT8 {better.upper()}"
+
+
+@pytest.mark.slow  # ~1 min on 2 cores (an export with QAT and a precision search)
+def test_qat_trains_for_the_kept_out_nodes_and_the_search_keeps_original_weights(tmp_path, tiny, calib,
+                                                                                  monkeypatch):
+    """``--exclude-nodes`` with ``--qat``: the kept-out Conv stays float in the student (recorded by module name);
+    a precision search after a QAT base keeps nodes float in the *original* weights (QAT's, tuned for INT8
+    everywhere, move away from FP32 when float), so the mix that keeps the INT8-sensitive node out passes."""
+    from geosurge.export.onnx import export_onnx
+    from geosurge.export.precision.graph import quantizable_nodes
+    from geosurge.export.precision.ort_static import prepare
+    from geosurge.export.precision.qat import module_of_onnx_node
+
+    model, source = tiny
+    bad = make_int8_sensitive(model, factor=100.0)
+    export_onnx(bad, tmp_path / "m.onnx", log=lambda s: None)
+    prepare(tmp_path / "m.onnx", tmp_path / "prep.onnx")
+    conv = next(n["node"] for n in quantizable_nodes(tmp_path / "prep.onnx") if n["op"] == "Conv")
+    # the QAT graph is the base (on an untrained head the task figures rank the two graphs by chance)
+    monkeypatch.setattr("geosurge.export.onnxruntime.closer_to_fp32", lambda a, b: True)
+    out = write_bundle(tmp_path / "qat", bad, source, sample_photo_paths(),
+                       quant=QuantConfig("int8", qat=True, qat_steps=30, qat_lr=1e-4, search="auto",
+                                         nodes_to_exclude=[conv], **NO_SPEED),
+                       calibration=calib, gates={"cosine_mean": (">=", 0.9995)}, **QUIET)
+    q = _manifest(out)["quantization"]
+    assert q["qat"]["exclude"] == [module_of_onnx_node(conv)] and module_of_onnx_node(conv)
+    assert q["qat"]["base"] == "qat"
+    assert q["qat"]["search_base"] == "ptq" and q["search"]["passed"]
+    assert conv in q["nodes_excluded"]  # the user's choice stays out in the searched mix too
 
 
 def test_parity_hints_suggest_what_was_not_tried():

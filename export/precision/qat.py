@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -54,6 +54,9 @@ class QATConfig:
     kl_weight: float = 1.0
     weight_bits: int = 8
     seed: int = 0
+    #: modules left float (:func:`insert_fake_quant`'s ``exclude``): the Conv / Linear of the ONNX nodes kept out of
+    #: INT8 (``--exclude-nodes``), so that the student trains for the mix the export deploys
+    exclude: list[str] = field(default_factory=list)
     #: torch device for the fine-tuning: None = CUDA when available (QAT is training: a GPU makes minutes seconds),
     #: else CPU
     device: str | None = None
@@ -110,22 +113,74 @@ def _fake_quant_modules():
     return WeightQuant, ActQuant
 
 
-def insert_fake_quant(model, weight_bits: int = 8) -> list:
+def module_of_onnx_node(node: str) -> str:
+    """The torch module path an ONNX node name of torch's TorchScript exporter is scoped under (what
+    ``--exclude-nodes`` and the precision search name): ``/backbone/blocks/blocks.0/blocks.0.0/conv_dw/Conv`` ->
+    ``backbone.blocks.0.0.conv_dw`` (each scope segment repeats its parent's name with the child's appended; the
+    last part is the op). Names onnxruntime's pre-processing keeps (a Conv with its BatchNorm folded in keeps the
+    Conv's). Returns "" for a node at the top level."""
+    out: list[str] = []
+    for seg in [p for p in node.split("/") if p][:-1]:
+        comps = seg.split(".")
+        if len(comps) > 1 and out and comps[:-1] == out[len(out) - len(comps) + 1:]:
+            out.append(comps[-1])  # "blocks.0" under "blocks": the child "0"
+        else:
+            out.extend(comps)
+    return ".".join(out)
+
+
+def compute_modules(model) -> set[str]:
+    """Names of the Conv2d / Linear modules outside the cell head: what QAT fake-quantizes."""
+    from torch import nn
+
+    return {name for name, mod in model.named_modules()
+            if isinstance(mod, (nn.Conv2d, nn.Linear)) and not name.startswith("head")}
+
+
+def insert_fake_quant(model, weight_bits: int = 8, exclude=()) -> list:
     """Fake quantizers on every Conv2d / Linear outside the cell head (in place): input (asymmetric uint8,
     observing until :func:`freeze_ranges`) and weight (per channel); and on the output of every BatchNorm that
     carries its activation (timm's ``BatchNormAct2d``, identity or not) outside the head, which is where
     onnxruntime quantizes the output of the Conv it folds the BatchNorm (and a Clip / Relu) into. A plain
     ``nn.BatchNorm2d`` is not covered: whether an activation module follows it is not known from the module tree.
-    Returns the activation quantizers."""
+
+    ``exclude``: module names (:func:`module_of_onnx_node` of the ONNX nodes kept out of INT8 compute, with float
+    weights) left float as onnxruntime leaves them (seen in its QDQ graph of such a mix): no input or weight
+    quantizer, and the output of their BatchNorm (the first that runs after them) not quantized; a tensor a
+    kept-out node shares with a quantized neighbour is still rounded by that neighbour's quantizer. Raises
+    GeosurgeError naming an ``exclude`` entry that is no Conv2d / Linear outside the head. Returns the activation
+    quantizers."""
     from torch import nn
     from torch.nn.utils import parametrize
 
     WeightQuant, ActQuant = _fake_quant_modules()
+    exclude = set(exclude)
+    compute = compute_modules(model)
+    unknown = sorted(exclude - compute)
+    if unknown:
+        raise GeosurgeError(f"QAT: {unknown[0]!r} is not a Conv2d / Linear of the model outside the cell head "
+                            f"({len(unknown)} such name(s))")
+    last = {"conv": None}  # the Conv2d / Linear that ran last: the producer of the next BatchNorm's output
+
+    def ran(name):
+        def hook(m, args):
+            last["conv"] = name
+        return hook
+
+    def output(m, args, out):
+        q = m.output_quantizer
+        if q.producer is None:  # the first forward: which Conv made this output
+            q.producer = last["conv"] or ""
+        return out if q.producer in exclude else q(out)
+
     acts = []
     for name, mod in model.named_modules():
         if name.startswith("head"):
             continue
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+        if name in compute:
+            mod.register_forward_pre_hook(ran(name))
+            if name in exclude:
+                continue
             aq = ActQuant()
             mod.add_module("input_quantizer", aq)
             mod.register_forward_pre_hook(lambda m, args: (m.input_quantizer(args[0]), *args[1:]))
@@ -133,8 +188,9 @@ def insert_fake_quant(model, weight_bits: int = 8) -> list:
             acts.append(aq)
         elif isinstance(mod, nn.BatchNorm2d) and isinstance(getattr(mod, "act", None), nn.Module):
             oq = ActQuant()
+            oq.producer = None
             mod.add_module("output_quantizer", oq)
-            mod.register_forward_hook(lambda m, args, out: m.output_quantizer(out))
+            mod.register_forward_hook(output)
             acts.append(oq)
     return acts
 
@@ -176,7 +232,7 @@ def qat_distill(model, images: np.ndarray, cfg: QATConfig | None = None, log=pri
     student = copy.deepcopy(teacher).eval()
     for p in student.head.parameters():
         p.requires_grad_(False)
-    acts = insert_fake_quant(student, cfg.weight_bits)
+    acts = insert_fake_quant(student, cfg.weight_bits, cfg.exclude)
     with torch.no_grad():  # activation ranges: min / max over the images, as onnxruntime's MinMax calibration
         for i in range(0, len(x_all), 16):
             student.embed(x_all[i:i + 16])
@@ -200,7 +256,8 @@ def qat_distill(model, images: np.ndarray, cfg: QATConfig | None = None, log=pri
 
     before = evaluate()
     log(f"QAT: {quantizers} Conv / Linear fake-quantized (weights {cfg.weight_bits}-bit per channel, inputs uint8 "
-        f"per tensor, {len(acts) - quantizers} BatchNorm outputs uint8); {cfg.steps} steps x {cfg.batch} images of "
+        f"per tensor, {sum(getattr(a, 'producer', '') not in cfg.exclude for a in acts) - quantizers} BatchNorm "
+        "outputs uint8" + (f"; {len(cfg.exclude)} kept float" if cfg.exclude else "") + f"); {cfg.steps} steps x {cfg.batch} images of "
         f"{len(x_all)} on {device}; 1 - cos to FP32 before {before:.2e}")
     losses = []
     for step in range(cfg.steps):
