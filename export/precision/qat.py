@@ -238,6 +238,7 @@ def qat_distill(model, images: np.ndarray, cfg: QATConfig | None = None, log=pri
             student.embed(x_all[i:i + 16])
     freeze_ranges(acts)
     quantizers = sum(1 for m in student.modules() if parametrize.is_parametrized(m, "weight"))
+    outputs = sum(1 for a in acts if hasattr(a, "producer") and a.producer not in cfg.exclude)
     params = [p for n, p in student.named_parameters() if p.requires_grad and not n.startswith("head.")]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
@@ -256,9 +257,8 @@ def qat_distill(model, images: np.ndarray, cfg: QATConfig | None = None, log=pri
 
     before = evaluate()
     log(f"QAT: {quantizers} Conv / Linear fake-quantized (weights {cfg.weight_bits}-bit per channel, inputs uint8 "
-        f"per tensor, {sum(getattr(a, 'producer', '') not in cfg.exclude for a in acts) - quantizers} BatchNorm "
-        "outputs uint8" + (f"; {len(cfg.exclude)} kept float" if cfg.exclude else "") + f"); {cfg.steps} steps x {cfg.batch} images of "
-        f"{len(x_all)} on {device}; 1 - cos to FP32 before {before:.2e}")
+        f"per tensor, {outputs} BatchNorm outputs uint8" + (f"; {len(cfg.exclude)} kept float" if cfg.exclude else "")
+        + f"); {cfg.steps} steps x {cfg.batch} images of {len(x_all)} on {device}; 1 - cos to FP32 before {before:.2e}")
     losses = []
     for step in range(cfg.steps):
         idx = torch.from_numpy(rng.choice(len(x_all), size=min(cfg.batch, len(x_all)), replace=False)).to(device)

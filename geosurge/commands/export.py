@@ -51,8 +51,9 @@ def register(sub) -> None:
     p.add_argument("--calib-size", type=int, default=256)
     p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS)
     p.add_argument("--calib-cache", metavar="DIR", default=None, help="cache preprocessed calibration sets here")
-    p.add_argument("--exclude-nodes", nargs="+", default=[], metavar="NODE", help="ONNX node names kept in float (with --qat: float in the "
-                   "student too, which trains for that mix)")
+    p.add_argument("--exclude-nodes", nargs="+", default=[], metavar="NODE",
+                   help="ONNX node names kept in float (with --qat: float in the student too, which trains for "
+                        "that mix)")
     p.add_argument("--table", default="float16", choices=TABLE_CHOICES, help="cell table storage")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--opset", type=int, default=17)
