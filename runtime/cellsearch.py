@@ -145,6 +145,17 @@ def kernel_is_exact() -> bool:
     return _KERNEL_EXACT
 
 
+def path_embeddings(rows, ancestors: np.ndarray, inv_t: np.ndarray, dim: int) -> np.ndarray:
+    """(m, dim) float64 path embeddings ``W_f = sum_k t_k[a_k(f)] / T_k`` of the m finest cells whose ancestors
+    (m, L) are given. ``rows(k, idx)`` -> level k's stored rows ``idx`` in float64 (exactly); ``inv_t`` (L,) float64
+    = 1 / T_k. Each distinct ancestor row is read once."""
+    w = np.zeros((len(ancestors), dim), np.float64)
+    for k in range(ancestors.shape[1]):
+        u, inv = np.unique(ancestors[:, k], return_inverse=True)
+        w += rows(k, u)[inv.ravel()] * inv_t[k]
+    return w
+
+
 class PathIndex:
     """The approximate pass: the int8 path table inside an ONNX Runtime session, and the per-cell bound terms.
 
@@ -158,7 +169,7 @@ class PathIndex:
 
     def __init__(self, rows, ancestors: np.ndarray, temperatures: np.ndarray, dim: int, chunk: int = 128,
                  after_chunk=None):
-        n, levels = ancestors.shape
+        n = ancestors.shape[0]
         inv_t = 1.0 / np.asarray(temperatures, np.float64)
         table = np.empty((dim, n), np.int8)  # MatMulInteger's B: (dim, n_finest)
         self.scale = np.empty(n, np.float32)  # float32 values (exactly; see below), half the bytes per pass
@@ -166,10 +177,7 @@ class PathIndex:
         self.quant_norm = np.empty(n, np.float64)
         for c0 in range(0, n, chunk):
             c1 = min(n, c0 + chunk)
-            w = np.zeros((c1 - c0, dim), np.float64)
-            for k in range(levels):
-                u, inv = np.unique(ancestors[c0:c1, k], return_inverse=True)
-                w += rows(k, u)[inv.ravel()] * inv_t[k]
+            w = path_embeddings(rows, ancestors[c0:c1], inv_t, dim)
             s = (np.abs(w).max(1) / 127.0).astype(np.float32).astype(np.float64)
             s = np.where(s > 0, s, 1.0)
             q = np.clip(np.rint(w / s[:, None]), -127, 127)

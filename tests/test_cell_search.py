@@ -429,3 +429,31 @@ def test_rows_read_with_pread_equal_the_mapped_rows(tmp_path, hierarchy_file, de
     a, b = sc.search(emb, k=5, with_scores=True), mapped.search(emb, k=5, with_scores=True)
     for f in ("indices", "logit_sums", "log_probs", "log_norm", "scores"):
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+
+def test_search_bounds_benchmark_counts_on_a_geo_like_table(tmp_path, hierarchy_file, default_hierarchy):
+    """benchmarks/search_bounds.py: the path embeddings it (and the index) build give brute force's scores; its
+    bounds hold for every layout; a 4-bit or PCA-projected table needs more candidates than the runtime's int8 one;
+    candidates and re-scored cells are ordered as defined (k <= re-scored <= candidates)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_search_bounds", Path(__file__).resolve().parents[1] / "benchmarks" / "search_bounds.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(5)
+    tables = geo_like_tables(default_hierarchy, DIM, rng)
+    sc, path = _scorer(tmp_path, hierarchy_file, tables, "float16")
+    w = cellsearch.path_embeddings(sc._rows_f64, sc.ancestors, 1.0 / sc.temperatures.astype(np.float64), sc.dim)
+    emb = queries(rng, tables, 8, 2)
+    y = sc._query64(emb)
+    np.testing.assert_allclose(y @ w.T, brute_force(path, sc.ancestors, emb), rtol=1e-12, atol=1e-9)
+    got = {name: bench.counts(w, y, rows, proj, 5) for name, _, rows, proj in bench.layouts(w, [16, 32])}
+    assert list(got) == ["int8 / row", "int8 / 32", "int4 / row", "int4 / 32", "PCA 16 + int8 / row",
+                         "PCA 32 + int8 / row"]
+    for c in got.values():
+        assert all(5 <= r <= m for r, m in zip(c["rescored_p50_p95_max"], c["candidates_p50_p95_max"]))
+    base = got["int8 / row"]["candidates_p50_p95_max"][0]
+    assert got["int4 / row"]["candidates_p50_p95_max"][0] > 2 * base
+    assert got["PCA 16 + int8 / row"]["candidates_p50_p95_max"][0] > 2 * base
