@@ -299,9 +299,18 @@ def _qat(model, cfg: QuantConfig, calibration, quantizer: Quantizer, cands: Cand
     # own (an activation MatMul) has nothing QAT quantizes
     weighted = compute_modules(model)
     exclude = sorted({m for m in map(module_of_onnx_node, cfg.nodes_to_exclude) if m in weighted})
+    init = None
+    if cfg.qat_init:
+        from .source import load_model
+
+        init, _ = load_model(checkpoint=cfg.qat_init)
+        log(f"QAT: the student starts from {cfg.qat_init} (the teacher is the exported model)")
     tuned, rec = qat_distill(model, calibration.inputs, QATConfig(steps=cfg.qat_steps, lr=cfg.qat_lr,
                                                                   weight_bits=7 if cfg.reduce_range else 8,
-                                                                  seed=cfg.seed, exclude=exclude), log=log)
+                                                                  seed=cfg.seed, exclude=exclude), log=log,
+                             init=init)
+    if cfg.qat_init:
+        rec["init"] = str(cfg.qat_init)
     if cfg.qat_save:
         saved = tuned.save_pretrained(cfg.qat_save, extra={"qat": {k: v for k, v in rec.items()
                                                                   if isinstance(v, (int, float, str, bool))}})

@@ -89,8 +89,8 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
            exclude_nodes: Iterable[str] = (), table: str = "float16", dynamic_batch: bool = False,
            with_logits: bool = False, opset: int = 17, threads: int | None = 2, golden=None, cells=None,
            seed: int = 0, source: dict | None = None, gates: dict | None = None, qat: bool = False,
-           qat_steps: int = 200, qat_lr: float = 2e-5, qat_save: PathLike | None = None, min_speedup: float = 1.0,
-           reduce_range: bool = False,
+           qat_steps: int = 200, qat_lr: float = 2e-5, qat_save: PathLike | None = None,
+           qat_init: PathLike | None = None, min_speedup: float = 1.0, reduce_range: bool = False,
            recommend_backend: bool = False, log: Log = print):
     """Export a model to a bundle at ``output`` and return the :class:`geosurge.runtime.Bundle`.
 
@@ -101,7 +101,9 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     coordinates add the accuracy deltas to the gates); for fp16 / int8-dynamic a given ``calibration`` is the set
     the parity is checked on. ``precision_search="auto"``: the measured search (onnxruntime int8 / int8-dynamic);
     ``qat``: quantization-aware distillation (``qat_steps`` at learning rate ``qat_lr``) when all-INT8 PTQ fails the
-    gates (onnxruntime int8), its tuned FP32 weights saved as a checkpoint in ``qat_save`` when given;
+    gates (onnxruntime int8), its tuned FP32 weights saved as a checkpoint in ``qat_save`` when given, the student
+    started from the checkpoint ``qat_init`` when given (an earlier ``qat_save`` of the same model: more steps
+    without starting over);
     ``min_speedup``: an int8 / int8-dynamic model must beat FP32 by more than this ratio on this machine (0: not
     gated; ``bundle.manifest.quantization.extra["decision"]`` says what won and why); ``reduce_range``: 7-bit
     weights (x86 without VNNI); ``recommend_backend``: measure the installed backends and record the fastest at
@@ -122,7 +124,8 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     p = check_precision(resolve_target(format, target), precision)
     quant = QuantConfig(precision=p.value, calibrate_method=calib_method, nodes_to_exclude=list(exclude_nodes),
                         search=precision_search, qat=qat, qat_steps=qat_steps, qat_lr=qat_lr,
-                        qat_save=None if qat_save is None else str(qat_save), min_speedup=min_speedup,
+                        qat_save=None if qat_save is None else str(qat_save),
+                        qat_init=None if qat_init is None else str(qat_init), min_speedup=min_speedup,
                         reduce_range=reduce_range)
     options = ExportOptions.create(format=format, target=target, precision=p.value, quant=quant, opset=opset,
                                    dynamic_batch=dynamic_batch, with_logits=with_logits, table_dtype=table,

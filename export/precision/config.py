@@ -70,6 +70,9 @@ class QuantConfig:
     #: checkpoint with ``--precision int8`` (and the same ``--reduce-range``) gives the QAT graph without training
     #: again
     qat_save: str | None = None
+    #: a checkpoint of the same model to start the student from (a ``qat_save`` of an earlier run): more steps
+    #: without starting over; the teacher is still the exported model (None: the student starts as the teacher)
+    qat_init: str | None = None
     #: onnxruntime's ``reduce_range``: 7-bit weights, which x86 CPUs without VNNI multiply without int16 saturation
     reduce_range: bool = False
 
@@ -94,6 +97,8 @@ class QuantConfig:
             raise GeosurgeError("--qat applies to --precision int8 (static QDQ)")
         if self.qat_save is not None and not self.qat:
             raise GeosurgeError("--qat-save needs --qat")
+        if self.qat_init is not None and not self.qat:
+            raise GeosurgeError("--qat-init needs --qat")
         if self.qat_steps < 1 or not self.qat_lr > 0:
             raise GeosurgeError("--qat-steps must be >= 1 and the QAT learning rate > 0")
         if self.min_speedup < 0:

@@ -207,11 +207,13 @@ def _level_log_probs(model, emb):
     return [F.log_softmax(z, dim=-1) for z in model.head.level_logits(emb)]
 
 
-def qat_distill(model, images: np.ndarray, cfg: QATConfig | None = None, log=print):
+def qat_distill(model, images: np.ndarray, cfg: QATConfig | None = None, log=print, init=None):
     """Fine-tune a fake-quantized copy of ``model`` (a GeoSurge, FP32, the teacher; left unchanged) on ``images``
-    (N, 3, S, S) float32, preprocessed, unlabelled). Returns (a plain GeoSurge with the tuned FP32 weights, the record
-    for the manifest: settings, fake-quantized error before / after on the training images, seconds, how many
-    quantized modules). Raises GeosurgeError when there are no images."""
+    (N, 3, S, S) float32, preprocessed, unlabelled). ``init``: a GeoSurge of the same architecture whose weights the
+    student starts from (an earlier QAT's tuned weights; unchanged), else the teacher's. Returns (a plain GeoSurge
+    with the tuned FP32 weights, the record for the manifest: settings, fake-quantized error before / after on the
+    training images, seconds, how many quantized modules). Raises GeosurgeError when there are no images or
+    ``init``'s tensors differ from the model's in names or shapes."""
     import torch
     import torch.nn.functional as F
     from torch.nn.utils import parametrize
@@ -229,7 +231,15 @@ def qat_distill(model, images: np.ndarray, cfg: QATConfig | None = None, log=pri
     with torch.no_grad():  # targets for each image and its mirror, computed once
         t_emb = {flip: torch.cat([teacher.embed(x_all[i:i + 32].flip(-1) if flip else x_all[i:i + 32])
                                   for i in range(0, len(x_all), 32)]) for flip in (False, True)}
-    student = copy.deepcopy(teacher).eval()
+    if init is not None:
+        ours, theirs = model.state_dict(), init.state_dict()
+        diff = sorted(set(ours) ^ set(theirs)) or [k for k in ours if ours[k].shape != theirs[k].shape]
+        if diff:
+            raise GeosurgeError(f"QAT: the starting checkpoint is not this model's architecture ({len(diff)} "
+                                f"tensor(s) differ in name or shape, e.g. {diff[0]})")
+    student = copy.deepcopy(init if init is not None else teacher).to(device).eval()
+    if init is not None:  # the cell head stays the teacher's: the bundle's table is the exported model's
+        student.head.load_state_dict(teacher.head.state_dict())
     for p in student.head.parameters():
         p.requires_grad_(False)
     acts = insert_fake_quant(student, cfg.weight_bits, cfg.exclude)

@@ -40,6 +40,9 @@ def register(sub) -> None:
                    help="QAT learning rate (AdamW, cosine decay over the steps; default 2e-5)")
     p.add_argument("--qat-save", metavar="DIR", help="keep QAT's tuned FP32 weights as a checkpoint in DIR (QAT is "
                    "training: export DIR with --precision int8 later for the same graph without training again)")
+    p.add_argument("--qat-init", metavar="DIR", help="start QAT's student from this checkpoint of the same model "
+                   "(a --qat-save of an earlier run: more steps without starting over); the teacher is still "
+                   "--checkpoint")
     p.add_argument("--min-speedup", type=float, default=1.0, metavar="X",
                    help="int8 / int8-dynamic: the model must run more than X times faster than FP32 on this machine "
                         "(measured interleaved and paced) or FP32 wins and export exits 1 (default 1.0; 0: no gate)")
@@ -71,8 +74,8 @@ def parity_hints(args) -> str:
              "--exclude-nodes": bool(args.exclude_nodes)}
     hints = [k for k, done in tried.items() if not done] + ["another precision"]
     if args.qat:  # QAT ran and did not reach the gates: more of it, kept this time
-        hints.insert(0, f"more --qat-steps than {args.qat_steps} (with --qat-save DIR to keep the weights; a GPU "
-                        "makes steps cheap)")
+        hints.insert(0, f"more --qat-steps than {args.qat_steps} (with --qat-save DIR to keep the weights and "
+                        "--qat-init DIR to go on from them; a GPU makes steps cheap)")
     return f"Try {', '.join(hints[:-1])} or {hints[-1]}."
 
 
@@ -92,6 +95,7 @@ def cmd_export(args) -> int:
                         dynamic_batch=args.dynamic_batch, with_logits=args.with_logits, opset=args.opset,
                         threads=args.threads, golden=args.golden, cells=args.cells, seed=args.seed, qat=args.qat,
                         qat_steps=args.qat_steps, qat_lr=args.qat_lr, qat_save=args.qat_save,
+                        qat_init=args.qat_init,
                         min_speedup=args.min_speedup, reduce_range=args.reduce_range,
                         recommend_backend=args.recommend_backend)
     m = bundle.manifest
