@@ -458,6 +458,8 @@ def test_qat_save_and_init_need_qat():
         QuantConfig("int8", qat_save="somewhere")
     with pytest.raises(GeosurgeError, match="--qat-init needs --qat"):
         QuantConfig("int8", qat_init="somewhere")
+    with pytest.raises(GeosurgeError, match="somewhere: --qat-init is not a geosurge checkpoint"):
+        QuantConfig("int8", qat=True, qat_init="somewhere")
 
 
 def test_qat_vs_ptq_is_a_majority_of_the_task_figures():

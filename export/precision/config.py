@@ -8,6 +8,7 @@ retrieval to 5%).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from geosurge.errors import GeosurgeError
 from geosurge.formats import Precision
@@ -99,6 +100,8 @@ class QuantConfig:
             raise GeosurgeError("--qat-save needs --qat")
         if self.qat_init is not None and not self.qat:
             raise GeosurgeError("--qat-init needs --qat")
+        if self.qat_init is not None and not (Path(self.qat_init) / "config.json").is_file():
+            raise GeosurgeError(f"{self.qat_init}: --qat-init is not a geosurge checkpoint (no config.json)")
         if self.qat_steps < 1 or not self.qat_lr > 0:
             raise GeosurgeError("--qat-steps must be >= 1 and the QAT learning rate > 0")
         if self.min_speedup < 0:
