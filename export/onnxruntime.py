@@ -288,7 +288,7 @@ def _qat(model, cfg: QuantConfig, calibration, quantizer: Quantizer, cands: Cand
          export_kwargs: dict, calib, log):
     """QAT of ``model`` on the calibration images, its tuned FP32 weights exported, prepared and quantized all-INT8;
     returns (the quantizer of the graph closer to FP32 (:func:`closer_to_fp32`), the manifest's ``qat`` record)."""
-    from .precision.qat import QATConfig, compute_modules, module_of_onnx_node, qat_distill
+    from .precision.qat import QATConfig, compute_modules, modules_of_onnx_nodes, qat_distill
 
     if model is None:
         raise GeosurgeError("--qat needs the FP32 torch model")
@@ -297,8 +297,7 @@ def _qat(model, cfg: QuantConfig, calibration, quantizer: Quantizer, cands: Cand
         "image(s) ...")
     # nodes kept out of INT8 (--exclude-nodes) stay float in the student too; a node with no Conv / Linear of its
     # own (an activation MatMul) has nothing QAT quantizes
-    weighted = compute_modules(model)
-    exclude = sorted({m for m in map(module_of_onnx_node, cfg.nodes_to_exclude) if m in weighted})
+    exclude = sorted({m for m in modules_of_onnx_nodes(cfg.nodes_to_exclude, compute_modules(model)).values() if m})
     init = None
     if cfg.qat_init:
         from .source import load_model

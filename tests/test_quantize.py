@@ -352,6 +352,118 @@ def test_qat_student_is_onnxruntimes_int8_arithmetic(tmp_path, weight_bits, keep
     assert rms(got - ort_out) < 0.75 * rms(ref - ort_out), (rms(got - ort_out), rms(ref - ort_out))
 
 
+@pytest.mark.parametrize("float_act_matmuls", [True, False])
+def test_attention_matmuls_stay_float_so_the_student_is_what_deploys(tmp_path, monkeypatch, float_act_matmuls):
+    """MatMuls of two activations (queries x keys, softmax probabilities x values) stay float in the static INT8
+    graph: the student fake-quantizes Conv / Linear only, so quantized attention probabilities (uint8 steps of
+    1/255) are an error it cannot train for. The Linear MatMuls keep both inputs quantized. With the policy off
+    (the check that this test can fail) the deployed graph quantizes all four attention inputs and the student is
+    further from it than from FP32's distance budget."""
+    import onnx
+    from torch import nn
+
+    import geosurge.export.precision.graph as graph
+    from geosurge.export.precision.ort_static import prepare, quantize_int8_static
+    from geosurge.export.precision.qat import insert_fake_quant, observe_ranges
+    from geosurge.models.fusion import CrossAttention
+
+    monkeypatch.setattr(graph, "FLOAT_ACTIVATION_MATMULS", float_act_matmuls)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(16, 32)
+            self.attn = CrossAttention(32, 4)
+
+        def embed(self, x):
+            h = self.inp(x)
+            return self.attn(h[:, :4], h)
+
+        def forward(self, x):
+            return self.embed(x)
+
+    torch.manual_seed(0)
+    model = Attn().eval()
+    with torch.no_grad():  # peaked attention: a few keys carry most of the probability
+        model.attn.k.weight.mul_(6.0)
+    rng = np.random.default_rng(0)
+    calib, test = (rng.normal(0, 1, (n, 12, 16)).astype(np.float32) for n in (32, 8))
+    torch.onnx.export(model, torch.from_numpy(test[:1]), str(tmp_path / "m.onnx"), input_names=["image"],
+                      output_names=["out"], opset_version=17, dynamo=False)
+    prepare(tmp_path / "m.onnx", tmp_path / "prep.onnx")
+    quantize_int8_static(tmp_path / "prep.onnx", tmp_path / "int8.onnx", calib, QuantConfig("int8"))
+    prep = onnx.load(str(tmp_path / "prep.onnx")).graph
+    weights = {t.name for t in prep.initializer}
+    act_act = {n.name for n in prep.node if n.op_type == "MatMul" and not any(i in weights for i in n.input)}
+    assert len(act_act) == 2  # scores, and probabilities x values
+    g = onnx.load(str(tmp_path / "int8.onnx")).graph
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    matmuls = [n for n in g.node if n.op_type in ("MatMul", "Gemm")]  # the Linears: Gemm after pre-processing
+    quantized_inputs = sum(producer.get(i) == "DequantizeLinear" for n in matmuls if n.name in act_act
+                           for i in n.input)
+    assert quantized_inputs == (0 if float_act_matmuls else 4)
+    linear = [n for n in matmuls if n.name not in act_act]
+    assert len(linear) == 5 and all(producer.get(i) == "DequantizeLinear" for n in linear for i in n.input[:2])
+
+    ort_out = reference_qdq_embeddings(tmp_path / "int8.onnx", test).reshape(len(test), -1)
+    student = copy.deepcopy(model)
+    observe_ranges(student, insert_fake_quant(student, 8), torch.from_numpy(calib))
+    with torch.no_grad():
+        got = student(torch.from_numpy(test)).reshape(len(test), -1).numpy()
+        ref = model(torch.from_numpy(test)).reshape(len(test), -1).numpy()
+    rms = lambda d: float(np.sqrt(np.mean(np.square(d))))  # noqa: E731
+    assert rms(ort_out - ref) > 1e-3 * rms(ref)  # INT8 moves the output
+    close = rms(got - ort_out) < 0.5 * rms(ref - ort_out)
+    assert close == float_act_matmuls, (rms(got - ort_out), rms(ref - ort_out))
+
+
+def test_onnx_nodes_lead_to_their_modules_when_a_scope_is_skipped(tmp_path):
+    """timm's backbone runs as ``self.model.forward_features(x)``, which records no ``model`` scope: the ONNX node
+    ``/backbone/conv_stem/Conv`` is the module ``backbone.model.conv_stem``. Every Conv / Linear node must lead to
+    its module (else ``--exclude-nodes`` with ``--qat`` trains a student that quantizes what the export keeps
+    float); a MatMul of two activations has no module of its own."""
+    import onnx
+    from torch import nn
+
+    from geosurge.export.precision.qat import compute_modules, module_of_onnx_node, modules_of_onnx_nodes
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_stem = nn.Conv2d(3, 8, 3)
+            self.blocks = nn.Sequential(nn.Sequential(nn.Conv2d(8, 8, 1)), nn.Sequential(nn.Conv2d(8, 4, 1)))
+
+        def forward_features(self, x):
+            return self.blocks(self.conv_stem(x))
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Inner()
+
+        def forward(self, x):
+            return self.model.forward_features(x)  # no scope for "model"
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = Wrap()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            t = self.fc(self.backbone(x).flatten(2).transpose(1, 2))
+            return t @ t.transpose(1, 2)  # a MatMul of two activations
+
+    model = Net().eval()
+    torch.onnx.export(model, torch.zeros(1, 3, 6, 6), str(tmp_path / "m.onnx"), opset_version=17, dynamo=False)
+    nodes = [n.name for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type in ("Conv", "MatMul")]
+    got = modules_of_onnx_nodes(nodes, compute_modules(model))
+    assert module_of_onnx_node("/backbone/conv_stem/Conv") == "backbone.conv_stem"  # the scope alone misses it
+    assert sorted(v for v in got.values() if v) == sorted(compute_modules(model))
+    assert got["/backbone/conv_stem/Conv"] == "backbone.model.conv_stem"
+    assert [k for k, v in got.items() if v is None] == ["/MatMul"]
+
+
 def test_qat_lowers_the_int8_error_where_ptq_is_bad(tmp_path, tiny):
     from geosurge.export.compare import torch_embed
     from geosurge.export.onnx import export_onnx

@@ -94,8 +94,11 @@ def _fake_quant_modules():
         def __init__(self, bits: int):
             super().__init__()
             self.qmax = 127 if bits == 8 else 64  # onnxruntime: symmetric [-127, 127]; reduce_range [-64, 64]
+            self.enabled = True  # False: the weight passes unrounded (what one quantizer costs: an analysis)
 
         def forward(self, w):
+            if not self.enabled:
+                return w
             amax = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12)
             scale = (amax / self.qmax).float()
             return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0,
@@ -110,6 +113,7 @@ def _fake_quant_modules():
             self.register_buffer("lo", torch.tensor(0.0))
             self.register_buffer("hi", torch.tensor(0.0))
             self.scale, self.zero_point = None, 0
+            self.enabled = True  # False: the tensor passes unrounded (an analysis; the range is kept)
 
         def freeze(self):
             self.scale = float(max((self.hi - self.lo).item() / 255.0, 1e-12))
@@ -124,6 +128,8 @@ def _fake_quant_modules():
             if self.scale is None:  # calibrating
                 self.lo = torch.minimum(self.lo, x.detach().min())
                 self.hi = torch.maximum(self.hi, x.detach().max())
+                return x
+            if not self.enabled:
                 return x
             return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
 
@@ -146,6 +152,35 @@ def module_of_onnx_node(node: str) -> str:
     return ".".join(out)
 
 
+def modules_of_onnx_nodes(nodes, modules) -> dict[str, str | None]:
+    """Each ONNX node name -> the module of ``modules`` (e.g. :func:`compute_modules`) it was exported from, or None
+    when it has none of its own (an attention MatMul of two activations). The scope path
+    (:func:`module_of_onnx_node`) names a module exactly, or skips modules whose ``forward`` was not called as a
+    module (timm's ``self.model.forward_features(x)`` records no ``model`` scope: ``/backbone/conv_stem/Conv`` is
+    ``backbone.model.conv_stem``): then the one module whose path holds the scope's parts in order, with the same
+    first and last part. Raises GeosurgeError naming a node that fits several modules."""
+    modules = set(modules)
+    out: dict[str, str | None] = {}
+    for node in nodes:
+        path = module_of_onnx_node(node)
+        if path in modules or not path:
+            out[node] = path or None
+            continue
+        want = path.split(".")
+        fits = [m for m in modules if _holds_in_order(m.split("."), want)]
+        if len(fits) > 1:
+            raise GeosurgeError(f"ONNX node {node!r} fits {len(fits)} modules ({', '.join(sorted(fits)[:3])})")
+        out[node] = fits[0] if fits else None
+    return out
+
+
+def _holds_in_order(parts: list[str], want: list[str]) -> bool:
+    if not want or parts[0] != want[0] or parts[-1] != want[-1]:
+        return False
+    it = iter(parts)
+    return all(w in it for w in want)
+
+
 def compute_modules(model) -> set[str]:
     """Names of the Conv2d / Linear modules outside the cell head: what QAT fake-quantizes."""
     from torch import nn
@@ -156,12 +191,12 @@ def compute_modules(model) -> set[str]:
 
 def insert_fake_quant(model, weight_bits: int = 8, exclude=()) -> list:
     """Fake quantizers on every Conv2d / Linear outside the cell head (in place): input (asymmetric uint8,
-    observing until :func:`freeze_ranges`) and weight (per channel); and on the output of every BatchNorm that
+    observing until :func:`freeze_ranges` / :func:`observe_ranges` fix it) and weight (per channel); and on the output of every BatchNorm that
     carries its activation (timm's ``BatchNormAct2d``, identity or not) outside the head, which is where
     onnxruntime quantizes the output of the Conv it folds the BatchNorm (and a Clip / Relu) into. A plain
     ``nn.BatchNorm2d`` is not covered: whether an activation module follows it is not known from the module tree.
 
-    ``exclude``: module names (:func:`module_of_onnx_node` of the ONNX nodes kept out of INT8 compute, with float
+    ``exclude``: module names (:func:`modules_of_onnx_nodes` of the ONNX nodes kept out of INT8 compute, with float
     weights) left float as onnxruntime leaves them (seen in its QDQ graph of such a mix): no input or weight
     quantizer, and the output of their BatchNorm (the first that runs after them) not quantized; a tensor a
     kept-out node shares with a quantized neighbour is still rounded by that neighbour's quantizer. Raises
@@ -210,6 +245,28 @@ def insert_fake_quant(model, weight_bits: int = 8, exclude=()) -> list:
             mod.register_forward_hook(output)
             acts.append(oq)
     return acts
+
+
+def quantizer_groups(student) -> dict[str, list]:
+    """Per Conv2d / Linear that ``student`` (after :func:`insert_fake_quant` and one forward pass, which tells each
+    BatchNorm output quantizer its producer) quantizes: its input quantizer, its weight quantizer and the BatchNorm
+    output quantizers of its outputs, in module order — what keeping that node float (``exclude``) takes away. Each
+    quantizer has an ``enabled`` switch. Raises GeosurgeError before that forward pass."""
+    from torch.nn.utils import parametrize
+
+    groups: dict[str, list] = {}
+    for name, mod in student.named_modules():
+        if parametrize.is_parametrized(mod, "weight") and hasattr(mod, "input_quantizer"):
+            groups[name] = [mod.input_quantizer, mod.parametrizations.weight[0]]
+    for mod in student.modules():
+        q = getattr(mod, "output_quantizer", None)
+        if q is None:
+            continue
+        if q.producer is None:
+            raise GeosurgeError("quantizer_groups: run the student once first (which Conv makes each output)")
+        if q.producer in groups:
+            groups[q.producer].append(q)
+    return groups
 
 
 def freeze_ranges(acts) -> None:
