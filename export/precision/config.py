@@ -35,6 +35,11 @@ WEIGHT_ONLY_MAX_ERROR = 1e-4
 DYNAMIC_OP_TYPES = ("MatMul", "Gemm")
 #: ONNX node-name prefixes that are never quantized (the cell head: scoring against the table is retrieval)
 ALWAYS_FLOAT_PREFIXES = ("/head/",)
+#: MatMuls of two activations (attention: queries x keys, softmax probabilities x values) are never quantized: no
+#: weight, a few MFLOP against the convolutions' hundreds, and their uint8 grid rounds attention probabilities to
+#: steps of 1/255 that QAT's student (which fake-quantizes Conv / Linear only) cannot train for. Measured on the
+#: reference model's QAT weights (docs/quantization.md "Activation x activation MatMuls stay float")
+FLOAT_ACTIVATION_MATMULS = True
 QUANT_TYPES = ("uint8", "int8")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ALWAYS_FLOAT_PREFIXES, COMPUTE_OP_TYPES, FOLLOWER_OP_TYPES
+from .config import ALWAYS_FLOAT_PREFIXES, COMPUTE_OP_TYPES, FLOAT_ACTIVATION_MATMULS, FOLLOWER_OP_TYPES
 
 
 def _structure(path) -> tuple[list[tuple], frozenset]:
@@ -27,11 +27,19 @@ def _structure_cached(path: str, mtime_ns: int, size: int) -> tuple[list[tuple],
             frozenset(t.name for t in g.initializer))
 
 
+def _always_float(name: str, op: str, ins: tuple, inits: frozenset) -> bool:
+    """A node no precision quantizes: the cell head's (by name), and a MatMul of two activations (no initializer
+    input) when :data:`~.config.FLOAT_ACTIVATION_MATMULS`."""
+    if name.startswith(ALWAYS_FLOAT_PREFIXES):
+        return True
+    return FLOAT_ACTIVATION_MATMULS and op == "MatMul" and not any(i in inits for i in ins)
+
+
 def quantizable_nodes(path, op_types=COMPUTE_OP_TYPES) -> list[dict]:
     nodes, inits = _structure(path)
     return [{"node": name, "op": op, "inputs": [i for i in ins if i and i not in inits],
              "weights": [i for i in ins if i in inits]}
-            for name, op, ins, _ in nodes if op in op_types and not name.startswith(ALWAYS_FLOAT_PREFIXES)]
+            for name, op, ins, _ in nodes if op in op_types and not _always_float(name, op, ins, inits)]
 
 
 def with_followers(path, names: list[str]) -> list[str]:
@@ -44,7 +52,9 @@ def with_followers(path, names: list[str]) -> list[str]:
 
 
 def always_float_nodes(path) -> list[str]:
-    return [name for name, _, _, _ in _structure(path)[0] if name.startswith(ALWAYS_FLOAT_PREFIXES)]
+    """Names of the nodes of ``path`` that stay float whatever is asked (:func:`_always_float`)."""
+    nodes, inits = _structure(path)
+    return [name for name, op, ins, _ in nodes if _always_float(name, op, ins, inits)]
 
 
 def toposort(graph) -> None:
