@@ -681,3 +681,47 @@ def test_qat_trains_under_the_ranges_the_export_calibrates(tiny):
     assert rec0["range_drift"] == []
     # measured 2.13e-2 trained vs 2.02e-2 calibrated afresh (with refreshes: 1.92e-2 both)
     assert abs(rec0["fake_quant_error_after"] - calibrated_error(stale)) > 0.01 * rec0["fake_quant_error_after"]
+
+
+def test_quantizer_groups_switch_one_node_out_at_a_time(tiny):
+    """``quantizer_groups``: per quantized Conv / Linear, its input and weight quantizers and the BatchNorm outputs
+    it produces — every quantizer in exactly one group. Switching every group off gives the float model back
+    exactly; switching one off changes the output. Asked before a forward pass, it refuses (the producers are not
+    known yet). What ``benchmarks/qat_residual.py`` builds on."""
+    import copy
+
+    from geosurge.export.precision.qat import compute_modules, insert_fake_quant, observe_ranges, quantizer_groups
+
+    from timm.layers import BatchNormAct2d
+    from torch import nn
+
+    conv_bn = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.ReLU6)).eval()
+    insert_fake_quant(conv_bn, 8)
+    with pytest.raises(GeosurgeError, match="run the student once"):
+        quantizer_groups(conv_bn)
+    conv_bn(torch.zeros(1, 3, 8, 8))
+    assert [len(qs) for qs in quantizer_groups(conv_bn).values()] == [3]  # input, weight, BatchNorm output
+
+    model, _ = tiny
+    student = copy.deepcopy(model)
+    acts = insert_fake_quant(student, 8)
+    x = torch.from_numpy(sample_views_set(model.config.preprocess, 8, seed=5, **QUIET).inputs)
+    observe_ranges(student, acts, x)
+    groups = quantizer_groups(student)
+    assert set(groups) <= compute_modules(model) and len(groups) == len(compute_modules(model))
+    flat = [id(q) for qs in groups.values() for q in qs]
+    assert len(flat) == len(set(flat)) and set(map(id, acts)) <= set(flat)
+    with torch.no_grad():
+        fp32, quant = model.embed(x), student.embed(x)
+        for qs in groups.values():
+            for q in qs:
+                q.enabled = False
+        np.testing.assert_allclose(student.embed(x).numpy(), fp32.numpy(), atol=1e-6)
+        first = next(iter(groups.values()))
+        for q in first:
+            q.enabled = True
+        assert not torch.allclose(student.embed(x), fp32, atol=1e-6)
+        for qs in groups.values():
+            for q in qs:
+                q.enabled = True
+        assert torch.equal(student.embed(x), quant)
