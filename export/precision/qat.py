@@ -191,9 +191,10 @@ def compute_modules(model) -> set[str]:
 
 def insert_fake_quant(model, weight_bits: int = 8, exclude=()) -> list:
     """Fake quantizers on every Conv2d / Linear outside the cell head (in place): input (asymmetric uint8,
-    observing until :func:`freeze_ranges` / :func:`observe_ranges` fix it) and weight (per channel); and on the output of every BatchNorm that
-    carries its activation (timm's ``BatchNormAct2d``, identity or not) outside the head, which is where
-    onnxruntime quantizes the output of the Conv it folds the BatchNorm (and a Clip / Relu) into. A plain
+    observing until :func:`freeze_ranges` / :func:`observe_ranges` fix it) and weight (per channel); and on the
+    output of every BatchNorm that carries its activation (timm's ``BatchNormAct2d``, identity or not) outside the
+    head, which is where onnxruntime quantizes the output of the Conv it folds the BatchNorm (and a Clip / Relu)
+    into. A plain
     ``nn.BatchNorm2d`` is not covered: whether an activation module follows it is not known from the module tree.
 
     ``exclude``: module names (:func:`modules_of_onnx_nodes` of the ONNX nodes kept out of INT8 compute, with float
