@@ -549,6 +549,7 @@ def test_qat_trains_for_the_kept_out_nodes_and_the_search_keeps_original_weights
     q = _manifest(out)["quantization"]
     assert q["qat"]["exclude"] == [module_of_onnx_node(conv)] and module_of_onnx_node(conv)
     assert q["qat"]["base"] == "qat"
+    assert q["qat"]["facts"]["weight_only_int8"] == 0  # the kept-out weights deploy float, as the student had them
     assert q["qat"]["search_base"] == "ptq" and q["search"]["passed"]
     assert conv in q["nodes_excluded"]  # the user's choice stays out in the searched mix too
 
