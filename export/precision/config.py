@@ -38,7 +38,7 @@ ALWAYS_FLOAT_PREFIXES = ("/head/",)
 #: MatMuls of two activations (attention: queries x keys, softmax probabilities x values) are never quantized: no
 #: weight, a few MFLOP against the convolutions' hundreds, and their uint8 grid rounds attention probabilities to
 #: steps of 1/255 that QAT's student (which fake-quantizes Conv / Linear only) cannot train for. Measured on the
-#: reference model's QAT weights (docs/quantization.md "Activation x activation MatMuls stay float")
+#: reference model's QAT weights: docs/quantization.md "What stays in float by default"
 FLOAT_ACTIVATION_MATMULS = True
 QUANT_TYPES = ("uint8", "int8")
 
