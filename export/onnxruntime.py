@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -311,19 +312,21 @@ def _qat(model, cfg: QuantConfig, calibration, quantizer: Quantizer, cands: Cand
     if cfg.qat_init:
         rec["init"] = str(cfg.qat_init)
     if cfg.qat_save:
-        saved = tuned.save_pretrained(cfg.qat_save, extra={"qat": {k: v for k, v in rec.items()
-                                                                  if isinstance(v, (int, float, str, bool))}})
+        # the nodes it trained float go with the weights: an export of the checkpoint keeps them float (float weights)
+        saved = tuned.save_pretrained(cfg.qat_save, extra={"qat": {
+            **{k: v for k, v in rec.items() if isinstance(v, (int, float, str, bool))},
+            "kept_float_nodes": list(cfg.nodes_to_exclude)}})
         rec["saved"] = str(saved)
         log(f"QAT: tuned FP32 weights saved as a checkpoint in {saved} (export it with --precision int8"
-            f"{' --reduce-range' if cfg.reduce_range else ''} for this QAT graph without training again)")
+            f"{' --reduce-range' if cfg.reduce_range else ''} for this QAT graph without training again"
+            + (f"; its {len(cfg.nodes_to_exclude)} node(s) kept float come with it" if cfg.nodes_to_exclude else "")
+            + ")")
     qfp32 = workdir / "qat-fp32.onnx"
     export_onnx(tuned, qfp32, log=lambda m: None, **export_kwargs)
     qprep = prepare(qfp32, workdir / "qat-prepared.onnx")
-    qq = Quantizer(qprep, cfg, calib, workdir / "qat-calibration-ranges.json")
-    # the kept-out nodes keep the float weights the student trained (weight-only INT8 rounds weights QAT never saw
-    # rounded: the reference model's QAT with its first block kept float deployed at cosine 0.974 with them, 0.993
-    # with float weights, on 200 unseen views)
-    qq.weight_only_ok = set()
+    # the kept-out nodes keep the float weights the student trained (QuantConfig.float_weight_nodes)
+    qq = Quantizer(qprep, replace(cfg, float_weight_nodes=list(cfg.nodes_to_exclude)), calib,
+                   workdir / "qat-calibration-ranges.json")
     trial = workdir / "qat-all-int8.onnx"
     rec["facts"] = qq(trial)
     cands.add("all-INT8 QAT", trial)

@@ -30,6 +30,7 @@ machine). Locating images is :class:`geosurge.runtime.Localizer` (the device API
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -133,6 +134,11 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     if threads:
         torch.set_num_threads(threads)
     model, src = load_model(model, seed, cells)
+    if src.get("checkpoint"):  # a checkpoint QAT saved deploys the precision it trained for
+        from .models.geosurge import read_checkpoint_config
+
+        meta, _ = read_checkpoint_config(src["checkpoint"])
+        options = replace(options, quant=options.quant.for_qat_checkpoint(meta.get("qat"), log))
     if golden:
         listing = list_images(_paths(golden))
         for line in listing.skip_lines():

@@ -554,6 +554,38 @@ def test_qat_trains_for_the_kept_out_nodes_and_the_search_keeps_original_weights
     assert conv in q["nodes_excluded"]  # the user's choice stays out in the searched mix too
 
 
+def test_a_qat_checkpoint_exports_the_precision_it_trained_for(tmp_path, tiny, calib):
+    """A checkpoint ``--qat-save`` wrote records the nodes its student trained float: exporting it at int8 keeps
+    them out of INT8 with the float weights it trained (not weight-only INT8, which the same node gets from a plain
+    checkpoint), and says so; other nodes or weight bits than it trained for are named in a warning."""
+    from geosurge import api
+    from geosurge.export.onnx import export_onnx
+    from geosurge.export.precision.graph import quantizable_nodes
+    from geosurge.export.precision.ort_static import prepare
+
+    model, _ = tiny
+    export_onnx(model, tmp_path / "m.onnx", log=lambda s: None)
+    prepare(tmp_path / "m.onnx", tmp_path / "prep.onnx")
+    conv = next(n["node"] for n in quantizable_nodes(tmp_path / "prep.onnx") if n["op"] == "Conv")
+    model.save_pretrained(tmp_path / "plain")
+    model.save_pretrained(tmp_path / "qat", extra={"qat": {"weight_bits": 8, "kept_float_nodes": [conv]}})
+    logs = []
+    kw = {"precision": "int8", "calibration": calib, "min_speedup": 0.0, "log": logs.append}
+    q = _manifest(api.export(tmp_path / "qat", tmp_path / "b-qat", **kw).root)["quantization"]
+    assert conv in q["nodes_excluded"] and q["config"]["float_weight_nodes"] == [conv]
+    assert q["weight_only_int8"] == 0
+    assert any("trained float stay out of INT8" in m for m in logs)
+    q = _manifest(api.export(tmp_path / "plain", tmp_path / "b-plain", exclude_nodes=[conv], **kw).root)
+    assert q["quantization"]["weight_only_int8"] == 1  # what the kept-out node gets when nothing trained it float
+
+    record = {"weight_bits": 7, "kept_float_nodes": [conv]}
+    logs.clear()
+    cfg = QuantConfig("int8", nodes_to_exclude=["/other/Conv"]).for_qat_checkpoint(record, logs.append)
+    assert cfg.nodes_to_exclude == ["/other/Conv"] and cfg.float_weight_nodes == []
+    assert "leaves out 1 of them" in logs[0] and "add --reduce-range" in logs[1]
+    assert QuantConfig("int8").for_qat_checkpoint(None) == QuantConfig("int8")
+
+
 def test_parity_hints_suggest_what_was_not_tried():
     from argparse import Namespace
 

@@ -46,11 +46,16 @@ class Quantizer:
         else:
             facts = ort_dynamic.quantize_int8_dynamic(self.prepared, dst, self.cfg, exclude, only)
         if not only and self.cfg.excluded_weights == "int8":
-            ok = self._names() if self.weight_only_ok is None else self.weight_only_ok
-            facts["weight_only_int8"] = weight_only_int8(dst, [n for n in exclude if n in ok])
+            facts["weight_only_int8"] = weight_only_int8(dst, self.weight_only_nodes(exclude))
         facts["excluded_weights"] = self.cfg.excluded_weights
         self.last_facts = facts
         return facts
+
+    def weight_only_nodes(self, exclude) -> list[str]:
+        """Which of the kept-out nodes ``exclude`` get weight-only INT8 weights (``excluded_weights`` "int8"):
+        those measured harmless (:attr:`weight_only_ok`; None: all), never ``cfg.float_weight_nodes``."""
+        ok = self._names() if self.weight_only_ok is None else self.weight_only_ok
+        return [n for n in exclude if n in ok and n not in self.cfg.float_weight_nodes]
 
     def _names(self) -> set[str]:
         return {n["node"] for n in quantizable_nodes(self.prepared, self.op_types)}
@@ -180,7 +185,8 @@ def search_precision(quantizer: Quantizer, dst: Path, holdout: np.ndarray, score
         # compress further while the gates still pass: give weight-only INT8 to the kept-out nodes left in fp32,
         # least harmful first, keeping each only if the whole mix still passes on the held-out images
         extra = sorted((r for r in ranking if r["node"] in set(names[:hi]) and r["node"] not in quantizer.weight_only_ok
-                        and "weight_only_error" in r), key=lambda r: r["weight_only_error"])
+                        and r["node"] not in quantizer.cfg.float_weight_nodes and "weight_only_error" in r),
+                       key=lambda r: r["weight_only_error"])
         for r in extra:
             quantizer.weight_only_ok.add(r["node"])
             rec = attempt(names[:hi], label=f"+ weight-only {r['node']}")
@@ -189,7 +195,7 @@ def search_precision(quantizer: Quantizer, dst: Path, holdout: np.ndarray, score
             else:
                 quantizer.weight_only_ok.discard(r["node"])
     if quantizer.weight_only_ok is not None:
-        result["weight_only_nodes"] = sorted(set(names[:hi]) & quantizer.weight_only_ok)
+        result["weight_only_nodes"] = sorted(quantizer.weight_only_nodes(names[:hi]))
     quantizer(dst, names[:hi])
     log(f"  chosen mix: {hi} of {len(names)} quantizable node(s) kept out of INT8 compute (weights "
         f"{quantizer.cfg.excluded_weights}; {time.perf_counter() - t0:.1f}s)")
