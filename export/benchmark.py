@@ -504,6 +504,11 @@ def write_png(report: dict, path) -> Path:
                     ("golden_cos_mean", "embedding cosine vs FP32 torch (golden replay)"))
     anchors = [r for r in report["latency"] if r["kind"] == "anchor" and (r["image"], r["mode"]) == HEADLINE]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    # points named in a legend, not by labels beside them: bundles at parity sit on top of each other
+    # (colour: the bundle, marker: the backend)
+    bundles = list(dict.fromkeys(r["bundle"] for r in summary))
+    backends = list(dict.fromkeys(r["backend"] for r in summary))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, xkey, xlabel in ((axes[0], "inference_p50_ms", "inference p50 (ms)"),
                              (axes[1], "e2e_p50_ms", "end to end p50 (ms)")):
         xs = []
@@ -511,15 +516,14 @@ def write_png(report: dict, path) -> Path:
             if r.get(xkey) is None or r.get(ykey) is None:
                 continue
             xs.append(r[xkey])
-            ax.scatter(r[xkey], r[ykey], s=40)
-            ax.annotate(f"{r['bundle']}\n{r['backend']} {r['precision']}", (r[xkey], r[ykey]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
+            ax.scatter(r[xkey], r[ykey], s=40, color=colours[bundles.index(r["bundle"]) % len(colours)],
+                       marker="osD^v<>"[backends.index(r["backend"]) % 7],
+                       label=f"{r['bundle']} | {r['backend']} {r['precision']}")
         if ax is axes[0]:  # the torch anchors: FP32 references, inference only
-            for a in anchors:
+            for i, a in enumerate(anchors):
                 xs.append(a["inference_p50_ms"])
-                ax.axvline(a["inference_p50_ms"], ls="--", lw=1, color="grey")
-                ax.annotate(a["backend"], (a["inference_p50_ms"], 0.03), xycoords=("data", "axes fraction"),
-                            rotation=90, fontsize=7, color="grey", xytext=(-9, 0), textcoords="offset points")
+                ax.axvline(a["inference_p50_ms"], ls=("--", ":", "-.")[i % 3], lw=1, color="grey",
+                           label=f"{a['bundle']} | {a['backend']}")
         if xs:  # log scale: speed-ups read as distances; ticks at 1, 2, 5 x 10^n ms
             ax.set_xscale("log")
             ax.set_xlim(min(xs) / 1.5, max(xs) * 2.0)
@@ -529,6 +533,8 @@ def write_png(report: dict, path) -> Path:
         ax.set_xlabel(f"{xlabel}, 12 MP JPEG, paced (log scale)")
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(ylabel)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7, loc="best", framealpha=0.8)
     fig.suptitle(f"geosurge benchmark: latency vs parity ({report['machine']['machine']}, "
                  f"{report['machine']['cpus']} CPUs, threads {report['settings']['threads'] or 'default'})",
                  fontsize=10)
