@@ -51,6 +51,7 @@ from geosurge.parity import compare
 from geosurge.preprocess import preprocess
 from geosurge.report import format_table, write_json
 from geosurge.runtime import open_bundle
+from geosurge.runtime.backends.onnxruntime import OnnxRuntimeRunner
 from geosurge.runtime.cells import CellScorer
 from geosurge.timing import interleaved
 
@@ -98,20 +99,13 @@ def node_selection(prepared: Path, which: str) -> tuple[list[str] | None, list[s
     return None, []
 
 
-def session(path: Path, threads: int, optimize: bool):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+def session(path: Path, threads: int, optimize: bool) -> OnnxRuntimeRunner:
+    """The deployed graph (``optimize``) or the grid alone (the runtime's simulated INT8)."""
+    return OnnxRuntimeRunner(path, threads, simulate_int8=not optimize)
 
 
-def embed(sess, x: np.ndarray, name: str) -> np.ndarray:
-    return np.concatenate([sess.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+def embed(runner: OnnxRuntimeRunner, x: np.ndarray, name: str) -> np.ndarray:
+    return np.concatenate([runner.infer({name: x[i:i + 1]})[runner.output_names[0]] for i in range(len(x))])
 
 
 def summary(res: dict) -> dict:
@@ -185,7 +179,7 @@ def main() -> int:
         deployed = session(dst, a.threads, True)
         kern = summary(compare(ref, embed(deployed, ev, name), scorer, truth=truth))
         x = ev[:1]
-        ms = interleaved({"fp32": lambda: fp32.run(None, {name: x}), "int8": lambda: deployed.run(None, {name: x})},
+        ms = interleaved({"fp32": lambda: fp32.infer({name: x}), "int8": lambda: deployed.infer({name: x})},
                          a.iters, a.warmup, a.pause_ms)
         p50 = {k: float(np.percentile(t_, 50)) for k, t_ in ms.items()}
         rows.append({"variant": v, "grid_cos": grid["cos"], "grid_drift_p50_km": grid["drift_median_km"],

@@ -238,7 +238,8 @@ def cmd_build_engine(args) -> int:
 def runner_options(args) -> dict:
     """The backend-specific options given on the command line (a backend that does not take one refuses it)."""
     return {k: v for k, v in (("device", getattr(args, "device", None)),
-                              ("precision_hint", getattr(args, "precision_hint", None))) if v is not None}
+                              ("precision_hint", getattr(args, "precision_hint", None)),
+                              ("simulate_int8", getattr(args, "simulate_int8", None))) if v is not None}
 
 
 def describe_runner(backend: str, options: dict) -> str:
@@ -248,6 +249,8 @@ def describe_runner(backend: str, options: dict) -> str:
         extra.append(str(options["device"]))
     if options.get("INFERENCE_PRECISION_HINT"):
         extra.append(f"INFERENCE_PRECISION_HINT {options['INFERENCE_PRECISION_HINT']}")
+    if options.get("simulate_int8"):
+        extra.append("INT8 simulated: exact integer accumulation")
     return ", ".join([backend, *extra])
 
 

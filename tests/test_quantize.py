@@ -148,6 +148,20 @@ def test_plain_int8_records_failing_gates_and_cli_exits_1(tmp_path, sensitive_ti
     q = _manifest(tmp_path / "b")["quantization"]
     assert q["check"]["passed"] is False and q["check"]["images"] > 0
     assert q["calibrate_method"] == "minmax" and q["activation_type"] == "uint8" and q["weight_type"] == "int8"
+    # simulated INT8 (the grid with exact integer accumulation) fails it too: the failure is the quantizer's
+    r = run_cli("geosurge", "parity", tmp_path / "b", "--checkpoint", tmp_path / "ck", "--simulate-int8",
+                "--json", tmp_path / "sim.json")
+    assert r.returncode == 1 and "INT8 simulated" in r.stdout, r.stdout + r.stderr
+    sim = json.loads((tmp_path / "sim.json").read_text())
+    assert sim["runner_options"]["simulate_int8"] is True and not sim["passed"]
+    # only onnxruntime simulates, and only an INT8 bundle
+    r = run_cli("geosurge", "parity", tmp_path / "b", "--backend", "openvino", "--simulate-int8")
+    assert r.returncode != 0 and "no option simulate_int8" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("geosurge", "export", "--checkpoint", tmp_path / "ck", "--precision", "fp32", "-o", tmp_path / "f")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("geosurge", "parity", tmp_path / "f", "--simulate-int8")
+    assert r.returncode != 0 and "simulated INT8 needs an INT8 (QDQ) bundle; this one is fp32" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8-dynamic"])
@@ -269,16 +283,14 @@ def test_readiness_flags_what_tensorrt_cannot_take(tmp_path):
 
 # ---- INT8 that pays: QAT and the speed gate ----------------------------------------------------------------------
 def reference_qdq_embeddings(path, x):
-    """A QDQ model run with onnxruntime's graph optimizations off: every QuantizeLinear / DequantizeLinear pair is
-    executed as written and the compute is float, so the result is the quantization scheme's own arithmetic — the
-    same on every CPU (no VNNI / AMX / ARM integer kernels involved)."""
-    import onnxruntime as ort
+    """A QDQ model through the runtime's simulated INT8 (``OnnxRuntimeRunner(simulate_int8=True)``: onnxruntime's
+    graph optimizations off, every QuantizeLinear / DequantizeLinear pair executed as written, float compute), so
+    the result is the quantization scheme's own arithmetic — the same on every CPU (no VNNI / AMX / ARM integer
+    kernels involved)."""
+    from geosurge.runtime.backends.onnxruntime import OnnxRuntimeRunner
 
-    o = ort.SessionOptions()
-    o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    o.intra_op_num_threads = 1
-    s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
-    return np.concatenate([s.run(None, {"image": x[i:i + 1]})[0] for i in range(len(x))])
+    with OnnxRuntimeRunner(path, threads=1, simulate_int8=True) as r:
+        return np.concatenate([r.infer({"image": x[i:i + 1]})[r.output_names[0]] for i in range(len(x))])
 
 
 @pytest.mark.parametrize("weight_bits,keep_float", [(8, False), (7, False), (7, True)])

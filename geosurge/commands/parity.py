@@ -17,6 +17,10 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="openvino: the device (CPU, GPU, NPU, AUTO)")
     p.add_argument("--precision-hint", default=None, choices=["f32", "bf16", "f16"],
                    help="openvino: INFERENCE_PRECISION_HINT (default: the device's own)")
+    p.add_argument("--simulate-int8", action="store_true", default=None,
+                   help="onnxruntime, INT8 bundle: the QDQ graph unfused (quantize / dequantize as float arithmetic "
+                   "around float Conv / MatMul): the grid with exact integer accumulation, as TensorRT, VNNI / AMX "
+                   "and ARM dot-product kernels compute it, not this CPU's kernels; for accuracy only (slow)")
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(func=cmd_parity)
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from geosurge.formats import Backend
+from geosurge.errors import GeosurgeError
+from geosurge.formats import Backend, Precision
 from geosurge.privacy import import_onnxruntime
 
 from ..memory import release_freed_heap
@@ -24,13 +25,21 @@ MEM_PATTERN: bool | None = False
 
 class OnnxRuntimeRunner(Runner):
     """onnxruntime InferenceSession; ``threads`` sets the intra-op thread count (one inter-op thread);
-    ``spinning`` whether idle intra-op threads busy-wait (default :data:`SPINNING`)."""
+    ``spinning`` whether idle intra-op threads busy-wait (default :data:`SPINNING`).
+
+    ``simulate_int8``: run a QDQ (INT8) graph with onnxruntime's graph optimisations off, so no QuantizeLinear /
+    DequantizeLinear pair is fused into an integer kernel: each runs as float arithmetic around a float Conv /
+    MatMul (simulated quantization). The result is the quantization grid with exact integer accumulation — what
+    TensorRT, CPUs with VNNI / AMX and ARM dot-product kernels compute — rather than this CPU's kernels (x86
+    without VNNI sums pairs of u8 x s8 products in int16 with saturation; docs/quantization.md). For accuracy
+    only: it runs several times slower than either."""
 
     name = Backend.ONNXRUNTIME
     thread_option = "intra_op_num_threads"
+    option_names = ("simulate_int8",)
 
     def __init__(self, model_path: Path, threads: int | None = None, providers: list[str] | None = None,
-                 spinning: bool | None = None):
+                 spinning: bool | None = None, simulate_int8: bool = False):
         ort = import_onnxruntime()
 
         threads = self.check_threads(threads)
@@ -44,7 +53,8 @@ class OnnxRuntimeRunner(Runner):
             opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if MEM_PATTERN is not None:
             opts.enable_mem_pattern = MEM_PATTERN
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if simulate_int8
+                                         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         avail = ort.get_available_providers()
         providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in avail] or ["CPUExecutionProvider"]
         try:
@@ -59,11 +69,19 @@ class OnnxRuntimeRunner(Runner):
         self.version = ort.__version__
         self.providers = self.session.get_providers()
         self.options = {"providers": self.providers, "intra_op_num_threads": threads, "onnxruntime": ort.__version__}
+        if simulate_int8:
+            self.options["simulate_int8"] = True
 
     @classmethod
     def open(cls, bundle, threads: int | None = None, **options) -> "OnnxRuntimeRunner":
-        cls.check_options(options)
-        return cls(bundle.path("model"), threads=threads)
+        """Raises GeosurgeError for ``simulate_int8`` on a bundle whose model is not INT8 QDQ."""
+        options = cls.check_options(options)
+        simulate = bool(options.get("simulate_int8"))
+        precision = bundle.manifest.model.precision
+        if simulate and precision is not Precision.INT8:
+            raise GeosurgeError(f"{bundle.root}: simulated INT8 needs an INT8 (QDQ) bundle; this one is "
+                                f"{precision.value}")
+        return cls(bundle.path("model"), threads=threads, simulate_int8=simulate)
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._check_open()
