@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from geosurge.errors import GeosurgeError
-from geosurge.formats import default_backend
+from geosurge.formats import Precision, Target, default_backend
 from geosurge.images import list_images, load_image
 from geosurge.manifest import ParityRecord
 from geosurge.parity import compare
@@ -39,12 +39,15 @@ def heldout_parity(model, bundle, inputs: np.ndarray, scorer, gates: dict | None
     (N, 3, S, S), scored with the bundle's table; ``truth`` ((lat, lon) arrays) adds the accuracy deltas. Runs on
     the format's default backend on this machine (onnxruntime for ONNX, also for a TensorRT-bound QDQ model; Core
     ML on macOS); where that backend cannot run here, the record says so (``passed`` None) instead of inventing a
-    result."""
+    result. A TensorRT-bound INT8 model runs as simulated INT8 (``simulate_int8``: exact accumulation, as
+    TensorRT's kernels compute it), not on this CPU's integer kernels, which saturate on x86 without VNNI."""
     m = bundle.manifest
     backend = default_backend(m.model.format)
     cls = get_runner(backend)
+    options = ({"simulate_int8": True} if m.model.target is Target.TENSORRT and m.model.precision is Precision.INT8
+               else {})
     try:
-        runner = cls.open(bundle, threads=threads if cls.thread_option else None)
+        runner = cls.open(bundle, threads=threads if cls.thread_option else None, **options)
     except BackendUnavailable as e:
         return ParityRecord(passed=None, images=int(len(inputs)), reference=REFERENCE, runner=backend.value,
                             skipped=f"not measurable on this machine: {e}")

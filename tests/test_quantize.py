@@ -201,6 +201,10 @@ def test_tensorrt_target_int8_is_qdq_and_ready(tmp_path, tiny, calib):
                                                                     "QDQ placement", "static shapes"}
     ops = rep["ops"]
     assert ops.get("QuantizeLinear", 0) > 0 and ops.get("LayerNormalization", 0) >= 10
+    # the export's held-out check measures what TensorRT computes (exact accumulation: simulated INT8), not this
+    # CPU's integer kernels
+    chk = q["check"]
+    assert chk["runner"] == "onnxruntime" and chk["runner_options"]["simulate_int8"] is True and chk["metrics"]
     # the QDQ model also runs on onnxruntime CPU for verify. Whether its INT8 passes the gates there depends on this
     # CPU's INT8 kernels (u8s8 saturation without VNNI, AMX...; it is built for TensorRT), so what is asserted is
     # that every golden input replays and every gate is evaluated
