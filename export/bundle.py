@@ -178,7 +178,8 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
         if split.check is not None:
             log(f"[5/6] held-out parity vs FP32 on {len(split.check)} image(s) never calibrated or chosen on ...")
             quantization.check = chk = heldout_parity(model, w.staged(manifest), split.check.inputs, scorer, gates,
-                                                      o.threads, truth=split.check.truth)
+                                                      o.threads, truth=split.check.truth,
+                                                      simulate_int8=o.quant.simulate_int8)
             chk.split = split.sizes()
             sub(describe_check(chk, o.precision))
         else:

@@ -34,18 +34,19 @@ def torch_embed(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 def heldout_parity(model, bundle, inputs: np.ndarray, scorer, gates: dict | None = None,
-                   threads: int | None = 2, truth=None) -> ParityRecord:
+                   threads: int | None = 2, truth=None, simulate_int8: bool = False) -> ParityRecord:
     """The staged model part (``bundle``: its Bundle, parts written) vs the FP32 torch ``model`` on ``inputs``
     (N, 3, S, S), scored with the bundle's table; ``truth`` ((lat, lon) arrays) adds the accuracy deltas. Runs on
     the format's default backend on this machine (onnxruntime for ONNX, also for a TensorRT-bound QDQ model; Core
     ML on macOS); where that backend cannot run here, the record says so (``passed`` None) instead of inventing a
-    result. A TensorRT-bound INT8 model runs as simulated INT8 (``simulate_int8``: exact accumulation, as
-    TensorRT's kernels compute it), not on this CPU's integer kernels, which saturate on x86 without VNNI."""
+    result. An INT8 model runs as simulated INT8 (exact accumulation) when ``simulate_int8`` and always when it is
+    TensorRT-bound (as TensorRT's kernels compute it), not on this CPU's integer kernels, which saturate on x86
+    without VNNI."""
     m = bundle.manifest
     backend = default_backend(m.model.format)
     cls = get_runner(backend)
-    options = ({"simulate_int8": True} if m.model.target is Target.TENSORRT and m.model.precision is Precision.INT8
-               else {})
+    simulate = m.model.precision is Precision.INT8 and (simulate_int8 or m.model.target is Target.TENSORRT)
+    options = {"simulate_int8": True} if simulate else {}
     try:
         runner = cls.open(bundle, threads=threads if cls.thread_option else None, **options)
     except BackendUnavailable as e:

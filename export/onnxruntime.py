@@ -103,11 +103,13 @@ class Candidates:
     parity on the choose images and, at the end, their latency against FP32 — the decision's evidence."""
 
     def __init__(self, workdir: Path, fp32: Path, reference: np.ndarray | None, inputs: np.ndarray | None, truth,
-                 scorer, gates, threads, log):
+                 scorer, gates, threads, log, simulate_int8: bool = False):
         self.dir = workdir / "candidates"
         self.dir.mkdir(exist_ok=True)
         self.fp32, self.reference, self.inputs, self.truth = fp32, reference, inputs, truth
         self.scorer, self.gates, self.threads, self.log = scorer, gates, threads, log
+        #: parity measured as simulated INT8 (QuantConfig.simulate_int8); latency always on this CPU's kernels
+        self.simulate_int8 = simulate_int8
         self.rows: dict[str, dict] = {}
         self.files: dict[str, Path] = {}
 
@@ -116,8 +118,8 @@ class Candidates:
         self.files[name] = self.dir / f"{len(self.files)}.onnx"
         shutil.copyfile(path, self.files[name])
         if parity is None and self.inputs is not None:
-            parity = compare(self.reference, run_embeddings(path, self.inputs, self.threads), self.scorer,
-                             self.gates, truth=self.truth)
+            dep = run_embeddings(path, self.inputs, self.threads, simulate_int8=self.simulate_int8)
+            parity = compare(self.reference, dep, self.scorer, self.gates, truth=self.truth)
             self.log(f"  {name}: {summary(parity)}")
         self.rows[name] = {"candidate": name, **(step_record(parity) if parity is not None else {})}
         return parity
@@ -203,11 +205,13 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
     reference = run_embeddings(prepared, inputs, threads) if inputs is not None else None
     # choices are made with half of each gate's slack, so the mix still passes on the check images
     choose_gates = tightened(gates)
-    cands = Candidates(workdir, fp32, reference, inputs, truth, scorer, choose_gates, threads, log)
+    cands = Candidates(workdir, fp32, reference, inputs, truth, scorer, choose_gates, threads, log,
+                       simulate_int8=cfg.simulate_int8)
     if cfg.chooses:
         log(f"choosing the INT8 model on {len(inputs)} image(s) never calibrated on, under the gates with half their "
             "slack" + (" (with ground truth: accuracy deltas gated)" if truth is not None else "")
-            + (f", calibrating on {len(calib)}" if calib is not None else ""))
+            + (f", calibrating on {len(calib)}" if calib is not None else "")
+            + (", as simulated INT8 (exact accumulation)" if cfg.simulate_int8 else ""))
     trial = workdir / "all-int8.onnx"
     facts = quantizer(trial)
     ptq = cands.add(ALL_INT8 if static else "all-INT8 dynamic", trial)

@@ -92,7 +92,7 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
            seed: int = 0, source: dict | None = None, gates: dict | None = None, qat: bool = False,
            qat_steps: int = 200, qat_lr: float = 2e-5, qat_save: PathLike | None = None,
            qat_init: PathLike | None = None, min_speedup: float = 1.0, reduce_range: bool = False,
-           recommend_backend: bool = False, log: Log = print):
+           simulate_int8: bool = False, recommend_backend: bool = False, log: Log = print):
     """Export a model to a bundle at ``output`` and return the :class:`geosurge.runtime.Bundle`.
 
     ``model``: a config name, a checkpoint directory or an in-memory GeoSurge (:func:`load_model`).
@@ -107,7 +107,9 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     without starting over);
     ``min_speedup``: an int8 / int8-dynamic model must beat FP32 by more than this ratio on this machine (0: not
     gated; ``bundle.manifest.quantization.extra["decision"]`` says what won and why); ``reduce_range``: 7-bit
-    weights (x86 without VNNI); ``recommend_backend``: measure the installed backends and record the fastest at
+    weights (x86 without VNNI); ``simulate_int8``: choose and check INT8 as simulated INT8 (exact integer
+    accumulation: for ARM dot-product / VNNI / AMX devices when this CPU saturates; speed still timed here);
+    ``recommend_backend``: measure the installed backends and record the fastest at
     parity for machines like this one. ``table``: the cell table's storage (float16, float32, int8); ``golden``:
     photos (files or folders) for the golden probes (default: the sample photos). A non-FP32 model records its
     held-out parity in ``bundle.manifest.check``; ``check.passed`` False means it fails the gates (the bundle is
@@ -127,7 +129,7 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
                         search=precision_search, qat=qat, qat_steps=qat_steps, qat_lr=qat_lr,
                         qat_save=None if qat_save is None else str(qat_save),
                         qat_init=None if qat_init is None else str(qat_init), min_speedup=min_speedup,
-                        reduce_range=reduce_range)
+                        reduce_range=reduce_range, simulate_int8=simulate_int8)
     options = ExportOptions.create(format=format, target=target, precision=p.value, quant=quant, opset=opset,
                                    dynamic_batch=dynamic_batch, with_logits=with_logits, table_dtype=table,
                                    threads=threads)

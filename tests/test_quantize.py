@@ -212,6 +212,32 @@ def test_tensorrt_target_int8_is_qdq_and_ready(tmp_path, tiny, calib):
     assert rep["metrics"]["n"] == m["golden"]["count"] and len(rep["gates"]) == len(m["parity_gates"])
 
 
+def test_simulate_int8_export_checks_the_grid_and_times_the_kernels(tmp_path, tiny, calib, monkeypatch):
+    """``--simulate-int8`` (a device unlike the exporting CPU): parity is measured as simulated INT8 (exact
+    accumulation), the speed gate on this CPU's own kernels."""
+    from geosurge.runtime.backends import onnxruntime as ortb
+
+    opened = []
+    init = ortb.OnnxRuntimeRunner.__init__
+
+    def spy(self, model_path, threads=None, providers=None, spinning=None, simulate_int8=False):
+        opened.append((Path(model_path).name, simulate_int8))
+        init(self, model_path, threads, providers, spinning, simulate_int8)
+
+    monkeypatch.setattr(ortb.OnnxRuntimeRunner, "__init__", spy)
+    out = _export(tmp_path / "sim", tiny, QuantConfig("int8", search="auto", simulate_int8=True, **NO_SPEED), calib,
+                  gates=SEARCH_GATES)
+    q = _manifest(out)["quantization"]
+    assert q["config"]["simulate_int8"] is True
+    assert q["check"]["runner_options"]["simulate_int8"] is True and q["check"]["passed"] is not None
+    assert ("all-int8.onnx", True) in opened  # all-INT8's parity on the choose images ...
+    assert ("0.onnx", False) in opened  # ... and its latency (the candidate's copy), on this CPU's kernels
+    assert ("model.onnx", True) in opened  # the held-out check of the staged bundle
+    assert ("prepared.onnx", False) in opened  # the FP32 reference runs as it is
+    with pytest.raises(GeosurgeError, match="--simulate-int8 applies to --precision int8"):
+        QuantConfig("fp16", simulate_int8=True)
+
+
 def test_fp8_only_on_tensorrt(tmp_path, tiny, calib):
     with pytest.raises(GeosurgeError, match="TensorRT"):
         _export(tmp_path / "fp8", tiny, QuantConfig("fp8"), calib)

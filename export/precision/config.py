@@ -85,6 +85,10 @@ class QuantConfig:
     qat_init: str | None = None
     #: onnxruntime's ``reduce_range``: 7-bit weights, which x86 CPUs without VNNI multiply without int16 saturation
     reduce_range: bool = False
+    #: choose and check the INT8 model as simulated INT8 (QDQ as float arithmetic: exact integer accumulation, as
+    #: ARM dot-product, VNNI / AMX and TensorRT kernels compute), not on this CPU's kernels (which saturate on x86
+    #: without VNNI): for a deployment device unlike the exporting machine. Speed is still timed on this CPU
+    simulate_int8: bool = False
 
     def __post_init__(self):
         try:
@@ -105,6 +109,8 @@ class QuantConfig:
             raise GeosurgeError("--precision-search auto applies to --precision int8 and int8-dynamic")
         if self.qat and self.precision != "int8":
             raise GeosurgeError("--qat applies to --precision int8 (static QDQ)")
+        if self.simulate_int8 and self.precision != "int8":
+            raise GeosurgeError("--simulate-int8 applies to --precision int8 (static QDQ)")
         if self.qat_save is not None and not self.qat:
             raise GeosurgeError("--qat-save needs --qat")
         if self.qat_init is not None and not self.qat:

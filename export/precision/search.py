@@ -18,11 +18,14 @@ from .config import COMPUTE_OP_TYPES, DYNAMIC_OP_TYPES, WEIGHT_ONLY_MAX_ERROR, Q
 from .graph import quantizable_nodes, weight_only_int8
 
 
-def run_embeddings(path, inputs: np.ndarray, threads: int | None = 2, output: str = "embedding") -> np.ndarray:
-    """Run an ONNX model file (static batch 1 or dynamic) over ``inputs`` one image at a time on onnxruntime CPU."""
+def run_embeddings(path, inputs: np.ndarray, threads: int | None = 2, output: str = "embedding",
+                   simulate_int8: bool = False) -> np.ndarray:
+    """Run an ONNX model file (static batch 1 or dynamic) over ``inputs`` one image at a time on onnxruntime CPU
+    (``simulate_int8``: a QDQ model as simulated INT8, :class:`~geosurge.runtime.backends.onnxruntime.
+    OnnxRuntimeRunner`)."""
     from geosurge.runtime.backends.onnxruntime import OnnxRuntimeRunner
 
-    with OnnxRuntimeRunner(path, threads=threads) as r:
+    with OnnxRuntimeRunner(path, threads=threads, simulate_int8=simulate_int8) as r:
         name = r.input_names[0]
         return np.concatenate([r.infer({name: inputs[i:i + 1]})[output] for i in range(len(inputs))])
 
@@ -81,13 +84,13 @@ def node_sensitivity(quantizer: Quantizer, inputs: np.ndarray, workdir: Path, th
     weights_too = quantizer.cfg.excluded_weights == "int8"
     for i, n in enumerate(nodes):
         quantizer(trial, only=[n["node"]])
-        dep = run_embeddings(trial, inputs, threads)
+        dep = run_embeddings(trial, inputs, threads, simulate_int8=quantizer.cfg.simulate_int8)
         cos = (ref * dep).sum(1) / np.linalg.norm(dep, axis=1)
         row = {"node": n["node"], "op": n["op"], "error": float(1.0 - cos.mean()), "cosine_min": float(cos.min())}
         if weights_too:  # the same node with weight-only INT8 (float compute): may it keep INT8 weights?
             shutil.copyfile(quantizer.prepared, trial)
             if weight_only_int8(trial, [n["node"]]):
-                dep = run_embeddings(trial, inputs, threads)
+                dep = run_embeddings(trial, inputs, threads, simulate_int8=quantizer.cfg.simulate_int8)
                 row["weight_only_error"] = float(1.0 - ((ref * dep).sum(1) / np.linalg.norm(dep, axis=1)).mean())
         rows.append(row)
         if (i + 1) % 10 == 0 or i + 1 == len(nodes):
@@ -134,7 +137,8 @@ def search_precision(quantizer: Quantizer, dst: Path, holdout: np.ndarray, score
 
     def attempt(excluded: list[str], label: str | None = None) -> dict:
         quantizer(trial, excluded)
-        rec = compare(ref, run_embeddings(trial, holdout, threads), scorer, gates, truth=truth)
+        rec = compare(ref, run_embeddings(trial, holdout, threads, simulate_int8=quantizer.cfg.simulate_int8),
+                      scorer, gates, truth=truth)
         steps.append(step_record(rec, excluded=len(excluded)))
         log(f"  {label or f'exclude {len(excluded):3d} node(s)'}: {summary(rec)}")
         return rec

@@ -48,6 +48,10 @@ def register(sub) -> None:
                         "(measured interleaved and paced) or FP32 wins and export exits 1 (default 1.0; 0: no gate)")
     p.add_argument("--reduce-range", action="store_true", help="int8: 7-bit weights (onnxruntime reduce_range), "
                    "which x86 CPUs without VNNI multiply without int16 saturation")
+    p.add_argument("--simulate-int8", action="store_true", help="int8: choose and check the model as simulated "
+                   "INT8 (QDQ as float arithmetic: exact integer accumulation, as ARM dot-product, VNNI / AMX and "
+                   "TensorRT kernels compute) instead of on this CPU's kernels, which saturate on x86 without VNNI: "
+                   "for a device unlike this machine (speed is still timed here)")
     p.add_argument("--recommend-backend", action="store_true", help="time every installed backend that reads the "
                    "bundle (onnxruntime, OpenVINO, ...) with golden parity, and record the fastest at parity in the "
                    "manifest: the runtime's default on machines like this one")
@@ -97,6 +101,7 @@ def cmd_export(args) -> int:
                         qat_steps=args.qat_steps, qat_lr=args.qat_lr, qat_save=args.qat_save,
                         qat_init=args.qat_init,
                         min_speedup=args.min_speedup, reduce_range=args.reduce_range,
+                        simulate_int8=args.simulate_int8,
                         recommend_backend=args.recommend_backend)
     m = bundle.manifest
     check = m.check
