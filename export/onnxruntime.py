@@ -35,7 +35,7 @@ from geosurge.errors import GeosurgeError
 from geosurge.formats import Precision, Target
 from geosurge.manifest import MODEL_FILES, QuantizationSection
 from geosurge.parity import compare, tightened
-from geosurge.runtime.backends.onnxruntime import OnnxRuntimeRunner
+from geosurge.runtime.backends.onnxruntime import OnnxRuntimeRunner, int8_saturates
 from geosurge.timing import interleaved
 
 from .onnx import INPUT_NAME, export_onnx, onnx_sections, onnx_versions
@@ -197,6 +197,10 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
     if static and calibration is None:
         raise GeosurgeError("--precision int8 needs a calibration set (--calib DIR|MANIFEST)")
     calib = calibration.inputs if static else None
+    if static and not (cfg.reduce_range or cfg.simulate_int8) and int8_saturates():
+        log("note: this CPU (x86 without VNNI) sums u8 x s8 pairs in int16 with saturation, and every INT8 figure "
+            "below is measured on it; to deploy on CPUs like it add --reduce-range (7-bit weights), for a device that "
+            "accumulates exactly (ARM, VNNI / AMX, TensorRT) add --simulate-int8")
     quantizer = Quantizer(prepared, cfg, calib, workdir / "calibration-ranges.json")
     inputs = choose.inputs if choose is not None else None
     truth = choose.truth if choose is not None else None

@@ -238,6 +238,36 @@ def test_simulate_int8_export_checks_the_grid_and_times_the_kernels(tmp_path, ti
         QuantConfig("fp16", simulate_int8=True)
 
 
+@pytest.mark.parametrize("machine,flags,expected", [
+    ("x86_64", ["avx2"], True), ("x86_64", ["avx2", "avx512f", "avx512_vnni"], False),
+    ("AMD64", ["avx2", "avx_vnni"], False), ("x86_64", ["amx_int8"], False), ("aarch64", [], False),
+    ("x86_64", [], None)])
+def test_int8_saturates_on_x86_without_vnni(monkeypatch, machine, flags, expected):
+    import platform
+
+    from geosurge.runtime.backends import choice
+    from geosurge.runtime.backends.onnxruntime import int8_saturates
+
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(choice, "_cpu", lambda: ("some cpu", flags))
+    assert int8_saturates() is expected
+
+
+def test_export_on_a_saturating_cpu_says_what_its_int8_figures_measure(tmp_path, tiny, calib, monkeypatch):
+    import geosurge.export.onnxruntime as eo
+
+    model, source = tiny
+    for saturates, cfg, noted in [(True, QuantConfig("int8", **NO_SPEED), True),
+                                  (True, QuantConfig("int8", reduce_range=True, **NO_SPEED), False),
+                                  (False, QuantConfig("int8", **NO_SPEED), False)]:
+        monkeypatch.setattr(eo, "int8_saturates", lambda: saturates)
+        lines = []
+        write_bundle(tmp_path / f"b{len(list(tmp_path.iterdir()))}", model, source, sample_photo_paths(), quant=cfg,
+                     calibration=calib, log=lines.append)
+        said = any("add --simulate-int8" in m and "add --reduce-range" in m for m in lines)
+        assert said is noted, (saturates, cfg.reduce_range)
+
+
 def test_fp8_only_on_tensorrt(tmp_path, tiny, calib):
     with pytest.raises(GeosurgeError, match="TensorRT"):
         _export(tmp_path / "fp8", tiny, QuantConfig("fp8"), calib)

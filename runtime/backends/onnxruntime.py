@@ -23,6 +23,26 @@ SPINNING: bool | None = False
 MEM_PATTERN: bool | None = False
 
 
+def int8_saturates() -> bool | None:
+    """Whether onnxruntime's u8 x s8 kernels on this CPU sum pairs of products into int16 with saturation (x86 without
+    VNNI / AMX-INT8: ``vpmaddubsw``; onnxruntime's quantization docs, "reduce_range"): True there; False on x86
+    with AVX512-VNNI / AVX-VNNI / AMX-INT8 and on ARM (dot-product or widening multiplies accumulate exactly); None
+    when the CPU's flags cannot be read (x86 off Linux)."""
+    import platform
+
+    from .choice import _cpu
+
+    arch = platform.machine().lower()
+    if arch in ("arm64", "aarch64") or arch.startswith("arm"):
+        return False
+    if arch not in ("x86_64", "amd64", "i386", "i686"):
+        return None
+    _, flags = _cpu()
+    if not flags:
+        return None
+    return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+
+
 class OnnxRuntimeRunner(Runner):
     """onnxruntime InferenceSession; ``threads`` sets the intra-op thread count (one inter-op thread);
     ``spinning`` whether idle intra-op threads busy-wait (default :data:`SPINNING`).
