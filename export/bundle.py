@@ -201,11 +201,14 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
 
 
 def describe_check(chk, precision) -> str:
+    from geosurge.runtime.cli import describe_runner
+
     from .precision.search import summary
 
     if chk.passed is None:
         return f"{precision}: parity {chk.skipped}"
-    return f"{chk.runner}: " + summary({"metrics": chk.metrics, "gates": chk.gates, "passed": chk.passed})
+    return (f"{describe_runner(chk.runner, chk.runner_options or {})}: "
+            + summary({"metrics": chk.metrics, "gates": chk.gates, "passed": chk.passed}))
 
 
 def versions() -> dict:

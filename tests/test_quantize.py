@@ -225,8 +225,11 @@ def test_simulate_int8_export_checks_the_grid_and_times_the_kernels(tmp_path, ti
         init(self, model_path, threads, providers, spinning, simulate_int8)
 
     monkeypatch.setattr(ortb.OnnxRuntimeRunner, "__init__", spy)
-    out = _export(tmp_path / "sim", tiny, QuantConfig("int8", search="auto", simulate_int8=True, **NO_SPEED), calib,
-                  gates=SEARCH_GATES)
+    model, source = tiny
+    lines = []
+    out = write_bundle(tmp_path / "sim", model, source, sample_photo_paths(), calibration=calib, gates=SEARCH_GATES,
+                       quant=QuantConfig("int8", search="auto", simulate_int8=True, **NO_SPEED), log=lines.append)
+    assert any("onnxruntime, INT8 simulated" in m for m in lines)  # the check's line says how it was measured
     q = _manifest(out)["quantization"]
     assert q["config"]["simulate_int8"] is True
     assert q["check"]["runner_options"]["simulate_int8"] is True and q["check"]["passed"] is not None
