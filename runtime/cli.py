@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ve = sub.add_parser("verify", help="check every sha256 and replay the golden inputs against the FP32 reference")
     common(ve)
+    ve.add_argument("--simulate-int8", action="store_true", default=None,
+                    help="onnxruntime, INT8 bundle: replay as simulated INT8 (QDQ as float arithmetic: exact integer "
+                         "accumulation, as ARM dot-product, VNNI / AMX and TensorRT kernels compute), not on this "
+                         "CPU's kernels")
     ve.add_argument("--json", metavar="FILE", help="write the report as JSON")
     ve.set_defaults(func=cmd_verify)
 
@@ -280,6 +284,8 @@ def cmd_verify(args) -> int:
                                                                  if check["images"] else ""))
     if line:
         print(f"verify: FAIL: {line}", file=sys.stderr)
+    for note in rep["notes"]:
+        print(f"verify: note: {note}", file=sys.stderr)
     print(f"verify: {'PASS' if rep['passed'] else 'FAIL'}")
     if args.json:
         write_json(args.json, rep)

@@ -12,8 +12,9 @@ from .localizer import Localizer
 
 def verify_bundle(bundle_dir, backend: str | None = None, threads: int | None = None, **options) -> dict:
     """Checksums + golden replay + the export's own held-out parity record. ``options``: the backend's own
-    (OpenVINO: ``device``, ``precision_hint``). Returns ``{"bundle", "backend", "runner_options", "files",
-    "metrics", "gates", "golden_passed", "export_check", "passed"}``: ``passed`` needs the golden replay to pass
+    (OpenVINO: ``device``, ``precision_hint``; onnxruntime: ``simulate_int8``). Returns ``{"bundle", "backend",
+    "runner_options", "files", "metrics", "gates", "golden_passed", "export_check", "notes", "passed"}``
+    (``notes``: lines on what the figures mean here, :func:`machine_notes`): ``passed`` needs the golden replay to pass
     *and* the export's check not to have FAILed (:func:`export_check`: a bundle its export refused — measured on
     far more images than the 6 golden probes — is not fit to deploy, whatever the probes say). Raises BundleError
     for a missing, tampered-with or unreadable bundle (the message names the file)."""
@@ -26,7 +27,28 @@ def verify_bundle(bundle_dir, backend: str | None = None, threads: int | None = 
     check = export_check(bundle.manifest)
     return {"bundle": str(bundle_dir), "backend": backend.value, "runner_options": runner_options, "files": files,
             **rep, "golden_passed": rep["passed"], "export_check": check,
+            "notes": machine_notes(bundle.manifest, backend, runner_options),
             "passed": bool(rep["passed"]) and check["status"] != "FAIL"}
+
+
+def machine_notes(manifest, backend, runner_options: dict) -> list[str]:
+    """What the replay's figures mean on this machine: an INT8 model the export checked as simulated INT8 (for a
+    device that accumulates exactly), replayed on onnxruntime's kernels of a CPU that saturates (x86 without VNNI,
+    :func:`~geosurge.runtime.backends.onnxruntime.int8_saturates`), is not measured as the device it was made for
+    computes it."""
+    from geosurge.formats import Backend
+
+    from .backends.onnxruntime import int8_saturates
+
+    check = manifest.check
+    simulated = bool(check is not None and (check.runner_options or {}).get("simulate_int8"))
+    if (simulated and Backend(str(backend)) is Backend.ONNXRUNTIME and not runner_options.get("simulate_int8")
+            and int8_saturates()):
+        return ["the export checked this INT8 model as simulated INT8 (exact accumulation: ARM, VNNI / AMX, "
+                "TensorRT devices); this CPU's onnxruntime kernels sum u8 x s8 pairs in int16 with saturation (x86 "
+                "without VNNI), so this replay is not that device's figure: run verify on the device, or add "
+                "--simulate-int8 here"]
+    return []
 
 
 def export_check(manifest) -> dict:

@@ -154,6 +154,9 @@ def test_plain_int8_records_failing_gates_and_cli_exits_1(tmp_path, sensitive_ti
     assert r.returncode == 1 and "INT8 simulated" in r.stdout, r.stdout + r.stderr
     sim = json.loads((tmp_path / "sim.json").read_text())
     assert sim["runner_options"]["simulate_int8"] is True and not sim["passed"]
+    r = run_cli("geosurge-run", "verify", tmp_path / "b", "--simulate-int8", "--json", tmp_path / "v.json")
+    assert "INT8 simulated" in r.stdout, r.stdout + r.stderr
+    assert json.loads((tmp_path / "v.json").read_text())["runner_options"]["simulate_int8"] is True
     # only onnxruntime simulates, and only an INT8 bundle
     r = run_cli("geosurge", "parity", tmp_path / "b", "--backend", "openvino", "--simulate-int8")
     assert r.returncode != 0 and "no option simulate_int8" in r.stderr and "Traceback" not in r.stderr
@@ -269,6 +272,24 @@ def test_export_on_a_saturating_cpu_says_what_its_int8_figures_measure(tmp_path,
                      calibration=calib, log=lines.append)
         said = any("add --simulate-int8" in m and "add --reduce-range" in m for m in lines)
         assert said is noted, (saturates, cfg.reduce_range)
+
+
+def test_verify_notes_a_simulated_check_replayed_on_a_saturating_cpu(monkeypatch):
+    from types import SimpleNamespace
+
+    from geosurge.runtime import verify
+
+    simulated = SimpleNamespace(check=SimpleNamespace(runner_options={"simulate_int8": True}))
+    plain = SimpleNamespace(check=SimpleNamespace(runner_options={"providers": ["CPUExecutionProvider"]}))
+    for saturates, manifest, backend, opts, noted in [
+            (True, simulated, "onnxruntime", {}, True),  # the device it was made for is not this one
+            (True, simulated, "onnxruntime", {"simulate_int8": True}, False),  # replayed as simulated: comparable
+            (False, simulated, "onnxruntime", {}, False),  # a CPU that accumulates exactly
+            (True, plain, "onnxruntime", {}, False),  # checked on real kernels: the replay is comparable
+            (True, simulated, "openvino", {}, False)]:
+        monkeypatch.setattr("geosurge.runtime.backends.onnxruntime.int8_saturates", lambda: saturates)
+        notes = verify.machine_notes(manifest, backend, opts)
+        assert bool(notes) is noted and all("saturation" in n for n in notes)
 
 
 def test_fp8_only_on_tensorrt(tmp_path, tiny, calib):
