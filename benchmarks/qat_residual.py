@@ -11,13 +11,16 @@ switched off one node at a time, and the embedding error against the FP32 teache
 next QAT (``--exclude-nodes NODE --qat``): its ONNX node name is printed for that.
 
     .venv/bin/python benchmarks/qat_residual.py BUNDLE --checkpoint CKPT --tuned QAT-CKPT --images IMAGES \\
-        [--eval-n 128] [--calib-n 256] [--bits 7] [--threads 2] [--top 15] [--json FILE]
+        [--eval-n 128] [--calib-n 256] [--bits 7] [--threads 2] [--top 15] [--no-nodes] [--json FILE]
 
 ``BUNDLE``: the FP32 bundle of ``CKPT`` (its preprocessing and ONNX node names). ``IMAGES``: a manifest or folder
 the QAT run did not train on; the first ``--eval-n`` are evaluated, the next ``--calib-n`` observe the ranges.
-``--bits``: the weight grid QAT trained for (7: ``--reduce-range``). Prints a table (largest share first), writes
-JSON (default ``benchmarks/results/qat_residual.json``); exit 0 (a measurement, no gate). Cost: one pass over the
-evaluation images per Conv / Linear (~75 for the edge model: ~10 min for 128 images on 2 cores).
+``--bits``: the weight grid QAT trained for (7: ``--reduce-range``); the nodes the QAT run kept float (recorded in
+``QAT-CKPT``'s config) stay float. First a summary — the error with every quantizer on, with weights only (every
+activation float), activations only (every weight float), none — then, unless ``--no-nodes``, the nodes. Prints a
+table (largest share first), writes JSON (default ``benchmarks/results/qat_residual.json``); exit 0 (a measurement,
+no gate). Cost: one pass over the evaluation images per Conv / Linear (~75 for the edge model: ~10 min for 128
+images on 2 cores).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from geosurge.export.precision.qat import (compute_modules, insert_fake_quant, m
                                            observe_ranges, quantizer_groups)
 from geosurge.export.source import load_model
 from geosurge.images import load_image
+from geosurge.models.geosurge import read_checkpoint_config
 from geosurge.inputs import list_image_source
 from geosurge.preprocess import preprocess
 from geosurge.report import format_table, write_json
@@ -70,6 +74,8 @@ def main() -> int:
                     "--reduce-range)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=15, help="rows printed (the JSON has every node)")
+    ap.add_argument("--no-nodes", action="store_true", help="only the summary: all quantized, weights only, "
+                    "activations only, none (skips the one-pass-per-node loop)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/qat_residual.json"))
     a = ap.parse_args()
 
@@ -88,7 +94,10 @@ def main() -> int:
     student, _ = load_model(checkpoint=a.tuned)
     with torch.no_grad():
         ref = torch.cat([teacher.embed(ev[i:i + 32]) for i in range(0, len(ev), 32)])
-    acts = insert_fake_quant(student, a.bits)
+    # the nodes its QAT kept float (``--qat-save`` records them) stay float here too, as in the student it trained
+    kept = (read_checkpoint_config(a.tuned)[0].get("qat") or {}).get("kept_float_nodes") or []
+    exclude = sorted({m for m in modules_of_onnx_nodes(kept, compute_modules(student)).values() if m})
+    acts = insert_fake_quant(student, a.bits, exclude)
     observe_ranges(student, acts, cal)  # also the first forward: each BatchNorm output learns its producer
     groups = quantizer_groups(student)
     names = onnx_names(b.path("model"), teacher)
@@ -105,8 +114,19 @@ def main() -> int:
     switched(every, False)
     float_err = error(student, ref, ev)  # the tuned weights in float: what the quantizers are trained around
     switched(every, True)
+    # which grid holds the error: weights rounded with every activation float, and the other way round
+    weight_qs = [q for q in every if type(q).__name__ == "WeightQuant"]
+    act_qs = [q for q in every if type(q).__name__ != "WeightQuant"]
+    split = {}
+    for label, off in (("weights_only", act_qs), ("activations_only", weight_qs)):
+        switched(off, False)
+        split[label] = error(student, ref, ev)
+        switched(off, True)
+    print(f"1 - cos: all quantized {base:.3e}; weights only (activations float) {split['weights_only']:.3e} "
+          f"({len(weight_qs)} quantizers); activations only (weights float) {split['activations_only']:.3e} "
+          f"({len(act_qs)}); none {float_err:.3e}", flush=True)
     rows = []
-    for i, (mod, qs) in enumerate(groups.items(), 1):
+    for i, (mod, qs) in enumerate(() if a.no_nodes else groups.items(), 1):
         switched(qs, False)
         e = error(student, ref, ev)
         switched(qs, True)
@@ -115,14 +135,19 @@ def main() -> int:
         if i % 10 == 0 or i == len(groups):
             print(f"  {i}/{len(groups)} nodes ({time.time() - t0:.0f} s)", flush=True)
     rows.sort(key=lambda r: -r["removed"])
-    print(f"\nall quantized: 1 - cos {base:.3e}; every quantizer off (the tuned weights in float): {float_err:.3e}")
-    print(format_table([{"node": r["node"] or r["module"], "1 - cos without": f"{r['error_without']:.3e}",
-                         "removed": f"{r['removed']:+.2e}", "share": f"{r['share']:+.1%}"} for r in rows[:a.top]]))
-    pos = sum(r["removed"] for r in rows if r["removed"] > 0)
-    print(f"sum of the positive removals: {pos:.3e} ({pos / base:.0%} of the error, if they added up)")
+    if rows:
+        print(f"\nall quantized: 1 - cos {base:.3e}; every quantizer off (the tuned weights in float): "
+              f"{float_err:.3e}")
+        print(format_table([{"node": r["node"] or r["module"], "1 - cos without": f"{r['error_without']:.3e}",
+                             "removed": f"{r['removed']:+.2e}", "share": f"{r['share']:+.1%}"}
+                            for r in rows[:a.top]]))
+        pos = sum(r["removed"] for r in rows if r["removed"] > 0)
+        print(f"sum of the positive removals: {pos:.3e} ({pos / base:.0%} of the error, if they added up)")
     write_json(a.json, {"bundle": str(a.bundle), "checkpoint": a.checkpoint, "tuned": a.tuned,
                         "images": str(a.images), "eval_n": len(ev), "calib_n": len(cal), "bits": a.bits,
                         "threads": a.threads, "error_all_quantized": base, "error_tuned_float": float_err,
+                        "error_weights_only": split["weights_only"],
+                        "error_activations_only": split["activations_only"],
                         "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
                                     "torch": torch.__version__},
                         "seconds": round(time.time() - t0, 1), "nodes": rows})
