@@ -19,6 +19,7 @@ from geosurge.parity import compare
 from geosurge.preprocess import preprocess
 from geosurge.runtime.backends import BackendUnavailable, embed_batches, get_runner
 from geosurge.runtime.localizer import Localizer
+from geosurge.runtime.verify import machine_notes
 
 from .source import load_source_model
 
@@ -88,7 +89,8 @@ def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: 
     both decoded and preprocessed by the one implementation. ``options``: the backend's own (OpenVINO ``device``,
     ``precision_hint``). Returns the report (``passed``, ``metrics``, ``gates``, ``backend``, ``runner_options``,
     ``skipped``: refused images, ``inputs``: read / refused / skipped counts, ``not_images``: folder files that are
-    not images); raises GeosurgeError when no image is readable."""
+    not images, ``notes``: what the figures mean on this machine, :func:`geosurge.runtime.verify.machine_notes`);
+    raises GeosurgeError when no image is readable."""
     images, coords = truth_manifest(images)
     with Localizer(bundle_dir, backend=backend, threads=threads, options=options) as loc:
         model = load_source_model(loc.bundle, checkpoint)
@@ -125,8 +127,9 @@ def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: 
                     "measured (give only manifests for them)")
         rep = compare(ref, dep, loc.scorer, gates or loc.bundle.manifest.gates() or None, truth=truth)
         m = loc.bundle.manifest
-        return {"bundle": str(bundle_dir), "backend": loc.runner.name.value,
-                "runner_options": dict(loc.runner.options or {}), "images": names, "skipped": errors,
+        runner_options = dict(loc.runner.options or {})
+        return {"bundle": str(bundle_dir), "backend": loc.runner.name.value, "runner_options": runner_options,
+                "notes": machine_notes(m, loc.runner.name, runner_options), "images": names, "skipped": errors,
                 "inputs": summary.to_dict(), "not_images": [{"input": str(s.path), "reason": s.reason}
                                                           for s in listing.skipped],
                 "precision": m.model.precision.value, **rep,

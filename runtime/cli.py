@@ -281,7 +281,8 @@ def cmd_verify(args) -> int:
     check = rep["export_check"]
     line = export_check_line(check)
     print(f"export's held-out parity check: {check['status']}" + (f" on {check['images']} image(s)"
-                                                                 if check["images"] else ""))
+                                                                 if check["images"] else "")
+          + (f", measured as {check['measured_as']}" if check.get("measured_as") else ""))
     if line:
         print(f"verify: FAIL: {line}", file=sys.stderr)
     for note in rep["notes"]:

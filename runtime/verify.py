@@ -46,8 +46,8 @@ def machine_notes(manifest, backend, runner_options: dict) -> list[str]:
             and int8_saturates()):
         return ["the export checked this INT8 model as simulated INT8 (exact accumulation: ARM, VNNI / AMX, "
                 "TensorRT devices); this CPU's onnxruntime kernels sum u8 x s8 pairs in int16 with saturation (x86 "
-                "without VNNI), so this replay is not that device's figure: run verify on the device, or add "
-                "--simulate-int8 here"]
+                "without VNNI), so figures measured here on its kernels are not that device's: run verify on the "
+                "device, or add --simulate-int8 here"]
     return []
 
 
@@ -61,7 +61,15 @@ def export_check(manifest) -> dict:
     if c.passed is None:
         return {"status": "not measured", "images": c.images, "failed_gates": [], "reason": c.skipped}
     return {"status": "PASS" if c.passed else "FAIL", "images": c.images, "failed_gates": c.failed_gates(),
-            "reason": None}
+            "reason": None, "measured_as": measured_as(c)}
+
+
+def measured_as(check) -> str:
+    """How the export ran its held-out check: ``"simulated INT8"`` (exact accumulation) or ``"the exporting CPU's
+    kernels"`` (the runner it names)."""
+    if (check.runner_options or {}).get("simulate_int8"):
+        return "simulated INT8"
+    return f"{check.runner or 'its backend'} on the exporting machine"
 
 
 def export_check_line(check: dict) -> str | None:
@@ -69,8 +77,10 @@ def export_check_line(check: dict) -> str | None:
     if check["status"] != "FAIL":
         return None
     gates = ", ".join(check["failed_gates"]) or "its gates"
-    return (f"the export's held-out parity check FAILED ({gates} on {check['images']} image(s)): the exporting "
-            "toolkit refused this bundle; it is not fit to deploy (re-export in another precision)")
+    how = f", measured as {check['measured_as']}" if check.get("measured_as") else ""
+    return (f"the export's held-out parity check FAILED ({gates} on {check['images']} image(s){how}): the exporting "
+            "toolkit refused this bundle; it is not fit to deploy (re-export in another precision, or for INT8 "
+            "with --reduce-range for CPUs that saturate or --simulate-int8 for devices that accumulate exactly)")
 
 
 def replay_golden(loc: Localizer) -> dict:

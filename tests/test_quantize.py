@@ -156,10 +156,15 @@ def test_plain_int8_records_failing_gates_and_cli_exits_1(tmp_path, sensitive_ti
     assert sim["runner_options"]["simulate_int8"] is True and not sim["passed"]
     r = run_cli("geosurge-run", "verify", tmp_path / "b", "--simulate-int8", "--json", tmp_path / "v.json")
     assert "INT8 simulated" in r.stdout, r.stdout + r.stderr
-    assert json.loads((tmp_path / "v.json").read_text())["runner_options"]["simulate_int8"] is True
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["runner_options"]["simulate_int8"] is True
+    # the export's own check was measured on this machine's kernels, and the lines say so
+    assert v["export_check"]["measured_as"] == "onnxruntime on the exporting machine"
+    assert "measured as onnxruntime on the exporting machine" in r.stdout + r.stderr
     # only onnxruntime simulates, and only an INT8 bundle
     r = run_cli("geosurge", "parity", tmp_path / "b", "--backend", "openvino", "--simulate-int8")
-    assert r.returncode != 0 and "no option simulate_int8" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "no option simulate_int8 (--simulate-int8)" in r.stderr
+    assert "Traceback" not in r.stderr
     r = run_cli("geosurge", "export", "--checkpoint", tmp_path / "ck", "--precision", "fp32", "-o", tmp_path / "f")
     assert r.returncode == 0, r.stderr
     r = run_cli("geosurge", "parity", tmp_path / "f", "--simulate-int8")
@@ -240,6 +245,12 @@ def test_simulate_int8_export_checks_the_grid_and_times_the_kernels(tmp_path, ti
     assert ("0.onnx", False) in opened  # ... and its latency (the candidate's copy), on this CPU's kernels
     assert ("model.onnx", True) in opened  # the held-out check of the staged bundle
     assert ("prepared.onnx", False) in opened  # the FP32 reference runs as it is
+    # parity of this bundle on a CPU that saturates, on its kernels: the report says these are not the device's
+    from geosurge import api
+
+    monkeypatch.setattr(ortb, "int8_saturates", lambda: True)
+    assert any("not that device's" in n for n in api.parity(out, log=lambda m: None)["notes"])
+    assert api.parity(out, simulate_int8=True, log=lambda m: None)["notes"] == []
     with pytest.raises(GeosurgeError, match="--simulate-int8 applies to --precision int8"):
         QuantConfig("fp16", simulate_int8=True)
 

@@ -26,6 +26,8 @@ def register(sub) -> None:
 
 
 def cmd_parity(args) -> int:
+    import sys
+
     from .. import api
     from ..parity import format_parity
     from ..report import write_json
@@ -37,6 +39,8 @@ def cmd_parity(args) -> int:
     print(format_parity(rep["metrics"], rep["gates"], title=f"parity: FP32 torch vs {args.bundle} "
                                                             f"({rep['precision']}, {runner}), "
                                                             f"{rep['metrics']['n']} images"))
+    for note in rep["notes"]:
+        print(f"parity: note: {note}", file=sys.stderr)
     print(f"parity: {'PASS' if rep['passed'] else 'FAIL'}")
     if args.json:
         write_json(args.json, rep)

@@ -101,8 +101,11 @@ class Runner(ABC):
         options = {k: v for k, v in (options or {}).items() if v is not None}
         bad = sorted(set(options) - set(cls.option_names))
         if bad:
-            takes = f"it takes {', '.join(cls.option_names)}" if cls.option_names else "it takes none"
-            raise GeosurgeError(f"the {cls.name} backend has no option {', '.join(bad)} ({takes})")
+            def flag(name):
+                return f"{name} (--{name.replace('_', '-')})"
+
+            takes = (f"it takes {', '.join(map(flag, cls.option_names))}" if cls.option_names else "it takes none")
+            raise GeosurgeError(f"the {cls.name} backend has no option {', '.join(map(flag, bad))} ({takes})")
         return options
 
 
