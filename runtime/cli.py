@@ -264,7 +264,7 @@ def cmd_verify(args) -> int:
     from geosurge.report import format_table, write_json
 
     from .bundle import BundleError
-    from .verify import export_check_line, verify_bundle
+    from .verify import export_check_line, measured_suffix, verify_bundle
 
     try:
         rep = verify_bundle(args.bundle, args.backend, args.threads, **runner_options(args))
@@ -282,7 +282,7 @@ def cmd_verify(args) -> int:
     line = export_check_line(check)
     print(f"export's held-out parity check: {check['status']}" + (f" on {check['images']} image(s)"
                                                                  if check["images"] else "")
-          + (f", measured as {check['measured_as']}" if check.get("measured_as") else ""))
+          + measured_suffix(check))
     if line:
         print(f"verify: FAIL: {line}", file=sys.stderr)
     for note in rep["notes"]:

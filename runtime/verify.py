@@ -41,7 +41,7 @@ def machine_notes(manifest, backend, runner_options: dict) -> list[str]:
     from .backends.onnxruntime import int8_saturates
 
     check = manifest.check
-    simulated = bool(check is not None and (check.runner_options or {}).get("simulate_int8"))
+    simulated = check is not None and checked_simulated(check)
     if (simulated and Backend(str(backend)) is Backend.ONNXRUNTIME and not runner_options.get("simulate_int8")
             and int8_saturates()):
         return ["the export checked this INT8 model as simulated INT8 (exact accumulation: ARM, VNNI / AMX, "
@@ -64,12 +64,22 @@ def export_check(manifest) -> dict:
             "reason": None, "measured_as": measured_as(c)}
 
 
+def checked_simulated(check) -> bool:
+    """Whether the export ran its held-out check (a ParityRecord) as simulated INT8."""
+    return bool((check.runner_options or {}).get("simulate_int8"))
+
+
 def measured_as(check) -> str:
-    """How the export ran its held-out check: ``"simulated INT8"`` (exact accumulation) or ``"the exporting CPU's
-    kernels"`` (the runner it names)."""
-    if (check.runner_options or {}).get("simulate_int8"):
+    """How the export ran its held-out check: ``"simulated INT8"`` (exact accumulation) or ``"<runner> on the
+    exporting machine"`` (that machine's kernels)."""
+    if checked_simulated(check):
         return "simulated INT8"
     return f"{check.runner or 'its backend'} on the exporting machine"
+
+
+def measured_suffix(check: dict) -> str:
+    """``", measured as ..."`` for an :func:`export_check` dict that says how, else ``""``."""
+    return f", measured as {check['measured_as']}" if check.get("measured_as") else ""
 
 
 def export_check_line(check: dict) -> str | None:
@@ -77,8 +87,8 @@ def export_check_line(check: dict) -> str | None:
     if check["status"] != "FAIL":
         return None
     gates = ", ".join(check["failed_gates"]) or "its gates"
-    how = f", measured as {check['measured_as']}" if check.get("measured_as") else ""
-    return (f"the export's held-out parity check FAILED ({gates} on {check['images']} image(s){how}): the exporting "
+    return (f"the export's held-out parity check FAILED ({gates} on {check['images']} image(s)"
+            f"{measured_suffix(check)}): the exporting "
             "toolkit refused this bundle; it is not fit to deploy (re-export in another precision, or for INT8 "
             "with --reduce-range for CPUs that saturate or --simulate-int8 for devices that accumulate exactly)")
 
