@@ -159,7 +159,9 @@ def decide(rows: list[dict], fp32: dict, precision: str, min_speedup: float, gat
                 "on_parity": on_parity, "why": why, "min_speedup": min_speedup, "fp32": fp32, "candidates": rows}
     if passing:
         best = max(passing, key=lambda r: r["speedup"])
-        why = (f"FP32: the fastest {precision} model that passes parity ({best['candidate']}) runs "
+        passes = ("that passes parity on the choose images" if best.get("passed") else
+                  "(its parity is measured by the held-out check)")
+        why = (f"FP32: the fastest {precision} model {passes} ({best['candidate']}) runs "
                f"x{best['speedup']:.2f} FP32 on this machine, not above the x{min_speedup:g} speed gate — use "
                "--precision fp32 (or another machine / backend; --min-speedup 0 turns the gate off)")
     else:
@@ -196,7 +198,7 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
     prepared = prepare(fp32, workdir / "prepared.onnx") if static else fp32
     if static and calibration is None:
         raise GeosurgeError("--precision int8 needs a calibration set (--calib DIR|MANIFEST)")
-    calib = calibration.inputs if static else None
+    calib = calibration if static else None  # a CalibrationSet: uint8 pixels, preprocessed per batch
     if static and not (cfg.reduce_range or cfg.simulate_int8) and int8_saturates():
         log("note: this CPU (x86 without VNNI) sums u8 x s8 pairs in int16 with saturation, and every INT8 figure "
             "below is measured on it; to deploy on CPUs like it add --reduce-range (7-bit weights), for a device that "
@@ -277,6 +279,9 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
             record["search"]["weight_only_nodes"] = []
             record["config"] = floatw.cfg.to_dict()
     decision["shipped"] = chosen
+    if cfg.simulate_int8 and not decision["passed"] and "speed gate" in decision["why"]:
+        decision["why"] += ("; the speed gate timed this machine's INT8 kernels, not the device's that "
+                            "--simulate-int8 judges parity for: for an export to that device, --min-speedup 0")
     record["decision"] = decision
     row = cands.rows[chosen]
     record["latency_vs_fp32"] = {"fp32_p50_ms": fp32_lat["p50_ms"], "p50_ms": row["p50_ms"],
@@ -313,7 +318,7 @@ def _qat(model, cfg: QuantConfig, calibration, quantizer: Quantizer, cands: Cand
 
         init, _ = load_model(checkpoint=cfg.qat_init)
         log(f"QAT: the student starts from {cfg.qat_init} (the teacher is the exported model)")
-    tuned, rec = qat_distill(model, calibration.inputs, QATConfig(steps=cfg.qat_steps, lr=cfg.qat_lr,
+    tuned, rec = qat_distill(model, calibration, QATConfig(steps=cfg.qat_steps, lr=cfg.qat_lr,
                                                                   weight_bits=7 if cfg.reduce_range else 8,
                                                                   seed=cfg.seed, exclude=exclude), log=log,
                              init=init)

@@ -200,7 +200,8 @@ def _center_offsets(h: int, w: int, size: int) -> tuple[int, int]:
 
 
 def normalize(rgb_square: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Photometric part: size x size x 3 uint8 RGB -> 3 x size x size float32."""
+    """Photometric part: size x size x 3 uint8 RGB -> 3 x size x size float32; a batch (n, size, size, 3) -> (n, 3,
+    size, size), each image's values those of its own call."""
     x = rgb_square.astype(np.float32) * (1.0 / 255.0)
     if spec.channel_order == "BGR":
         x = x[..., ::-1]
@@ -208,7 +209,7 @@ def normalize(rgb_square: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     else:
         mean, std = spec.mean, spec.std
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
 def preprocess(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:

@@ -283,6 +283,10 @@ def cmd_verify(args) -> int:
     print(f"export's held-out parity check: {check['status']}" + (f" on {check['images']} image(s)"
                                                                  if check["images"] else "")
           + measured_suffix(check))
+    if not rep["golden_passed"]:
+        failed = [f"{r['gate']} {r['value']:.4g} (needs {r['need']})" for r in rep["gates"] if r["pass"] == "FAIL"]
+        print(f"verify: FAIL: the golden replay on this machine fails {len(failed)} gate(s): {'; '.join(failed)}",
+              file=sys.stderr)
     if line:
         print(f"verify: FAIL: {line}", file=sys.stderr)
     for note in rep["notes"]:

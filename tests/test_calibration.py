@@ -4,7 +4,9 @@ import pytest
 
 from geosurge.calibration import build_calibration_set, selection_order
 from geosurge.errors import GeosurgeError
+from geosurge.images import load_image
 from geosurge.models import get_config
+from geosurge.preprocess import preprocess
 
 from .synthetic import make_manifest
 
@@ -29,6 +31,11 @@ def test_manifest_set_is_stratified_cached_and_feeds_quantizers(tmp_path):
         cs = build_calibration_set(csv, SPEC, size=16, seed=0, hierarchy=h, cache_dir=tmp_path / "cache",
                                    log=logs.append)
     assert len(cs) == 16 and cs.inputs.shape == (16, 3, 64, 64) and cs.stratified
+    # held as uint8 pixels (a quarter of float32), read as exactly what preprocess gives each file
+    assert cs.pixels.dtype == np.uint8 and cs.pixels.nbytes * 4 == cs.inputs.nbytes
+    for i in (0, 7, 15):
+        np.testing.assert_array_equal(cs.inputs[i], preprocess(load_image(cs.names[i], SPEC), SPEC))
+    np.testing.assert_array_equal(cs.batch(np.array([15, 0])), cs.inputs[[15, 0]])
     assert not cs.from_cache
     # level-0 cells are spread evenly: no cell holds more than ceil(16 / cells) + 1 of the picks
     cells = h.locate(*_latlon(csv, cs.names), strict=False)[:, 0]
@@ -52,6 +59,7 @@ def test_manifest_set_is_stratified_cached_and_feeds_quantizers(tmp_path):
     while (b := r.get_next()) is not None:
         batches.append(b["image"])
     assert [x.shape[0] for x in batches] == [4, 4, 4, 4]
+    np.testing.assert_array_equal(np.concatenate(batches), cs.inputs)
     r.rewind()
     assert r.get_next()["image"].shape == (4, 3, 64, 64)
     assert cs.modelopt_input().shape == (16, 3, 64, 64)

@@ -10,6 +10,9 @@ from geosurge.geo import haversine_km
 from geosurge.manifest import ParityRecord
 from geosurge.parity import (DEFAULT_GATES, DRIFT_TIE_MARGIN, LEGACY_GATES, accuracy_deltas, compare,
                              evaluate_gates, format_parity, parity_metrics)
+from geosurge.preprocess import PreprocessSpec
+
+SPEC = PreprocessSpec(size=2, resize_size=2)
 
 
 class OneLevelScorer:
@@ -149,7 +152,7 @@ def test_unknown_gates_are_refused_and_skips_are_not_failures():
 
 def test_the_three_way_split_is_disjoint_and_sized():
     n = 40
-    cs = CalibrationSet(np.zeros((n, 3, 2, 2), np.float32), [f"im{i}" for i in range(n)], "d", False,
+    cs = CalibrationSet(np.zeros((n, 2, 2, 3), np.uint8), SPEC, [f"im{i}" for i in range(n)], "d", False,
                         lat=np.arange(n, dtype=float), lon=np.zeros(n))
     cal, choose, check = cs.split_parts(check=0.25, choose=0.25, seed=3)
     names = [set(p.names) for p in (cal, choose, check)]
@@ -160,7 +163,7 @@ def test_the_three_way_split_is_disjoint_and_sized():
     for p in (cal, choose, check):
         assert [int(x) for x in p.lat] == [int(s[2:]) for s in p.names]
     # augmented views: no source image (group) in two parts
-    g = CalibrationSet(np.zeros((n, 3, 2, 2), np.float32), [f"v{i}" for i in range(n)], "d", False,
+    g = CalibrationSet(np.zeros((n, 2, 2, 3), np.uint8), SPEC, [f"v{i}" for i in range(n)], "d", False,
                        groups=np.arange(n) % 8)
     parts = g.split_parts(check=0.25, choose=0.25, seed=0)
     groups = [set(p.groups.tolist()) for p in parts]
@@ -169,7 +172,7 @@ def test_the_three_way_split_is_disjoint_and_sized():
     cal2, check2 = cs.split(0.25, seed=3)
     assert cal2.names == sorted(set(cal.names) | set(choose.names), key=cs.names.index) and check2.names == check.names
     with pytest.raises(GeosurgeError, match="cannot be split"):
-        CalibrationSet(np.zeros((2, 3, 2, 2), np.float32), ["a", "b"], "d", False).split_parts(0.25, 0.25)
+        CalibrationSet(np.zeros((2, 2, 2, 3), np.uint8), SPEC, ["a", "b"], "d", False).split_parts(0.25, 0.25)
 
 
 def test_choices_are_made_with_half_the_slack():

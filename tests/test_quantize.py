@@ -158,6 +158,10 @@ def test_plain_int8_records_failing_gates_and_cli_exits_1(tmp_path, sensitive_ti
     assert "INT8 simulated" in r.stdout, r.stdout + r.stderr
     v = json.loads((tmp_path / "v.json").read_text())
     assert v["runner_options"]["simulate_int8"] is True
+    # a failing golden replay is named with its gates, not a bare FAIL
+    assert not v["golden_passed"] and "verify: FAIL: the golden replay on this machine fails" in r.stderr
+    failed = [g["gate"] for g in v["gates"] if g["pass"] == "FAIL"]
+    assert failed and all(g in r.stderr for g in failed)
     # the export's own check was measured on this machine's kernels, and the lines say so
     assert v["export_check"]["measured_as"] == "onnxruntime on the exporting machine"
     assert "measured as onnxruntime on the exporting machine" in r.stdout + r.stderr
@@ -757,6 +761,11 @@ def test_the_speed_gate_refuses_an_int8_model_that_is_not_faster(tmp_path, tiny,
     assert decide(rows, fp32, "int8", 1.0, True)["winner"] == "b"
     d = decide(rows, fp32, "int8", 1.5, True)
     assert d["winner"] == "fp32" and "a x3.00 FP32 (fails parity)" == d["on_speed"] and d["on_parity"] == "b"
+    assert "model that passes parity on the choose images (b)" in d["why"]
+    # a candidate whose parity only the held-out check measures is not said to pass it
+    rows[1]["passed"] = None
+    d = decide(rows, fp32, "int8", 1.5, True)
+    assert "(its parity is measured by the held-out check) (b)" in d["why"] and "passes parity" not in d["why"]
 
 
 @pytest.mark.slow  # ~20 s (a CLI export); the speed gate itself is covered by the default API test above
@@ -767,6 +776,24 @@ def test_the_speed_gate_fails_the_cli_export(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "not recommended on this machine" in r.stderr and "x1000 speed gate" in r.stderr
     assert _manifest(tmp_path / "b")["quantization"]["decision"]["winner"] == "fp32"
+
+
+def test_qat_reads_a_calibration_set_a_batch_at_a_time(tiny):
+    """QAT on a CalibrationSet (uint8 pixels, preprocessed per batch) trains exactly as on its float32 inputs."""
+    from geosurge.export.precision.qat import QATConfig, qat_distill
+
+    model, _ = tiny
+    bad = make_int8_sensitive(model, factor=100.0)
+    cs = sample_views_set(model.config.preprocess, 16, seed=0, **QUIET)
+    assert cs.pixels.dtype == np.uint8
+    cfg = QATConfig(steps=4, batch=4, lr=1e-4, range_every=2)
+    a, rec_a = qat_distill(bad, cs, cfg, log=lambda m: None)
+    b, rec_b = qat_distill(bad, cs.inputs, cfg, log=lambda m: None)
+    assert rec_a["images"] == rec_b["images"] == 16
+    assert rec_a["fake_quant_error_after"] == rec_b["fake_quant_error_after"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], v) for k, v in bad.state_dict().items())  # it did train
 
 
 def test_qat_goes_on_from_a_saved_student(tiny):

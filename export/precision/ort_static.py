@@ -6,11 +6,15 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .config import FLOAT_INPUT_OP_TYPES, FLOAT_OUTPUT_OP_TYPES, STATIC_OP_TYPES, QuantConfig
 from .graph import always_float_nodes, float_inputs, with_followers
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from geosurge.calibration.dataset import CalibrationSet
 
 
 def _ort_types(cfg: QuantConfig):
@@ -44,10 +48,12 @@ def prepare(src: Path, dst: Path) -> Path:
     return dst
 
 
-def quantize_int8_static(prepared: Path, dst: Path, calib: np.ndarray | None, cfg: QuantConfig,
+def quantize_int8_static(prepared: Path, dst: Path, calib: CalibrationSet | np.ndarray | None, cfg: QuantConfig,
                          exclude: list[str] = (), cache: Path | None = None, only: list[str] | None = None) -> dict:
     """Static QDQ INT8 (per-channel weights). ``cache``: onnxruntime's JSON calibration cache, so repeated
-    quantizations of the same graph (the precision search) calibrate once. ``only``: quantize just these nodes."""
+    quantizations of the same graph (the precision search) calibrate once. ``only``: quantize just these nodes.
+    ``calib``: the calibration images (a set, preprocessed a batch at a time, or float32 model inputs); None with a
+    filled ``cache``."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     from geosurge.calibration.dataset import make_ort_reader

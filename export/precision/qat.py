@@ -303,9 +303,36 @@ def _level_log_probs(model, emb):
     return [F.log_softmax(z, dim=-1) for z in model.head.level_logits(emb)]
 
 
-def qat_distill(model, images: np.ndarray, cfg: QATConfig | None = None, log=print, init=None):
+class _Images:
+    """Float32 model inputs on ``device`` by index or slice, from a preprocessed (N, 3, S, S) float32 array or from
+    a :class:`~geosurge.calibration.dataset.CalibrationSet` (uint8 pixels, preprocessed per batch as read: the set
+    stays a quarter of its float32 size in memory)."""
+
+    def __init__(self, images, device):
+        import torch
+
+        from geosurge.calibration.dataset import CalibrationSet
+
+        self.device, self.torch = device, torch
+        if isinstance(images, CalibrationSet):
+            self.n, self._take = len(images), images.batch
+        else:
+            arr = np.ascontiguousarray(images, np.float32)
+            self.n, self._take = len(arr), arr.__getitem__
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx):
+        if not isinstance(idx, slice):
+            idx = np.asarray(idx.cpu() if hasattr(idx, "cpu") else idx, np.int64)
+        return self.torch.from_numpy(np.ascontiguousarray(self._take(idx))).to(self.device)
+
+
+def qat_distill(model, images, cfg: QATConfig | None = None, log=print, init=None):
     """Fine-tune a fake-quantized copy of ``model`` (a GeoSurge, FP32, the teacher; left unchanged) on ``images``
-    (N, 3, S, S) float32, preprocessed, unlabelled). ``init``: a GeoSurge of the same architecture whose weights the
+    (unlabelled: a :class:`~geosurge.calibration.dataset.CalibrationSet`, read a batch at a time, or an (N, 3, S, S)
+    float32 array, preprocessed). ``init``: a GeoSurge of the same architecture whose weights the
     student starts from (an earlier QAT's tuned weights; unchanged), else the teacher's. Returns (a plain GeoSurge
     with the tuned FP32 weights, the record for the manifest: settings, fake-quantized error before / after on the
     training images, seconds, how many quantized modules). Raises GeosurgeError when there are no images or
@@ -323,7 +350,7 @@ def qat_distill(model, images: np.ndarray, cfg: QATConfig | None = None, log=pri
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     original = model
     teacher = copy.deepcopy(model).eval().to(device) if device.type != "cpu" else model.eval()
-    x_all = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(device)
+    x_all = _Images(images, device)
     with torch.no_grad():  # targets for each image and its mirror, computed once
         t_emb = {flip: torch.cat([teacher.embed(x_all[i:i + 32].flip(-1) if flip else x_all[i:i + 32])
                                   for i in range(0, len(x_all), 32)]) for flip in (False, True)}

@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,6 +17,9 @@ from geosurge.parity import compare
 from . import ort_dynamic, ort_static
 from .config import COMPUTE_OP_TYPES, DYNAMIC_OP_TYPES, WEIGHT_ONLY_MAX_ERROR, QuantConfig
 from .graph import quantizable_nodes, weight_only_int8
+
+if TYPE_CHECKING:
+    from geosurge.calibration.dataset import CalibrationSet
 
 
 def run_embeddings(path, inputs: np.ndarray, threads: int | None = 2, output: str = "embedding",
@@ -33,7 +37,7 @@ def run_embeddings(path, inputs: np.ndarray, threads: int | None = 2, output: st
 class Quantizer:
     """One precision's quantize call with everything but the node choice fixed (what the search varies)."""
 
-    def __init__(self, prepared: Path, cfg: QuantConfig, calib: np.ndarray | None, cache: Path | None):
+    def __init__(self, prepared: Path, cfg: QuantConfig, calib: CalibrationSet | None, cache: Path | None):
         self.prepared, self.cfg, self.calib, self.cache = prepared, cfg, calib, cache
         self.op_types = COMPUTE_OP_TYPES if cfg.precision == "int8" else DYNAMIC_OP_TYPES
         #: nodes allowed weight-only INT8 when kept out of INT8 compute (None: all); set from measurements
