@@ -1,4 +1,6 @@
 """Invariants of the cell hierarchy, on the real default (MP-16 sample) and on synthetic clusters."""
+import copy
+
 import numpy as np
 import pytest
 
@@ -98,6 +100,19 @@ def test_synthetic_invariants_and_determinism():
     perm = np.random.default_rng(1).permutation(lat.size)
     h2 = build_hierarchy(lat[perm], lon[perm], tau_max=[800, 200, 50, 12], tau_min=3, max_s2_level=16)
     assert h2.digest() == h.digest()
+
+
+def test_structure_digest_is_which_cells_not_the_last_bits_of_their_points(default_hierarchy):
+    h = default_hierarchy
+    moved = copy.deepcopy(h)
+    moved.rep_lon = np.nextafter(moved.rep_lon, 0.0)  # what another CPU's sin / cos leave
+    assert moved.digest() != h.digest() and moved.structure_digest() == h.structure_digest()
+    fewer = copy.deepcopy(h)
+    fewer.count[5] += 1
+    assert fewer.structure_digest() != h.structure_digest()
+    fewer.count[5] -= 1
+    fewer.parent[-1] = fewer.parent[-1] + 1
+    assert fewer.structure_digest() != h.structure_digest()
 
 
 def test_antimeridian_cluster_is_one_region():

@@ -1,4 +1,5 @@
 """The reference model: a toy run of the whole recipe (tiny config, a handful of views) and the cached reuse."""
+import copy
 import json
 
 import pytest
@@ -84,7 +85,8 @@ def test_shipped_weights_round_trip_and_refusals(tmp_path, small_hierarchy):
     manifest = tmp_path / "heldout.csv"  # the held-out views as training wrote them: the train source's are kept
     manifest.write_text("path,lat,lon,source,heading_deg,footprint_km\nbmng/0.jpg,10.5,20.25,bmng,30.00,700.0\n"
                         "shadedrelief/0.jpg,10.5,20.25,shadedrelief,30.00,700.0\n")
-    report = {"hierarchy": small_hierarchy.digest(), "rows": [{"model": "reference model", "views": "heldout"}],
+    report = {"hierarchy": small_hierarchy.digest(), "hierarchy_structure": small_hierarchy.structure_digest(),
+              "rows": [{"model": "reference model", "views": "heldout"}],
               "heldout_manifest": str(manifest), "sources": {"train": "bmng", "second": "shadedrelief"}}
     rec = write_shipped_weights(model, recipe, report, tmp_path, dtype="float32")
     assert not any(k.startswith(("backbone.", "head.tables.")) for k in trained_state(model, recipe))
@@ -105,6 +107,13 @@ def test_shipped_weights_round_trip_and_refusals(tmp_path, small_hierarchy):
 
     other = build_hierarchy(np.array([10.0, 20.0]), np.array([10.0, 20.0]), tau_max=[5], tau_min=1, max_s2_level=8)
     assert "hierarchy" in w.mismatch(recipe, other)
+    # the same cells built on another CPU: representative points off in the last bits (numpy's AVX-512 vs AVX2
+    # trigonometry) still match; a record without the structure digest (written before it) compares bit for bit
+    moved = copy.deepcopy(small_hierarchy)
+    moved.rep_lat = np.nextafter(moved.rep_lat, 90.0)
+    assert moved.digest() != small_hierarchy.digest() and w.mismatch(recipe, moved) is None
+    w.record.pop("hierarchy_structure_digest")
+    assert w.mismatch(recipe, small_hierarchy) is None and "hierarchy" in w.mismatch(recipe, moved)
     data = bytearray(w.weights.read_bytes())
     data[-1] ^= 0xFF
     w.weights.write_bytes(bytes(data))

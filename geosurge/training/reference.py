@@ -138,7 +138,7 @@ def recipe_key(recipe: ReferenceRecipe, hierarchy=None) -> str:
         from ..geo import build_default_hierarchy
 
         hierarchy = build_default_hierarchy()
-    return _digest({"recipe": recipe_hash(recipe), "hierarchy": hierarchy.digest(), "geosurge": __version__})
+    return _digest({"recipe": recipe_hash(recipe), "hierarchy": hierarchy.structure_digest(), "geosurge": __version__})
 
 
 @dataclass
@@ -549,7 +549,7 @@ def train_reference(recipe: ReferenceRecipe, output, log=print, progress: bool =
     rows = [{"model": m, "views": s, **r} for (m, s), r in results.items()]
     recipe_d = recipe.to_dict()
     report = {"recipe": recipe_d, "key": None, "origin": "trained", "geosurge": __version__,
-              "hierarchy": hierarchy.digest(),
+              "hierarchy": hierarchy.digest(), "hierarchy_structure": hierarchy.structure_digest(),
               "sources": {"train": raster.identity()["name"],
                           "second": second.identity()["name"] if second else None},
               "views": {k: len(v) for k, v in sets.items()}, "rows": rows, "by_train_distance": by_dist,
@@ -664,6 +664,7 @@ def assemble_reference(recipe: ReferenceRecipe, output, weights, hierarchy, log=
                           extra={"reference": {"recipe": recipe.to_dict(), "rows": rows, "shipped": shipped}})
     report = {"recipe": recipe.to_dict(), "key": None, "origin": "shipped", "shipped": shipped,
               "geosurge": __version__, "hierarchy": hierarchy.digest(),
+              "hierarchy_structure": hierarchy.structure_digest(),
               "sources": {"train": recipe.source, "second": recipe.second_source},
               "views": rec["accuracy"].get("views"), "rows": rows,
               "by_train_distance": rec["accuracy"].get("by_train_distance"),

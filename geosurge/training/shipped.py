@@ -8,14 +8,15 @@ semantic tokenizer, the segmenter head and the per-level temperatures — is not
 * ``geosurge/data/reference/reference-<config>.safetensors``: those tensors (float16 where the measured parity
   allows it, see :func:`write_shipped_weights`);
 * ``reference-<config>.json``: the recipe, its hash (:func:`geosurge.training.reference.recipe_hash`), the
-  hierarchy digest, the geosurge version, the sha256 of the weights, which prefixes are rebuilt rather than shipped,
-  the measured accuracy (the training run's report rows), the float16 parity and the held-out view specs (centre,
-  heading, footprint as the held-out manifest records them), so the held-out views are rendered again without
-  redrawing the split.
+  hierarchy's digests (bit for bit, and of its structure: which cells), the geosurge version, the sha256 of the
+  weights, which prefixes are rebuilt rather than shipped, the measured accuracy (the training run's report rows),
+  the float16 parity and the held-out view specs (centre, heading, footprint as the held-out manifest records them),
+  so the held-out views are rendered again without redrawing the split.
 
-:func:`load_shipped` rebuilds the model and loads the shipped tensors only when the recipe hash and the hierarchy
-digest match (otherwise it says why, and the caller trains); a weight file whose sha256 differs from the record is
-refused with an error (a damaged install), never loaded.
+:func:`load_shipped` rebuilds the model and loads the shipped tensors only when the recipe hash and the hierarchy's
+structure digest match (otherwise it says why, and the caller trains): a hierarchy built on another CPU differs in the
+last bits of its representative points, not in its cells (:meth:`~geosurge.geo.CellHierarchy.structure_digest`). A
+weight file whose sha256 differs from the record is refused with an error (a damaged install), never loaded.
 """
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ def write_shipped_weights(model, recipe, report: dict, folder, dtype: str = "flo
         "recipe": recipe.to_dict(),
         "recipe_hash": recipe_hash(recipe),
         "hierarchy_digest": report["hierarchy"],
+        "hierarchy_structure_digest": report["hierarchy_structure"],
         "geosurge": __version__,
         "weights": {"file": weights.name, "sha256": _sha256(weights), "bytes": weights.stat().st_size,
                     "dtype": dtype, "tensors": len(state),
@@ -171,7 +173,11 @@ class ShippedWeights:
         if self.record.get("recipe_hash") != recipe_hash(recipe):
             return (f"they were trained with recipe {str(self.record.get('recipe_hash'))[:12]}, this recipe is "
                     f"{recipe_hash(recipe)[:12]}")
-        if self.record.get("hierarchy_digest") != hierarchy.digest():
+        # which cells, not the last bits of their representative points (those differ between CPUs); a record
+        # written before the structure digest existed compares the full digest
+        structure = self.record.get("hierarchy_structure_digest")
+        if (hierarchy.structure_digest() if structure else hierarchy.digest()) != (structure or
+                                                                                  self.record.get("hierarchy_digest")):
             return "they were trained over another cell hierarchy"
         return None
 
