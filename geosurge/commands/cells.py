@@ -50,7 +50,7 @@ def print_info(info: dict, as_json: bool, title: str | None = None) -> None:
         return
     print(format_table(info["levels"], INFO_COLUMNS, title=title))
     print(f"points {info['points']:,}  covered {info['covered']:,}  tau_min {info['tau_min']}  "
-          f"digest {info['digest'][:16]}  source {info['source']}")
+          f"digest {info['digest'][:16]}  structure {info['structure_digest'][:16]}  source {info['source']}")
 
 
 def cmd_build(args) -> int:

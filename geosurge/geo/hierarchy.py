@@ -207,6 +207,7 @@ class CellHierarchy:
             })
         return {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "digest": self.digest(),
+            "structure_digest": self.structure_digest(),
             "points": self.meta.get("n_points"), "covered": self.meta.get("n_covered"),
             "tau_min": self.meta.get("tau_min"), "max_s2_level": self.meta.get("max_s2_level"),
             "source": self.meta.get("source"), "levels": rows,
