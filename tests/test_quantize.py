@@ -259,6 +259,51 @@ def test_simulate_int8_export_checks_the_grid_and_times_the_kernels(tmp_path, ti
         QuantConfig("fp16", simulate_int8=True)
 
 
+def _float_conv_between_qdq(path: Path) -> None:
+    """x -> Q -> DQ -> Conv (float weights, one outlier weight) -> Q -> DQ -> y: a Conv a QDQ model keeps float."""
+    rng = np.random.default_rng(0)
+    w = rng.uniform(-1, 1, (4, 4, 3, 3)).astype(np.float32)
+    w[0, 0, 1, 1] = 100.0  # a per-tensor INT8 grid (step 100 / 127) rounds every other weight to 0 or +-0.79
+    b = rng.uniform(-1, 1, 4).astype(np.float32)
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel()),
+             helper.make_tensor("b", TensorProto.FLOAT, b.shape, b),
+             helper.make_tensor("s_in", TensorProto.FLOAT, [], [2.0 / 255]),
+             helper.make_tensor("z_in", TensorProto.UINT8, [], [128]),
+             helper.make_tensor("s_out", TensorProto.FLOAT, [], [8.0 / 255]),  # the outlier's channel clips
+             helper.make_tensor("z_out", TensorProto.UINT8, [], [128])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s_in", "z_in"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s_in", "z_in"], ["xd"]),
+             helper.make_node("Conv", ["xd", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["c", "s_out", "z_out"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "s_out", "z_out"], ["y"])]
+    graph = helper.make_graph(nodes, "float_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_a_conv_kept_float_between_quantized_tensors_stays_float(tmp_path):
+    """onnxruntime's WeightBiasQuantization would give it per-tensor INT8 weights; the runner turns that off, so the
+    deployed graph computes the float Conv the export chose, as onnxruntime without graph optimisations does (no
+    INT8 kernel runs here: the result does not depend on the CPU)."""
+    import onnxruntime as ort
+
+    from geosurge.runtime.backends.onnxruntime import DISABLED_OPTIMIZERS, OnnxRuntimeRunner
+
+    path = tmp_path / "float_conv.onnx"
+    _float_conv_between_qdq(path)
+    x = {"x": np.random.default_rng(1).uniform(-1, 1, (1, 4, 8, 8)).astype(np.float32)}
+    step = 8.0 / 255
+    with OnnxRuntimeRunner(path, threads=1) as r, OnnxRuntimeRunner(path, threads=1, simulate_int8=True) as sim:
+        deployed, exact = r.infer(x)["y"], sim.infer(x)["y"]
+        assert r.options["disabled_optimizers"] == list(DISABLED_OPTIMIZERS)
+    assert np.abs(deployed - exact).max() <= step + 1e-4  # at most one output step (float summation order)
+    # what a default onnxruntime session does with the same file (onnxruntime >= 1.21): the weights rounded
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    if np.abs(plain - exact).max() <= step + 1e-4:
+        pytest.skip(f"onnxruntime {ort.__version__} leaves a float Conv between quantized tensors float by itself")
+    assert np.abs(plain - exact).max() > 3 * step
+
+
 @pytest.mark.parametrize("machine,flags,expected", [
     ("x86_64", ["avx2"], True), ("x86_64", ["avx2", "avx512f", "avx512_vnni"], False),
     ("AMD64", ["avx2", "avx_vnni"], False), ("x86_64", ["amx_int8"], False), ("aarch64", [], False),

@@ -21,6 +21,15 @@ SPINNING: bool | None = False
 #: of each input shape, kept between calls). Off: measured on the edge FP32 bundle (docs/benchmarks.md, "Runtime
 #: peak RSS"), ~2 MB less resident with no change of locate latency (A/B, interleaved). None keeps the default (on).
 MEM_PATTERN: bool | None = False
+#: onnxruntime graph transformers every session here runs without. ``WeightBiasQuantization`` (onnxruntime >= 1.21,
+#: widened in 1.23 to ``DQ -> Conv -> activation -> Q``) gives each Conv / Gemm whose input comes from a
+#: DequantizeLinear and whose output reaches a QuantizeLinear symmetric **per-tensor** INT8 weights, so it turns the
+#: nodes a QDQ bundle keeps float on purpose (the precision search's, QAT's kept-float first block) into INT8 nodes
+#: with a coarser weight grid than any the export chose. Measured on the reference model (64 views, onnxruntime
+#: 1.32): the first depthwise Conv kept float, cosine to FP32 0.772 with it, 0.980 without — the same as
+#: onnxruntime without graph optimisations (0.980) and OpenVINO (0.977), which keep the node float; on graphs with
+#: no float Conv / Gemm between quantized tensors it changes nothing. Unknown names are ignored by onnxruntime.
+DISABLED_OPTIMIZERS: tuple[str, ...] = ("WeightBiasQuantization",)
 
 
 def int8_saturates() -> bool | None:
@@ -78,7 +87,8 @@ class OnnxRuntimeRunner(Runner):
         avail = ort.get_available_providers()
         providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in avail] or ["CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
+            self.session = ort.InferenceSession(str(model_path), opts, providers=providers,
+                                                disabled_optimizers=set(DISABLED_OPTIMIZERS))
         except Exception as e:  # onnxruntime's own exception types (Fail, NotImplemented, InvalidGraph, ...)
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise BackendUnavailable(f"{model_path}: onnxruntime {ort.__version__} cannot load this model "
@@ -88,7 +98,8 @@ class OnnxRuntimeRunner(Runner):
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.version = ort.__version__
         self.providers = self.session.get_providers()
-        self.options = {"providers": self.providers, "intra_op_num_threads": threads, "onnxruntime": ort.__version__}
+        self.options = {"providers": self.providers, "intra_op_num_threads": threads, "onnxruntime": ort.__version__,
+                        "disabled_optimizers": list(DISABLED_OPTIMIZERS)}
         if simulate_int8:
             self.options["simulate_int8"] = True
 
