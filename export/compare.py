@@ -13,10 +13,9 @@ import torch
 
 from geosurge.errors import GeosurgeError
 from geosurge.formats import Precision, Target, default_backend
-from geosurge.images import list_images, load_image
+from geosurge.inputs import read_preprocessed
 from geosurge.manifest import ParityRecord
 from geosurge.parity import compare
-from geosurge.preprocess import preprocess
 from geosurge.runtime.backends import BackendUnavailable, embed_batches, get_runner
 from geosurge.runtime.localizer import Localizer
 from geosurge.runtime.verify import machine_notes
@@ -62,26 +61,6 @@ def heldout_parity(model, bundle, inputs: np.ndarray, scorer, gates: dict | None
                         reference=REFERENCE, runner=backend.value, runner_options=options or None)
 
 
-def truth_manifest(images) -> tuple[list, dict | None]:
-    """``images`` as image paths, and the true (lat, lon) per path when they come from CSV manifests (``path, lat,
-    lon``; any mix of files, folders and manifests: only a manifest's images have ground truth)."""
-    from pathlib import Path
-
-    from geosurge.inputs import read_manifest
-
-    out, coords = [], {}
-    for item in images:
-        p = Path(item)
-        if p.is_file() and p.suffix.lower() == ".csv":
-            man = read_manifest(p)
-            for path, la, lo in zip(man.paths, man.lat, man.lon):
-                out.append(path)
-                coords[str(path)] = (float(la), float(lo))
-        else:
-            out.append(item)
-    return out, coords or None
-
-
 def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: str | None = None,
                     threads: int | None = None, gates: dict | None = None, log=print, **options) -> dict:
     """FP32 torch (the manifest's source, or ``checkpoint``) vs the bundle through the runtime on ``images`` (files,
@@ -91,47 +70,21 @@ def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: 
     ``skipped``: refused images, ``inputs``: read / refused / skipped counts, ``not_images``: folder files that are
     not images, ``notes``: what the figures mean on this machine, :func:`geosurge.runtime.verify.machine_notes`);
     raises GeosurgeError when no image is readable."""
-    images, coords = truth_manifest(images)
     with Localizer(bundle_dir, backend=backend, threads=threads, options=options) as loc:
         model = load_source_model(loc.bundle, checkpoint)
-        listing = list_images(images)
-        summary = listing.summary()
-        for line in listing.skip_lines():
-            log(f"  {line}")
-        xs, names, errors = [], [], []
-        for p in listing.paths:  # the same decode and preprocessing for both sides: the manifest's spec
-            try:
-                xs.append(preprocess(load_image(p, loc.spec), loc.spec))
-                names.append(str(p))
-                summary.count(True)
-            except GeosurgeError as e:
-                errors.append({"input": str(p), "error": str(e)})
-                summary.count(False)
-                log(f"  refused {e}")
-        log(f"parity: {summary.line()}")
-        if not xs:
-            raise GeosurgeError("parity: no readable images")
-        x = np.stack(xs)
+        read = read_preprocessed(images, loc.spec, log=log, what="parity")
+        x, names = read.inputs, read.names
         t0 = time.perf_counter()
         ref = torch_embed(model, x)
         t1 = time.perf_counter()
         dep = loc.embed(x)
         t2 = time.perf_counter()
-        truth = None
-        if coords is not None:
-            known = [coords.get(n) for n in names]
-            if all(k is not None for k in known):
-                truth = (np.array([k[0] for k in known]), np.array([k[1] for k in known]))
-            else:
-                log(f"parity: {sum(k is None for k in known)} image(s) have no ground truth: accuracy deltas not "
-                    "measured (give only manifests for them)")
-        rep = compare(ref, dep, loc.scorer, gates or loc.bundle.manifest.gates() or None, truth=truth)
+        rep = compare(ref, dep, loc.scorer, gates or loc.bundle.manifest.gates() or None, truth=read.truth)
         m = loc.bundle.manifest
         runner_options = dict(loc.runner.options or {})
         return {"bundle": str(bundle_dir), "backend": loc.runner.name.value, "runner_options": runner_options,
-                "notes": machine_notes(m, loc.runner.name, runner_options), "images": names, "skipped": errors,
-                "inputs": summary.to_dict(), "not_images": [{"input": str(s.path), "reason": s.reason}
-                                                          for s in listing.skipped],
+                "notes": machine_notes(m, loc.runner.name, runner_options), "images": names, "skipped": read.errors,
+                "inputs": read.summary.to_dict(), "not_images": read.not_images,
                 "precision": m.model.precision.value, **rep,
                 "seconds": {"torch_fp32": round(t1 - t0, 3), "deployed": round(t2 - t1, 3)}}
 

@@ -306,9 +306,10 @@ def verify(bundle, backend: str | None = None, threads: int | None = None, **opt
 
 def choose_backend(bundle, *, threads: int | None = None, backends: Iterable[str] | None = None,
                    min_speedup: float = 1.0, iters: int = 30, pause_ms: float = 100.0, write: bool = True,
-                   log: Log = print) -> dict:
+                   images=None, log: Log = print) -> dict:
     """Time every installed backend that reads ``bundle`` (interleaved, paced) and replay its golden probes under
-    the manifest's gates; the fastest that passes and beats the default backend by more than ``min_speedup``
+    the manifest's gates (and, with ``images``, compare each backend with the format's default one on those images
+    under the same gates); the fastest that passes and beats the default backend by more than ``min_speedup``
     becomes this machine's default for the bundle (written to ``BUNDLE/backend.json`` with ``write``;
     ``geosurge.runtime.backends.choice``). Returns the record (``backend``, ``reason``, ``measured`` rows)."""
     from .runtime.backends.choice import measure_backends, write_choice
@@ -316,7 +317,8 @@ def choose_backend(bundle, *, threads: int | None = None, backends: Iterable[str
 
     b = open_bundle(bundle)
     rec = measure_backends(b, threads=threads, backends=list(backends) if backends else None, iters=iters,
-                           pause_ms=pause_ms, min_speedup=min_speedup, log=log)
+                           pause_ms=pause_ms, min_speedup=min_speedup, images=_paths(images) if images else None,
+                           log=log)
     if write:
         rec["sidecar"] = str(write_choice(b, rec))
     return rec

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="another backend must beat the default by more than X (default 1.0)")
     cb.add_argument("--iters", type=int, default=30)
     cb.add_argument("--pause-ms", type=float, default=100.0, help="pause before each timed call (a camera's pace)")
+    cb.add_argument("--images", nargs="+", metavar="PATH",
+                    help="the deployment's own images (files, folders, CSV manifests path,lat,lon): every backend is "
+                         "also compared on them with the format's default backend under the km gates (recommended: "
+                         "six golden probes are too few to judge a BF16 / FP16 backend)")
     cb.add_argument("--dry-run", action="store_true", help="measure and print; write nothing")
     cb.add_argument("--json", metavar="FILE")
     cb.set_defaults(func=cmd_choose_backend)
@@ -305,15 +309,36 @@ def cmd_choose_backend(args) -> int:
     from .bundle import open_bundle
 
     bundle = open_bundle(args.bundle)
-    rec = measure_backends(bundle, threads=args.threads, iters=args.iters, pause_ms=args.pause_ms,
-                           min_speedup=args.min_speedup, log=lambda m: None)
+    try:
+        rec = measure_backends(bundle, threads=args.threads, iters=args.iters, pause_ms=args.pause_ms,
+                               min_speedup=args.min_speedup, images=args.images, log=lambda m: None)
+    except GeosurgeError as e:
+        print(f"choose-backend: {e}", file=sys.stderr)
+        return 2
+    on_images = "images" in rec
+    for bad in rec["images"]["refused"] if on_images else []:
+        print(f"choose-backend: refused {bad['error']}", file=sys.stderr)
+    for other in rec["images"]["not_images"] if on_images else []:
+        print(f"choose-backend: skipped {other['input']}: {other['reason']}", file=sys.stderr)
+
+    def images_cols(r):
+        if not on_images:
+            return {}
+        passed = r.get("images_parity_passed")
+        return {"images": "" if passed is None else ("PASS" if passed else "FAIL"),
+                "images_agreement": r.get("images_agreement"), "images_p95_km": r.get("images_p95_drift_km"),
+                "images_cos": r.get("images_cosine_mean")}
+
     rows = [{"backend": r["backend"], "hint": (r.get("options") or {}).get("INFERENCE_PRECISION_HINT", ""),
              "p50_ms": r.get("p50_ms"), "p95_ms": r.get("p95_ms"), "speedup": r.get("speedup"),
              "parity": "" if "skipped" in r else ("PASS" if r["parity_passed"] else "FAIL"),
-             "p95_drift_km": r.get("p95_drift_km"), "cosine_mean": r.get("cosine_mean"),
+             "p95_drift_km": r.get("p95_drift_km"), "cosine_mean": r.get("cosine_mean"), **images_cols(r),
              "note": r.get("skipped", "")} for r in rec["measured"]]
+    what = "golden replay under the manifest's gates" + (
+        f", and {rec['images']['n']} image(s) of yours vs {rec['images']['reference']} (both must pass)"
+        if on_images else " (add --images for your own)")
     print(format_table(rows, title=f"{args.bundle}: backends on this machine ({rec['machine']}), {args.iters} paced "
-                                   f"interleaved runs; parity: golden replay under the manifest's gates"))
+                                   f"interleaved runs; parity: {what}"))
     print(f"choose-backend: {rec['reason']}")
     if not args.dry_run:
         print(f"choose-backend: default for this bundle on this machine -> {rec['backend']} "

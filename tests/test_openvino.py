@@ -103,7 +103,7 @@ def test_the_default_backend_follows_a_measurement_for_this_machine_only(bundle,
     assert b.backend() == Backend.ONNXRUNTIME
 
 
-def test_measure_backends_recommends_only_faster_at_parity(bundle):
+def test_measure_backends_recommends_only_faster_at_parity(bundle, monkeypatch):
     def times(ms):  # an injected measurement (never real timings in a test)
         return lambda calls: {k: [ms[k]] * 5 for k in calls}
 
@@ -117,6 +117,33 @@ def test_measure_backends_recommends_only_faster_at_parity(bundle):
     rec = choice_mod.measure_backends(bundle, threads=1, measure=times({"onnxruntime": 4.0, "openvino": 3.9}),
                                       min_speedup=1.1, **QUIET)
     assert rec["backend"] == "onnxruntime" and "more than x1.1 faster" in rec["reason"]
+    # the deployment's own images: a backend must also pass on them, measured against the default backend
+    import geosurge.parity as parity_mod
+
+    real = parity_mod.compare
+    photos = sample_photo_paths()[3:6]
+    bad = bundle.root.parent / "not-a-photo.jpg"
+    bad.write_bytes(b"not a jpeg")
+
+    def compare(ref, dep, scorer, gates=None, truth=None):  # the user's images fail for the non-default backend
+        rep = real(ref, dep, scorer, gates, truth=truth)
+        if len(ref) == len(photos) and not np.array_equal(ref, dep):
+            rep = {**rep, "passed": False}
+        return rep
+
+    monkeypatch.setattr(parity_mod, "compare", compare)
+    rec = choice_mod.measure_backends(bundle, threads=1, measure=times({"onnxruntime": 4.0, "openvino": 2.0}),
+                                      images=[*photos, bad], **QUIET)
+    rows = {r["backend"]: r for r in rec["measured"]}
+    assert rec["images"]["n"] == 3 and rec["images"]["reference"].startswith("onnxruntime")
+    assert [b["input"] for b in rec["images"]["refused"]] == [str(bad)]  # named, not dropped
+    assert rows["onnxruntime"]["images_parity_passed"] and not rows["openvino"]["images_parity_passed"]
+    assert not rows["openvino"]["parity_passed"] and rec["backend"] == "onnxruntime"
+    assert 0.0 <= rows["openvino"]["images_cosine_mean"] <= 1.0 + 1e-6
+    monkeypatch.undo()
+    with pytest.raises(GeosurgeError, match="no readable images"):
+        choice_mod.measure_backends(bundle, threads=1, measure=times({"onnxruntime": 4.0, "openvino": 2.0}),
+                                    images=[bad], **QUIET)
     # parity failures never win, however fast
     rows = [{"backend": "onnxruntime", "p50_ms": 4.0, "parity_passed": True},
             {"backend": "openvino", "p50_ms": 1.0, "parity_passed": False}]
