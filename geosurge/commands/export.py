@@ -54,7 +54,8 @@ def register(sub) -> None:
                    "for a device unlike this machine (speed is still timed here)")
     p.add_argument("--recommend-backend", action="store_true", help="time every installed backend that reads the "
                    "bundle (onnxruntime, OpenVINO, ...) with golden parity, and record the fastest at parity in the "
-                   "manifest: the runtime's default on machines like this one")
+                   "manifest: the runtime's default on machines like this one (golden probes only: on the device, "
+                   "`geosurge-run choose-backend --images` judges on your images)")
     p.add_argument("--calib-size", type=int, default=256)
     p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS)
     p.add_argument("--calib-cache", metavar="DIR", default=None, help="cache preprocessed calibration sets here")
