@@ -203,7 +203,11 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
         log("note: this CPU (x86 without VNNI) sums u8 x s8 pairs in int16 with saturation, and every INT8 figure "
             "below is measured on it; to deploy on CPUs like it add --reduce-range (7-bit weights), for a device that "
             "accumulates exactly (ARM, VNNI / AMX, TensorRT) add --simulate-int8")
-    quantizer = Quantizer(prepared, cfg, calib, workdir / "calibration-ranges.json")
+    # with --qat the kept-out nodes deploy with the float weights the student trains; the PTQ graph QAT is compared
+    # with keeps them float too (not weight-only INT8), so the two differ only in what QAT changed
+    ptq_cfg = (replace(cfg, float_weight_nodes=sorted(set(cfg.float_weight_nodes) | set(cfg.nodes_to_exclude)))
+               if cfg.qat and cfg.nodes_to_exclude else cfg)
+    quantizer = Quantizer(prepared, ptq_cfg, calib, workdir / "calibration-ranges.json")
     inputs = choose.inputs if choose is not None else None
     truth = choose.truth if choose is not None else None
     if cfg.chooses and (scorer is None or inputs is None):
@@ -225,7 +229,8 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
     if cfg.qat and not ptq["passed"]:
         quantizer, qat_facts = _qat(model, cfg, calibration, quantizer, cands, workdir, export_kwargs or {},
                                     calib, log)
-        record["qat"] = qat_facts
+        # what QAT was compared with: its kept-out nodes' weights in the PTQ graph (0 weight-only: float, as QAT's)
+        record["qat"] = {**qat_facts, "ptq_weight_only_int8": int(facts.get("weight_only_int8", 0))}
     base_rec = next(iter(cands.rows.values())) if not record.get("qat") else \
         cands.rows["all-INT8 QAT" if record["qat"]["base"] == "qat" else ALL_INT8]
     if cfg.search == "auto" and not base_rec.get("passed"):

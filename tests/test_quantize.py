@@ -706,6 +706,9 @@ def test_qat_trains_for_the_kept_out_nodes_and_the_search_keeps_original_weights
     assert q["qat"]["exclude"] == [module_of_onnx_node(conv)] and module_of_onnx_node(conv)
     assert q["qat"]["base"] == "qat"
     assert q["qat"]["facts"]["weight_only_int8"] == 0  # the kept-out weights deploy float, as the student had them
+    # the PTQ graph QAT was compared with kept the node float the same way (a fair comparison; a plain export
+    # gives a kept-out node weight-only INT8: test_a_qat_checkpoint_exports_the_precision_it_trained_for)
+    assert q["qat"]["ptq_weight_only_int8"] == 0
     assert q["qat"]["search_base"] == "ptq" and q["search"]["passed"]
     assert conv in q["nodes_excluded"]  # the user's choice stays out in the searched mix too
 

@@ -314,19 +314,20 @@ class _Images:
         from geosurge.calibration.dataset import CalibrationSet
 
         self.device, self.torch = device, torch
-        if isinstance(images, CalibrationSet):
-            self.n, self._take = len(images), images.batch
-        else:
-            arr = np.ascontiguousarray(images, np.float32)
-            self.n, self._take = len(arr), arr.__getitem__
+        self.set = images if isinstance(images, CalibrationSet) else None
+        # an array is one tensor on the device, indexed as it is (what QAT always did with arrays)
+        self.all = (None if self.set is not None
+                    else torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(device))
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.set) if self.set is not None else len(self.all)
 
     def __getitem__(self, idx):
+        if self.set is None:
+            return self.all[idx]
         if not isinstance(idx, slice):
             idx = np.asarray(idx.cpu() if hasattr(idx, "cpu") else idx, np.int64)
-        return self.torch.from_numpy(np.ascontiguousarray(self._take(idx))).to(self.device)
+        return self.torch.from_numpy(self.set.batch(idx)).to(self.device)
 
 
 def qat_distill(model, images, cfg: QATConfig | None = None, log=print, init=None):
