@@ -118,7 +118,10 @@ def read_preprocessed(images, spec, log=print, what: str = "images") -> Preproce
             log(f"  refused {e}")
     log(f"{what}: {summary.line()}")
     if not xs:
-        raise GeosurgeError(f"{what}: no readable images")
+        why = (f"; e.g. {errors[0]['error']}" if errors else
+               f"; e.g. {listing.skipped[0].path}: {listing.skipped[0].reason}" if listing.skipped else "")
+        raise GeosurgeError(f"{what}: no readable images among {', '.join(map(str, paths[:3]))}"
+                            f"{' ...' if len(paths) > 3 else ''} ({summary.line()}{why})")
     truth = None
     if coords is not None:
         known = [coords.get(n) for n in names]

@@ -261,6 +261,17 @@ def evaluate_gates(metrics: dict, gates: dict | None = None) -> list[dict]:
     return rows
 
 
+def failed_gates_text(rows: list[dict]) -> str:
+    """The FAILed gates of :func:`evaluate_gates` rows as one phrase, value and need each:
+    ``"p95_drift_km 7038 (needs <= 200); top1_agreement_confident 0.61 (needs >= 0.95)"`` ("" when none failed;
+    a row without a value or need, as an old manifest may hold, gives its name alone)."""
+    def one(r):
+        value = f" {r['value']:.4g}" if isinstance(r.get("value"), (int, float)) else ""
+        return f"{r['gate']}{value}" + (f" (needs {r['need']})" if r.get("need") else "")
+
+    return "; ".join(one(r) for r in rows if r.get("pass") == "FAIL")
+
+
 def gates_passed(rows: list[dict]) -> bool:
     """No gate FAILed (a SKIP is not a failure)."""
     return all(r["pass"] != "FAIL" for r in rows)

@@ -264,7 +264,7 @@ def describe_runner(backend: str, options: dict) -> str:
 
 # ---- verify --------------------------------------------------------------------------------------------------
 def cmd_verify(args) -> int:
-    from geosurge.parity import format_parity
+    from geosurge.parity import failed_gates_text, format_parity
     from geosurge.report import format_table, write_json
 
     from .bundle import BundleError
@@ -288,8 +288,7 @@ def cmd_verify(args) -> int:
                                                                  if check["images"] else "")
           + measured_suffix(check))
     if not rep["golden_passed"]:
-        failed = [f"{r['gate']} {r['value']:.4g} (needs {r['need']})" for r in rep["gates"] if r["pass"] == "FAIL"]
-        print(f"verify: FAIL: the golden replay on this machine fails {len(failed)} gate(s): {'; '.join(failed)}",
+        print(f"verify: FAIL: the golden replay on this machine fails {failed_gates_text(rep['gates'])}",
               file=sys.stderr)
     if line:
         print(f"verify: FAIL: {line}", file=sys.stderr)
@@ -327,15 +326,22 @@ def cmd_choose_backend(args) -> int:
         passed = r.get("images_parity_passed")
         return {"images": "" if passed is None else ("PASS" if passed else "FAIL"),
                 "images_agreement": r.get("images_agreement"), "images_p95_km": r.get("images_p95_drift_km"),
-                "images_cos": r.get("images_cosine_mean")}
+                "images_cos": r.get("images_cosine_mean"),
+                **({"images_dacc_pts": r.get("images_accuracy_delta_min_pts")}
+                   if rec["images"]["ground_truth"] else {})}
+
+    def verdict(passed):
+        return "" if passed is None else ("PASS" if passed else "FAIL")
 
     rows = [{"backend": r["backend"], "hint": (r.get("options") or {}).get("INFERENCE_PRECISION_HINT", ""),
              "p50_ms": r.get("p50_ms"), "p95_ms": r.get("p95_ms"), "speedup": r.get("speedup"),
-             "parity": "" if "skipped" in r else ("PASS" if r["parity_passed"] else "FAIL"),
+             "golden": verdict(r.get("golden_parity_passed", r.get("parity_passed"))),
              "p95_drift_km": r.get("p95_drift_km"), "cosine_mean": r.get("cosine_mean"), **images_cols(r),
-             "note": r.get("skipped", "")} for r in rec["measured"]]
-    what = "golden replay under the manifest's gates" + (
-        f", and {rec['images']['n']} image(s) of yours vs {rec['images']['reference']} (both must pass)"
+             **({"parity": verdict(r.get("parity_passed"))} if on_images else {}),
+             "note": r.get("skipped") or (f"images fail {r['images_failed']}" if r.get("images_failed") else "")}
+            for r in rec["measured"]]
+    what = "golden: replay of the bundle's golden probes under the manifest's gates" + (
+        f"; images: {rec['images']['n']} image(s) of yours vs {rec['images']['reference']}; parity: both must pass"
         if on_images else " (add --images for your own)")
     print(format_table(rows, title=f"{args.bundle}: backends on this machine ({rec['machine']}), {args.iters} paced "
                                    f"interleaved runs; parity: {what}"))
@@ -343,6 +349,8 @@ def cmd_choose_backend(args) -> int:
     if not args.dry_run:
         print(f"choose-backend: default for this bundle on this machine -> {rec['backend']} "
               f"({write_choice(bundle, rec)})")
+    else:
+        print("choose-backend: --dry-run: nothing written (the bundle's default stays as it was)")
     if args.json:
         write_json(args.json, rec)
     return 0

@@ -3,7 +3,7 @@ torch embeddings stored in the bundle, under the manifest's gates (numpy + one b
 the backend and the run-time options that change its numerics (OpenVINO's precision hint, device)."""
 from __future__ import annotations
 
-from geosurge.parity import compare
+from geosurge.parity import compare, failed_gates_text
 
 from .bundle import open_bundle
 from .golden import Golden
@@ -53,15 +53,16 @@ def machine_notes(manifest, backend, runner_options: dict) -> list[str]:
 
 def export_check(manifest) -> dict:
     """The held-out parity check the export recorded (``quantization.check``): ``{"status": "PASS" | "FAIL" |
-    "not measured" | "none", "images", "failed_gates", "reason"}``. ``none``: an FP32 model part is its own
-    reference; ``not measured``: the exporting machine could not run it (the record says why)."""
+    "not measured" | "none", "images", "failed_gates", "reason"}``, and for a measured check ``failed`` (the failed
+    gates with value and need, :func:`geosurge.parity.failed_gates_text`) and ``measured_as``. ``none``: an FP32
+    model part is its own reference; ``not measured``: the exporting machine could not run it (the record says why)."""
     c = manifest.check
     if c is None:
         return {"status": "none", "images": None, "failed_gates": [], "reason": "FP32: the model is the reference"}
     if c.passed is None:
         return {"status": "not measured", "images": c.images, "failed_gates": [], "reason": c.skipped}
     return {"status": "PASS" if c.passed else "FAIL", "images": c.images, "failed_gates": c.failed_gates(),
-            "reason": None, "measured_as": measured_as(c)}
+            "failed": failed_gates_text(c.gates or []), "reason": None, "measured_as": measured_as(c)}
 
 
 def checked_simulated(check) -> bool:
@@ -86,7 +87,7 @@ def export_check_line(check: dict) -> str | None:
     """One line saying that the export refused this bundle, or None when it did not."""
     if check["status"] != "FAIL":
         return None
-    gates = ", ".join(check["failed_gates"]) or "its gates"
+    gates = check.get("failed") or ", ".join(check["failed_gates"]) or "its gates"
     return (f"the export's held-out parity check FAILED ({gates} on {check['images']} image(s)"
             f"{measured_suffix(check)}): the exporting "
             "toolkit refused this bundle; it is not fit to deploy (re-export in another precision, or for INT8 "

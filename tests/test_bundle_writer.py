@@ -248,9 +248,11 @@ def test_a_bundle_its_export_refused_fails_verify_and_warns_on_locate(tiny_bundl
     rep = verify_bundle(b)
     assert rep["golden_passed"] and not rep["passed"]
     assert rep["export_check"] == {"status": "FAIL", "images": 64, "failed_gates": ["top1_agreement_confident"],
+                                   "failed": "top1_agreement_confident 0.91",
                                    "reason": None, "measured_as": "its backend on the exporting machine"}
     r = run_cli("geosurge-run", "verify", b)
-    assert r.returncode == 1 and "held-out parity check FAILED (top1_agreement_confident on 64 image(s)" in r.stderr
+    # the failed gate named with its value (this record's row holds no need)
+    assert r.returncode == 1 and "held-out parity check FAILED (top1_agreement_confident 0.91 on 64 image(s)" in r.stderr
     r = run_cli("geosurge-run", "locate", b, sample_photo_paths()[0])
     assert r.returncode == 0 and r.stderr.count("not fit to deploy") == 1 and "Traceback" not in r.stderr
     # the bundle as exported (FP32: its own reference) verifies, with no such line

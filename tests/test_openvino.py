@@ -121,7 +121,7 @@ def test_measure_backends_recommends_only_faster_at_parity(bundle, monkeypatch):
     import geosurge.parity as parity_mod
 
     real = parity_mod.compare
-    photos = sample_photo_paths()[3:6]
+    photos = sample_photo_paths()[3:7]  # four: the bundle's golden probes are three
     bad = bundle.root.parent / "not-a-photo.jpg"
     bad.write_bytes(b"not a jpeg")
 
@@ -135,10 +135,11 @@ def test_measure_backends_recommends_only_faster_at_parity(bundle, monkeypatch):
     rec = choice_mod.measure_backends(bundle, threads=1, measure=times({"onnxruntime": 4.0, "openvino": 2.0}),
                                       images=[*photos, bad], **QUIET)
     rows = {r["backend"]: r for r in rec["measured"]}
-    assert rec["images"]["n"] == 3 and rec["images"]["reference"].startswith("onnxruntime")
+    assert rec["images"]["n"] == 4 and rec["images"]["reference"].startswith("onnxruntime")
     assert [b["input"] for b in rec["images"]["refused"]] == [str(bad)]  # named, not dropped
     assert rows["onnxruntime"]["images_parity_passed"] and not rows["openvino"]["images_parity_passed"]
     assert not rows["openvino"]["parity_passed"] and rec["backend"] == "onnxruntime"
+    assert rows["openvino"]["golden_parity_passed"]  # the golden verdict is kept beside the combined one
     assert 0.0 <= rows["openvino"]["images_cosine_mean"] <= 1.0 + 1e-6
     monkeypatch.undo()
     with pytest.raises(GeosurgeError, match="no readable images"):

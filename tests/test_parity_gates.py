@@ -9,7 +9,7 @@ from geosurge.errors import GeosurgeError
 from geosurge.geo import haversine_km
 from geosurge.manifest import ParityRecord
 from geosurge.parity import (DEFAULT_GATES, DRIFT_TIE_MARGIN, LEGACY_GATES, accuracy_deltas, compare,
-                             evaluate_gates, format_parity, parity_metrics)
+                             evaluate_gates, failed_gates_text, format_parity, parity_metrics)
 from geosurge.preprocess import PreprocessSpec
 
 SPEC = PreprocessSpec(size=2, resize_size=2)
@@ -70,6 +70,9 @@ def test_the_p95_tail_fails_while_the_median_passes():
     assert m["median_drift_km"] == 0 and gate(rep, "median_drift_km")["pass"] == "PASS"
     assert m["p95_drift_km"] == pytest.approx(tail) and gate(rep, "p95_drift_km")["pass"] == "FAIL"
     assert not rep["passed"]
+    # the failed gate as one line with value and need (what verify / choose-backend print)
+    assert failed_gates_text(rep["gates"]) == (f"p95_drift_km {tail:.4g} (needs <= 200); "
+                                               "top1_agreement_confident 0.9 (needs >= 0.95)")
     # the schema-2 gates (median only) pass the same bundle: why the tail is gated now
     assert compare(onehot(ref_idx), onehot(dep_idx), sc, LEGACY_GATES)["gates"][-1] == {
         "gate": "median_drift_km", "value": 0.0, "need": "<= 25", "pass": "PASS"}

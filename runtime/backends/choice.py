@@ -202,14 +202,16 @@ def measure_backends(bundle, threads: int | None = None, backends=None, iters: i
 
 def _images_parity(images, m, runners: dict, base: str, scorer, rows: list[dict], log) -> dict:
     """Each runner vs ``base``'s embeddings of ``images``, under the manifest's gates; updates ``rows`` in place
-    (``images_parity_passed``, ``images_p95_drift_km``, ``images_agreement``, ``images_cosine_mean``, and
-    ``parity_passed`` only if it passed before too). Returns what was read."""
+    (``images_parity_passed``, ``images_failed``: the failed gates with values, ``images_p95_drift_km``,
+    ``images_agreement``, ``images_cosine_mean``, ``images_accuracy_delta_min_pts`` with ground truth;
+    ``golden_parity_passed`` keeps the golden replay's verdict and ``parity_passed`` becomes both). Returns what was
+    read."""
     from geosurge.inputs import read_preprocessed
-    from geosurge.parity import compare
+    from geosurge.parity import compare, failed_gates_text
 
     from . import embed_batches
 
-    read = read_preprocessed(images, m.preprocess, log=log, what="choose-backend images")
+    read = read_preprocessed(images, m.preprocess, log=log, what="images")
     if base not in runners:
         raise GeosurgeError(f"choose-backend: the reference backend {base} could not open here")
     embs = {name: embed_batches(r, read.inputs, m.io.input.name, m.io.embedding.name, m.io.static_batch)
@@ -220,7 +222,10 @@ def _images_parity(images, m, runners: dict, base: str, scorer, rows: list[dict]
         rep = compare(embs[base], embs[row["backend"]], scorer, m.gates() or None, truth=read.truth)
         met = rep["metrics"]
         row.update(images_parity_passed=rep["passed"], images_p95_drift_km=met["p95_drift_km"],
-                   images_agreement=met["top1_agreement_confident"], images_cosine_mean=met["cosine_mean"])
+                   images_agreement=met["top1_agreement_confident"], images_cosine_mean=met["cosine_mean"],
+                   images_accuracy_delta_min_pts=met.get("accuracy_delta_min_pts"),
+                   images_failed=failed_gates_text(rep["gates"]))
+        row["golden_parity_passed"] = row["parity_passed"]
         row["parity_passed"] = bool(row["parity_passed"] and rep["passed"])
     return {"n": len(read.names), "refused": read.errors, "not_images": read.not_images,
             "reference": f"{base} (the format's default backend)", "ground_truth": read.truth is not None}
