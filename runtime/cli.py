@@ -71,18 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     cb = sub.add_parser("choose-backend", help="time every installed backend that reads the bundle (paced, "
                                                "interleaved) with golden parity; the fastest at parity becomes this "
                                                "machine's default for it (BUNDLE/backend.json)")
-    cb.add_argument("bundle")
-    cb.add_argument("--threads", type=int, default=None)
+    cb.add_argument("bundle", help="the bundle folder")
+    cb.add_argument("--threads", type=int, default=None, help="inference threads for every backend (default: each "
+                                                               "library's own)")
     cb.add_argument("--min-speedup", type=float, default=1.0, metavar="X",
                     help="another backend must beat the default by more than X (default 1.0)")
-    cb.add_argument("--iters", type=int, default=30)
+    cb.add_argument("--iters", type=int, default=30, help="timed runs per backend, interleaved (default 30)")
     cb.add_argument("--pause-ms", type=float, default=100.0, help="pause before each timed call (a camera's pace)")
     cb.add_argument("--images", nargs="+", metavar="PATH",
                     help="the deployment's own images (files, folders, CSV manifests path,lat,lon): every backend is "
                          "also compared on them with the format's default backend under the km gates (recommended: "
                          "six golden probes are too few to judge a BF16 / FP16 backend)")
     cb.add_argument("--dry-run", action="store_true", help="measure and print; write nothing")
-    cb.add_argument("--json", metavar="FILE")
+    cb.add_argument("--json", metavar="FILE", help="write the record (every row, the reason) as JSON")
     cb.set_defaults(func=cmd_choose_backend)
 
     be = sub.add_parser("bench", help="latency per stage, throughput and peak RSS")
@@ -301,6 +302,10 @@ def cmd_verify(args) -> int:
 
 
 # ---- choose-backend ------------------------------------------------------------------------------------------
+#: fewer of the user's images than this and choose-backend says they are too few to judge a backend by
+FEW_IMAGES = 50
+
+
 def cmd_choose_backend(args) -> int:
     from geosurge.report import format_table, write_json
 
@@ -319,6 +324,10 @@ def cmd_choose_backend(args) -> int:
         print(f"choose-backend: refused {bad['error']}", file=sys.stderr)
     for other in rec["images"]["not_images"] if on_images else []:
         print(f"choose-backend: skipped {other['input']}: {other['reason']}", file=sys.stderr)
+    if on_images and rec["images"]["n"] < FEW_IMAGES:
+        print(f"choose-backend: note: {rec['images']['n']} image(s) of yours: too few to hold a backend to the km "
+              f"gates (one image moves the agreement by 1/{rec['images']['n']}); {FEW_IMAGES * 4}+ recommended",
+              file=sys.stderr)
 
     def images_cols(r):
         if not on_images:

@@ -23,6 +23,10 @@ def test_build_and_info_json(tmp_path):
     photos = {lv["photos"] for lv in info["levels"]}
     assert len(photos) == 1 and 450 <= photos.pop() <= 500  # every level covers the same photos
     assert info["levels"][2]["cells"] > info["levels"][0]["cells"]
+    assert info["structure_digest"] and info["structure_digest"] != info["digest"]
+    # a folder holding cells.npz (a bundle, a checkpoint) is read as its cells.npz
+    r = run_cli("geosurge", "cells", "info", tmp_path, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["digest"] == info["digest"], r.stderr
     assert all(lv["median_area_km2"] > 0 for lv in info["levels"])
 
 

@@ -160,3 +160,11 @@ def test_choose_backend_cli_writes_the_sidecar(bundle, tmp_path):
         "onnxruntime", "openvino"}
     assert "choose-backend: default for this bundle on this machine ->" in r.stdout
     assert open_bundle(b).backend() == Backend(side["backend"])
+    # on the user's images: a dry run writes nothing and says so; one image is named as too few
+    r = run_cli("geosurge-run", "choose-backend", b, "--iters", "2", "--pause-ms", "1", "--threads", "1",
+                "--images", sample_photo_paths()[5], "--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "--dry-run: nothing written" in r.stdout and "too few to hold a backend" in r.stderr
+    assert "golden" in r.stdout and "images" in r.stdout
+    r = run_cli("geosurge-run", "choose-backend", b, "--images", tmp_path / "nope.jpg", "--dry-run")
+    assert r.returncode == 2 and "no readable images among" in r.stderr and "Traceback" not in r.stderr
