@@ -11,7 +11,6 @@ import time
 import numpy as np
 import torch
 
-from geosurge.errors import GeosurgeError
 from geosurge.formats import Precision, Target, default_backend
 from geosurge.inputs import read_preprocessed
 from geosurge.manifest import ParityRecord
