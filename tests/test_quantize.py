@@ -735,7 +735,11 @@ def test_a_qat_checkpoint_exports_the_precision_it_trained_for(tmp_path, tiny, c
     assert q["weight_only_int8"] == 0
     assert any("trained float stay out of INT8" in m for m in logs)
     q = _manifest(api.export(tmp_path / "plain", tmp_path / "b-plain", exclude_nodes=[conv], **kw).root)
-    assert q["quantization"]["weight_only_int8"] == 1  # what the kept-out node gets when nothing trained it float
+    assert q["quantization"]["weight_only_int8"] == 0  # a node kept out by hand keeps float weights by default ...
+    assert q["quantization"]["exclude_nodes_weights"] == "fp32"
+    q = _manifest(api.export(tmp_path / "plain", tmp_path / "b-wo", exclude_nodes=[conv],
+                             exclude_nodes_weights="int8", **kw).root)
+    assert q["quantization"]["weight_only_int8"] == 1  # ... and weight-only INT8 when asked
 
     record = {"weight_bits": 7, "kept_float_nodes": [conv]}
     logs.clear()

@@ -52,17 +52,30 @@ class Quantizer:
             facts = ort_static.quantize_int8_static(self.prepared, dst, self.calib, self.cfg, exclude, self.cache, only)
         else:
             facts = ort_dynamic.quantize_int8_dynamic(self.prepared, dst, self.cfg, exclude, only)
-        if not only and self.cfg.excluded_weights == "int8":
-            facts["weight_only_int8"] = weight_only_int8(dst, self.weight_only_nodes(exclude))
+        wo = self.weight_only_nodes(exclude) if not only else []
+        if wo or (not only and self.cfg.excluded_weights == "int8"):
+            facts["weight_only_int8"] = weight_only_int8(dst, wo) if wo else 0
         facts["excluded_weights"] = self.cfg.excluded_weights
+        facts["exclude_nodes_weights"] = self.cfg.exclude_nodes_weights
         self.last_facts = facts
         return facts
 
     def weight_only_nodes(self, exclude) -> list[str]:
-        """Which of the kept-out nodes ``exclude`` get weight-only INT8 weights (``excluded_weights`` "int8"):
-        those measured harmless (:attr:`weight_only_ok`; None: all), never ``cfg.float_weight_nodes``."""
+        """Which of the kept-out nodes ``exclude`` get weight-only INT8 weights: the search's (``excluded_weights``
+        "int8") where measured harmless (:attr:`weight_only_ok`; None: all), the hand-excluded ones
+        (``cfg.nodes_to_exclude``) only with ``exclude_nodes_weights`` "int8"; never ``cfg.float_weight_nodes``."""
+        hand = set(self.cfg.nodes_to_exclude)
         ok = self._names() if self.weight_only_ok is None else self.weight_only_ok
-        return [n for n in exclude if n in ok and n not in self.cfg.float_weight_nodes]
+        picked = []
+        for n in dict.fromkeys(exclude):
+            if n in self.cfg.float_weight_nodes:
+                continue
+            if n in hand:
+                if self.cfg.exclude_nodes_weights == "int8":
+                    picked.append(n)
+            elif self.cfg.excluded_weights == "int8" and n in ok:
+                picked.append(n)
+        return picked
 
     def _names(self) -> set[str]:
         return {n["node"] for n in quantizable_nodes(self.prepared, self.op_types)}

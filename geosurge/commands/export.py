@@ -62,6 +62,10 @@ def register(sub) -> None:
     p.add_argument("--exclude-nodes", nargs="+", default=[], metavar="NODE",
                    help="ONNX node names kept in float (with --qat: float in the student too, which trains for "
                         "that mix)")
+    p.add_argument("--exclude-nodes-weights", choices=["fp32", "int8"], default="fp32",
+                   help="weights of the --exclude-nodes nodes: fp32 (default; float compute on float weights) or "
+                        "int8 (weight-only INT8: a quarter of their bytes, dequantized to float at every run, so "
+                        "usually slower on onnxruntime)")
     p.add_argument("--table", default="float16", choices=TABLE_CHOICES, help="cell table storage")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--opset", type=int, default=17)
@@ -96,7 +100,8 @@ def cmd_export(args) -> int:
     bundle = api.export(Path(args.checkpoint) if args.checkpoint else args.model, args.output, format=args.format, target=args.target,
                         precision=args.precision, calibration=args.calib, calib_size=args.calib_size,
                         calib_method=args.calib_method, calib_cache=args.calib_cache,
-                        precision_search=args.precision_search, exclude_nodes=args.exclude_nodes, table=args.table,
+                        precision_search=args.precision_search, exclude_nodes=args.exclude_nodes,
+                        exclude_nodes_weights=args.exclude_nodes_weights, table=args.table,
                         dynamic_batch=args.dynamic_batch, with_logits=args.with_logits, opset=args.opset,
                         threads=args.threads, golden=args.golden, cells=args.cells, seed=args.seed, qat=args.qat,
                         qat_steps=args.qat_steps, qat_lr=args.qat_lr, qat_save=args.qat_save,
