@@ -44,7 +44,9 @@ def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, dynamic_batch: bo
         warnings.simplefilter("ignore")
         # the TorchScript-based exporter writes one self-contained file at opset 17 (dynamo=True forces opset 18
         # and writes the weights to a separate .onnx.data file by default)
-        torch.onnx.export(ExportWrapper(model, with_logits), (x,), str(path), input_names=[INPUT_NAME],
+        # the wrapper in eval mode: the exporter puts the module it is given back into the mode it had, recursively
+        # (a new nn.Module is in training mode, which left the caller's model training after an export)
+        torch.onnx.export(ExportWrapper(model, with_logits).eval(), (x,), str(path), input_names=[INPUT_NAME],
                           output_names=names, opset_version=opset, dynamic_axes=dyn, do_constant_folding=True,
                           dynamo=False)
     dt = time.perf_counter() - t0

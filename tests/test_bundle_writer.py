@@ -99,6 +99,9 @@ def test_static_batch_onnx_declares_static_output_shapes(tmp_path):
         assert got == want and facts["output_shapes"] == want
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         assert [o.shape for o in sess.get_outputs()] == want
+        # the caller's model is left in eval mode (the exporter restored its wrapper's training mode recursively,
+        # so a model exported once trained its BatchNorm statistics in the next forward pass of the same process)
+        assert not any(m.training for m in model.modules())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("modelopt") is None, reason="nvidia-modelopt is not installed")
