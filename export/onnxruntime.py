@@ -49,6 +49,15 @@ PACE_MS = 100.0
 LATENCY_ITERS = 20
 ALL_INT8 = "all-INT8 PTQ"
 
+
+def base_labels(cfg: QuantConfig) -> tuple[str, str]:
+    """The names of the PTQ and QAT graphs every INT8 export starts from: "all-INT8 PTQ" / "all-INT8 QAT", or
+    with ``--exclude-nodes`` "PTQ, N node(s) kept float" / "QAT, N node(s) kept float" (what the decision prints)."""
+    n = len(cfg.nodes_to_exclude)
+    if not n:
+        return ALL_INT8, "all-INT8 QAT"
+    return f"PTQ, {n} node(s) kept float", f"QAT, {n} node(s) kept float"
+
 #: ``latency(paths, input_hw, threads) -> {name: {"p50_ms", "p95_ms"}}``: how candidates are timed (tests inject one)
 LatencyProbe = Callable[[dict[str, Path], list[int], int | None], dict[str, dict]]
 
@@ -224,7 +233,8 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
             + (", as simulated INT8 (exact accumulation)" if cfg.simulate_int8 else ""))
     trial = workdir / "all-int8.onnx"
     facts = quantizer(trial)
-    ptq = cands.add(ALL_INT8 if static else "all-INT8 dynamic", trial)
+    ptq_label, qat_label = base_labels(cfg)
+    ptq = cands.add(ptq_label if static else "all-INT8 dynamic", trial)
     ptq_quantizer = quantizer
     if cfg.qat and not ptq["passed"]:
         quantizer, qat_facts = _qat(model, cfg, calibration, quantizer, cands, workdir, export_kwargs or {},
@@ -232,7 +242,7 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
         # what QAT was compared with: its kept-out nodes' weights in the PTQ graph (0 weight-only: float, as QAT's)
         record["qat"] = {**qat_facts, "ptq_weight_only_int8": int(facts.get("weight_only_int8", 0))}
     base_rec = next(iter(cands.rows.values())) if not record.get("qat") else \
-        cands.rows["all-INT8 QAT" if record["qat"]["base"] == "qat" else ALL_INT8]
+        cands.rows[qat_label if record["qat"]["base"] == "qat" else ptq_label]
     if cfg.search == "auto" and not base_rec.get("passed"):
         log("precision search: keeping the worst nodes out of INT8 until a mix passes ...")
         if quantizer is not ptq_quantizer:
@@ -270,7 +280,7 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
     else:
         base = cands.files[base_rec["candidate"]]
         shutil.copyfile(base, dst)
-        if base_rec["candidate"] == "all-INT8 QAT":
+        if base_rec["candidate"] == qat_label:
             facts = record["qat"]["facts"]
     record.update(facts)
     fp32_lat = cands.time(input_hw, latency)
@@ -347,8 +357,9 @@ def _qat(model, cfg: QuantConfig, calibration, quantizer: Quantizer, cands: Cand
                    workdir / "qat-calibration-ranges.json")
     trial = workdir / "qat-all-int8.onnx"
     rec["facts"] = qq(trial)
-    cands.add("all-INT8 QAT", trial)
-    ptq_row, qat_row = cands.rows[ALL_INT8], cands.rows["all-INT8 QAT"]
+    ptq_label, qat_label = base_labels(cfg)
+    cands.add(qat_label, trial)
+    ptq_row, qat_row = cands.rows[ptq_label], cands.rows[qat_label]
     better = closer_to_fp32(qat_row, ptq_row)
     rec["base"] = "qat" if better else "ptq"
     rec["ptq"] = {k: v for k, v in ptq_row.items() if k != "candidate"}

@@ -737,6 +737,7 @@ def test_a_qat_checkpoint_exports_the_precision_it_trained_for(tmp_path, tiny, c
     q = _manifest(api.export(tmp_path / "plain", tmp_path / "b-plain", exclude_nodes=[conv], **kw).root)
     assert q["quantization"]["weight_only_int8"] == 0  # a node kept out by hand keeps float weights by default ...
     assert q["quantization"]["exclude_nodes_weights"] == "fp32"
+    assert q["quantization"]["decision"]["candidates"][0]["candidate"] == "PTQ, 1 node(s) kept float"
     q = _manifest(api.export(tmp_path / "plain", tmp_path / "b-wo", exclude_nodes=[conv],
                              exclude_nodes_weights="int8", **kw).root)
     assert q["quantization"]["weight_only_int8"] == 1  # ... and weight-only INT8 when asked
