@@ -216,7 +216,7 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
     # with keeps them float too (not weight-only INT8), so the two differ only in what QAT changed
     ptq_cfg = (replace(cfg, float_weight_nodes=sorted(set(cfg.float_weight_nodes) | set(cfg.nodes_to_exclude)))
                if cfg.qat and cfg.nodes_to_exclude else cfg)
-    quantizer = Quantizer(prepared, ptq_cfg, calib, workdir / "calibration-ranges.json")
+    quantizer = Quantizer(prepared, ptq_cfg, calib, workdir / "calibration-ranges.json", log=log)
     inputs = choose.inputs if choose is not None else None
     truth = choose.truth if choose is not None else None
     if cfg.chooses and (scorer is None or inputs is None):
@@ -259,7 +259,7 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
             log("no mix passes with weight-only INT8 outside the INT8 compute: retrying with float weights")
             cfg2 = QuantConfig(**{**cfg.to_dict(), "excluded_weights": "fp32"})
             record["config"] = cfg2.to_dict()
-            quantizer = Quantizer(quantizer.prepared, cfg2, quantizer.calib, quantizer.cache)
+            quantizer = quantizer.with_config(cfg2)
             search = search_precision(quantizer, dst, inputs, scorer, workdir, choose_gates, threads,
                                       ranking=search["ranking"], log=log, reference=reference, truth=truth)
         chk = search.pop("check", None)
@@ -271,9 +271,7 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
         label = f"search mix ({len(search['excluded_nodes'])} node(s) float)"
         cands.add(label, dst, chk)
         if search.get("weight_only_nodes"):  # weight-only INT8 costs a DequantizeLinear per run: time float too
-            floatw = Quantizer(quantizer.prepared, QuantConfig(**{**quantizer.cfg.to_dict(),
-                                                                  "excluded_weights": "fp32"}),
-                               quantizer.calib, quantizer.cache)
+            floatw = quantizer.with_config(QuantConfig(**{**quantizer.cfg.to_dict(), "excluded_weights": "fp32"}))
             alt = workdir / "mix-float-weights.onnx"
             alt_facts = floatw(alt, search["excluded_nodes"])
             cands.add(f"search mix ({len(search['excluded_nodes'])} node(s) float, float weights)", alt)
@@ -352,9 +350,10 @@ def _qat(model, cfg: QuantConfig, calibration, quantizer: Quantizer, cands: Cand
     qfp32 = workdir / "qat-fp32.onnx"
     export_onnx(tuned, qfp32, log=lambda m: None, **export_kwargs)
     qprep = prepare(qfp32, workdir / "qat-prepared.onnx")
-    # the kept-out nodes keep the float weights the student trained (QuantConfig.float_weight_nodes)
-    qq = Quantizer(qprep, replace(cfg, float_weight_nodes=list(cfg.nodes_to_exclude)), calib,
-                   workdir / "qat-calibration-ranges.json")
+    # the kept-out nodes keep the float weights the student trained (QuantConfig.float_weight_nodes); no bias
+    # correction: the student trained under the rounded weights, its biases already absorbed their mean error
+    qq = Quantizer(qprep, replace(cfg, float_weight_nodes=list(cfg.nodes_to_exclude), bias_correction=False), calib,
+                   workdir / "qat-calibration-ranges.json", log=log)
     trial = workdir / "qat-all-int8.onnx"
     rec["facts"] = qq(trial)
     ptq_label, qat_label = base_labels(cfg)

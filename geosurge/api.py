@@ -87,7 +87,8 @@ def calibration_set(source, spec, size: int = 256, hierarchy=None, cache_dir: Pa
 def export(model, output: PathLike, *, format: str | None = None, target: str | None = None,
            precision: str | None = None, calibration=None, calib_size: int = 256, calib_method: str = "minmax",
            calib_cache: PathLike | None = None, precision_search: str | None = None,
-           exclude_nodes: Iterable[str] = (), exclude_nodes_weights: str = "fp32", table: str = "float16",
+           exclude_nodes: Iterable[str] = (), exclude_nodes_weights: str = "fp32", bias_correction: bool = True,
+           table: str = "float16",
            dynamic_batch: bool = False,
            with_logits: bool = False, opset: int = 17, threads: int | None = 2, golden=None, cells=None,
            seed: int = 0, source: dict | None = None, gates: dict | None = None, qat: bool = False,
@@ -107,7 +108,8 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     started from the checkpoint ``qat_init`` when given (an earlier ``qat_save`` of the same model: more steps
     without starting over);
     ``exclude_nodes`` are kept out of INT8 by hand, their weights float (``exclude_nodes_weights`` "fp32") or
-    weight-only INT8 ("int8");
+    weight-only INT8 ("int8"); ``bias_correction`` (static int8): each INT8-weight node's bias absorbs the mean
+    error of its rounded weights on the calibration images (never for a QAT graph);
     ``min_speedup``: an int8 / int8-dynamic model must beat FP32 by more than this ratio on this machine (0: not
     gated; ``bundle.manifest.quantization.extra["decision"]`` says what won and why); ``reduce_range``: 7-bit
     weights (x86 without VNNI); ``simulate_int8``: choose and check INT8 as simulated INT8 (exact integer
@@ -129,7 +131,7 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
 
     p = check_precision(resolve_target(format, target), precision)
     quant = QuantConfig(precision=p.value, calibrate_method=calib_method, nodes_to_exclude=list(exclude_nodes),
-                        exclude_nodes_weights=exclude_nodes_weights,
+                        exclude_nodes_weights=exclude_nodes_weights, bias_correction=bias_correction,
                         search=precision_search, qat=qat, qat_steps=qat_steps, qat_lr=qat_lr,
                         qat_save=None if qat_save is None else str(qat_save),
                         qat_init=None if qat_init is None else str(qat_init), min_speedup=min_speedup,

@@ -734,13 +734,17 @@ def test_a_qat_checkpoint_exports_the_precision_it_trained_for(tmp_path, tiny, c
     assert conv in q["nodes_excluded"] and q["config"]["float_weight_nodes"] == [conv]
     assert q["weight_only_int8"] == 0
     assert any("trained float stay out of INT8" in m for m in logs)
+    assert q["bias_correction"] == "off"  # ... a QAT one's do not: its student trained under the rounded weights
     q = _manifest(api.export(tmp_path / "plain", tmp_path / "b-plain", exclude_nodes=[conv], **kw).root)
     assert q["quantization"]["weight_only_int8"] == 0  # a node kept out by hand keeps float weights by default ...
     assert q["quantization"]["exclude_nodes_weights"] == "fp32"
     assert q["quantization"]["decision"]["candidates"][0]["candidate"] == "PTQ, 1 node(s) kept float"
+    bc = q["quantization"]["bias_correction"]  # a plain checkpoint's INT8 weights get bias correction ...
+    assert bc["nodes"] > 0 and bc["images"] == q["quantization"]["calibration"]["calibrate_images"]
     q = _manifest(api.export(tmp_path / "plain", tmp_path / "b-wo", exclude_nodes=[conv],
-                             exclude_nodes_weights="int8", **kw).root)
+                             exclude_nodes_weights="int8", bias_correction=False, **kw).root)
     assert q["quantization"]["weight_only_int8"] == 1  # ... and weight-only INT8 when asked
+    assert q["quantization"]["bias_correction"] == "off" and q["quantization"]["config"]["bias_correction"] is False
 
     record = {"weight_bits": 7, "kept_float_nodes": [conv]}
     logs.clear()

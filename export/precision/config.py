@@ -70,6 +70,9 @@ class QuantConfig:
     #: weight-only INT8 (a DequantizeLinear of their weights at every run) and x1.58 with float weights, and the
     #: worst node's weight-only error alone was 2.4e-2 (1 - cosine)
     exclude_nodes_weights: str = "fp32"
+    #: static int8: subtract each INT8-weight node's mean output error (its rounded weights times the FP32 mean
+    #: input, over the calibration images) from its bias (:mod:`.bias_correction`); never for a QAT graph
+    bias_correction: bool = True
     #: the share of the calibration set kept for the parity check (never calibrated on, never chosen on) ...
     holdout: float = 0.25
     #: ... and the share the precision search / QAT comparison chooses the mix on (when there is a choice)
@@ -154,7 +157,8 @@ class QuantConfig:
         ``config.json``, None for any other checkpoint — then the config comes back unchanged, as it does for
         ``--qat`` or a precision other than int8). The nodes its student trained float (``kept_float_nodes``) stay
         out of INT8 with float weights when no ``--exclude-nodes`` is given; a log line names what differs when
-        the given nodes, or the weight bits (``--reduce-range``: 7), are not what it trained for."""
+        the given nodes, or the weight bits (``--reduce-range``: 7), are not what it trained for. No bias
+        correction: the student's biases already absorbed its rounded weights' mean error."""
         if not qat or self.precision != "int8" or self.qat:
             return self
         kept = list(qat.get("kept_float_nodes") or [])
@@ -171,4 +175,7 @@ class QuantConfig:
         if bits in (7, 8) and (bits == 7) != self.reduce_range:
             log(f"warning: this QAT checkpoint trained for {bits}-bit weights; "
                 f"{'add' if bits == 7 else 'drop'} --reduce-range to deploy what it trained for")
-        return replace(self, nodes_to_exclude=nodes, float_weight_nodes=[n for n in nodes if n in kept])
+        if self.bias_correction:
+            log("a QAT checkpoint: no bias correction (its student trained under the rounded weights)")
+        return replace(self, nodes_to_exclude=nodes, float_weight_nodes=[n for n in nodes if n in kept],
+                       bias_correction=False)

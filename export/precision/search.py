@@ -15,6 +15,7 @@ from geosurge.errors import GeosurgeError
 from geosurge.parity import compare
 
 from . import ort_dynamic, ort_static
+from .bias_correction import correct_biases, input_means
 from .config import COMPUTE_OP_TYPES, DYNAMIC_OP_TYPES, WEIGHT_ONLY_MAX_ERROR, QuantConfig
 from .graph import quantizable_nodes, weight_only_int8
 
@@ -37,11 +38,14 @@ def run_embeddings(path, inputs: np.ndarray, threads: int | None = 2, output: st
 class Quantizer:
     """One precision's quantize call with everything but the node choice fixed (what the search varies)."""
 
-    def __init__(self, prepared: Path, cfg: QuantConfig, calib: CalibrationSet | None, cache: Path | None):
+    def __init__(self, prepared: Path, cfg: QuantConfig, calib: CalibrationSet | None, cache: Path | None,
+                 log=print):
         self.prepared, self.cfg, self.calib, self.cache = prepared, cfg, calib, cache
         self.op_types = COMPUTE_OP_TYPES if cfg.precision == "int8" else DYNAMIC_OP_TYPES
         #: nodes allowed weight-only INT8 when kept out of INT8 compute (None: all); set from measurements
         self.weight_only_ok: set[str] | None = None
+        self._input_means: dict | None = None  # bias correction's FP32 statistics, measured on first use
+        self.log = log
 
     def __call__(self, dst: Path, exclude: list[str] = (), only: list[str] | None = None) -> dict:
         exclude = list(self.cfg.nodes_to_exclude) + list(exclude)
@@ -57,8 +61,27 @@ class Quantizer:
             facts["weight_only_int8"] = weight_only_int8(dst, wo) if wo else 0
         facts["excluded_weights"] = self.cfg.excluded_weights
         facts["exclude_nodes_weights"] = self.cfg.exclude_nodes_weights
+        if self.cfg.precision == "int8" and "nodes_excluded" in facts:
+            facts["bias_correction"] = self._correct_biases(dst)
         self.last_facts = facts
         return facts
+
+    def _correct_biases(self, dst: Path) -> dict | str:
+        """Bias correction of the INT8 weights of ``dst`` (:mod:`.bias_correction`), with the FP32 input means of
+        the prepared graph measured once per quantizer on its calibration images. A string says why not."""
+        if not self.cfg.bias_correction:
+            return "off"
+        if self.calib is None:
+            return "off (no calibration images given)"
+        if self._input_means is None:
+            self._input_means = input_means(self.prepared, self.calib, log=self.log)
+        return {**correct_biases(dst, self.prepared, self._input_means), "images": len(self.calib)}
+
+    def with_config(self, cfg: QuantConfig) -> "Quantizer":
+        """The same prepared graph, calibration images, range cache and bias-correction statistics under ``cfg``."""
+        q = Quantizer(self.prepared, cfg, self.calib, self.cache, log=self.log)
+        q._input_means = self._input_means
+        return q
 
     def weight_only_nodes(self, exclude) -> list[str]:
         """Which of the kept-out nodes ``exclude`` get weight-only INT8 weights: the search's (``excluded_weights``

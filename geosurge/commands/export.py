@@ -56,6 +56,9 @@ def register(sub) -> None:
                    "bundle (onnxruntime, OpenVINO, ...) with golden parity, and record the fastest at parity in the "
                    "manifest: the runtime's default on machines like this one (golden probes only: on the device, "
                    "`geosurge-run choose-backend --images` judges on your images)")
+    p.add_argument("--no-bias-correction", action="store_true", help="int8: leave the biases as trained (default: "
+                   "each INT8-weight node's bias absorbs the mean error of its rounded weights, measured on the "
+                   "calibration images; never for a QAT graph)")
     p.add_argument("--calib-size", type=int, default=256)
     p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS)
     p.add_argument("--calib-cache", metavar="DIR", default=None, help="cache preprocessed calibration sets here")
@@ -101,7 +104,8 @@ def cmd_export(args) -> int:
                         precision=args.precision, calibration=args.calib, calib_size=args.calib_size,
                         calib_method=args.calib_method, calib_cache=args.calib_cache,
                         precision_search=args.precision_search, exclude_nodes=args.exclude_nodes,
-                        exclude_nodes_weights=args.exclude_nodes_weights, table=args.table,
+                        exclude_nodes_weights=args.exclude_nodes_weights,
+                        bias_correction=not args.no_bias_correction, table=args.table,
                         dynamic_batch=args.dynamic_batch, with_logits=args.with_logits, opset=args.opset,
                         threads=args.threads, golden=args.golden, cells=args.cells, seed=args.seed, qat=args.qat,
                         qat_steps=args.qat_steps, qat_lr=args.qat_lr, qat_save=args.qat_save,
