@@ -14,7 +14,7 @@ def _run(path, x):
     return s.run(None, {"x": x})[0]
 
 
-def _graphs(tmp_path, rng):
+def _graphs(tmp_path, rng, opset=17):
     """An FP32 graph Conv (groups 2, stride 2, pads 1, 3x3) -> Gemm (transB, alpha / beta != 1), and its copy with
     per-channel INT8 weights through DequantizeLinear: the Conv's bias INT32 (scale s_in * s_w, as onnxruntime's
     QDQ quantizer writes it), the Gemm's float (as weight-only INT8 leaves it). The weights are coarse (a few
@@ -35,7 +35,7 @@ def _graphs(tmp_path, rng):
         inits = [numpy_helper.from_array(np.array([1, 16], np.int64), "shape"), *extra_inits]
         graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 4, 4])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
         return path
 
     fp32 = build(tmp_path / "fp32.onnx", "w", "b", "gw", "gb",
@@ -72,14 +72,15 @@ def _channel_means(path, xs, out="c"):
     return np.mean([c.mean(axis=(0, 2, 3)) for c, _ in got], 0), np.mean([y[0] for _, y in got], 0)
 
 
-def test_bias_correction_removes_the_mean_error_of_rounded_weights(tmp_path):
+@pytest.mark.parametrize("opset", [17, 18])  # ReduceMean's axes: an attribute, then an input from opset 18
+def test_bias_correction_removes_the_mean_error_of_rounded_weights(tmp_path, opset):
     """``input_means`` measures the mean input each kernel tap reads (zero padding, stride and groups as the Conv
     has them): ``sum dW * M`` equals the mean of the Conv of the inputs with the weight error ``dW``. Corrected,
     the quantized graph's mean Conv output per channel matches FP32 to the INT32 bias step (it was off by many),
     and a Gemm's (float bias, alpha / beta) to float precision when its input is the FP32 one. (Downstream of a
     quantized Conv the Gemm still sees that Conv's per-position errors: the correction is per channel.)"""
     rng = np.random.default_rng(0)
-    fp32, quant, gemm_only = _graphs(tmp_path, rng)
+    fp32, quant, gemm_only = _graphs(tmp_path, rng, opset)
     xs = (rng.uniform(0, 6, size=(64, 6, 4, 4)) + np.arange(6)[:, None, None]).astype(np.float32)  # positive means
     stats = input_means(fp32, xs, threads=1, log=lambda m: None)
     assert set(stats) == {"conv", "gemm"} and stats["conv"][1].shape == (6, 3, 3) and stats["gemm"][1].shape == (16,)
