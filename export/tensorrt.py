@@ -86,6 +86,7 @@ def apply_tensorrt_precision(fp32: Path, dst: Path, cfg, workdir: Path, calibrat
         if calibration is None:
             raise GeosurgeError(f"--target tensorrt --precision {cfg.precision} needs a calibration set")
         record.update(modelopt_quantize(fp32, dst, cfg, calibration, workdir, log))
+        record["bias_correction"] = "off (onnxruntime target only: modelopt writes its own QDQ graph)"
         record["builder"] = {"flags": ["FP16", cfg.precision.upper()], "note": "QDQ network: TensorRT 10 builds "
                              "it with INT8/FP8 + FP16 flags, TensorRT 11 strongly typed"}
     record["readiness"] = readiness_report(dst, expect_layernorm=_count(fp32, "LayerNormalization"))

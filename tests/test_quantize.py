@@ -196,6 +196,7 @@ def test_fp16_and_dynamic_export_and_verify(tmp_path, tiny, precision):
         assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
     else:
         assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+        assert m["quantization"]["bias_correction"] == "off (static int8 only)"  # recorded as not applied
     assert_replay_passes(out)
     loc = Localizer(out)
     pred = loc.locate(sample_photo_paths()[0])

@@ -63,6 +63,8 @@ class Quantizer:
         facts["exclude_nodes_weights"] = self.cfg.exclude_nodes_weights
         if self.cfg.precision == "int8" and "nodes_excluded" in facts:
             facts["bias_correction"] = self._correct_biases(dst)
+        elif self.cfg.precision != "int8":
+            facts["bias_correction"] = "off (static int8 only)"
         self.last_facts = facts
         return facts
 
