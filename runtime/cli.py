@@ -344,6 +344,7 @@ def cmd_choose_backend(args) -> int:
 
     rows = [{"backend": r["backend"], "hint": (r.get("options") or {}).get("INFERENCE_PRECISION_HINT", ""),
              "p50_ms": r.get("p50_ms"), "p95_ms": r.get("p95_ms"), "speedup": r.get("speedup"),
+             "speedup_p10_p90": (f"{r['speedup_p10']:.2f}-{r['speedup_p90']:.2f}" if r.get("speedup_p10") else ""),
              "golden": verdict(r.get("golden_parity_passed", r.get("parity_passed"))),
              "p95_drift_km": r.get("p95_drift_km"), "cosine_mean": r.get("cosine_mean"), **images_cols(r),
              **({"parity": verdict(r.get("parity_passed"))} if on_images else {}),

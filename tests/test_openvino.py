@@ -112,6 +112,12 @@ def test_measure_backends_recommends_only_faster_at_parity(bundle, monkeypatch):
     assert rec["backend"] == "openvino" and "x2.00 faster than onnxruntime" in rec["reason"]
     assert rec["machine"] == choice_mod.machine_fingerprint()
     rows = {r["backend"]: r for r in rec["measured"]}
+    assert rows["openvino"]["speedup_p10"] == rows["openvino"]["speedup_p90"] == 2.0  # round by round: all x2
+    spread = {"onnxruntime": [4.0, 4.0, 8.0, 4.0, 4.0], "openvino": [2.0, 4.0, 4.0, 1.0, 2.0]}
+    r2 = {r["backend"]: r for r in choice_mod.measure_backends(bundle, threads=1, measure=lambda calls: spread,
+                                                                **QUIET)["measured"]}
+    assert r2["openvino"]["speedup"] == 2.0  # p50 over p50 (4 / 2) ...
+    assert r2["openvino"]["speedup_p10"] == pytest.approx(1.4) and r2["openvino"]["speedup_p90"] == pytest.approx(3.2)
     assert rows["openvino"]["parity_passed"] and rows["openvino"]["options"]["INFERENCE_PRECISION_HINT"]
     assert "skipped" in rows["tensorrt"]  # not installed / no GPU here: named, not timed
     rec = choice_mod.measure_backends(bundle, threads=1, measure=times({"onnxruntime": 4.0, "openvino": 3.9}),

@@ -190,9 +190,17 @@ def measure_backends(bundle, threads: int | None = None, backends=None, iters: i
     base_row = next(r for r in rows if r["backend"] == base.value)
     if "skipped" in base_row:
         raise GeosurgeError(f"choose-backend: the format's default backend cannot run here ({base_row['skipped']})")
+    base_t = np.asarray(times[base.value], np.float64)
     for row in rows:
         if row.get("p50_ms"):
             row["speedup"] = base_row["p50_ms"] / row["p50_ms"]
+            # the spread: the default backend's time over this one's, round by round (the calls of a round ran
+            # side by side, so machine noise moves both): 10th and 90th percentile
+            t = np.asarray(times[row["backend"]], np.float64)
+            n = min(len(t), len(base_t))
+            ratio = base_t[:n] / np.maximum(t[:n], 1e-9)
+            row["speedup_p10"], row["speedup_p90"] = (float(np.percentile(ratio, 10)),
+                                                      float(np.percentile(ratio, 90)))
     winner, why = decide([r for r in rows if "p50_ms" in r], base.value, min_speedup)
     log(f"choose-backend: {why}")
     return {"backend": winner, "machine": machine_fingerprint(), "reason": why, "measured": rows,
