@@ -303,8 +303,9 @@ def format_parity(metrics: dict, rows: list[dict], title: str) -> str:
             f"top-1 in top-5 {metrics['top1_in_top5']:.3f}")
     if "confident_n" in metrics:
         diag += (f"  FP32 confident on {metrics['confident_n']} (top-1 agreement on all: "
-                 f"{metrics['top1_agreement_all']:.3f})  drift ties included: median "
-                 f"{metrics['raw_median_drift_km']:.1f} km, p95 {metrics['raw_p95_drift_km']:.1f} km")
+                 f"{metrics['top1_agreement_all']:.3f})\ndrift to FP32's own top-1 cell (a near-tie counted as a "
+                 f"move; the gated drift above forgives near-ties): median {metrics['raw_median_drift_km']:.1f} km, "
+                 f"p95 {metrics['raw_p95_drift_km']:.1f} km")
     diag += (f"\nsharpness: mean top-1 prob {sharp:.3f}, margin {metrics['sharpness_margin']:.3f}"
              + ("  (a flat head: parity numbers mean little)" if sharp < 0.05 else ""))
     parts.append(diag)
