@@ -40,6 +40,7 @@ from geosurge.timing import interleaved
 
 from .onnx import INPUT_NAME, export_onnx, onnx_sections, onnx_versions
 from .precision import PrecisionSearchFailed, QuantConfig, Quantizer, convert_fp16, run_embeddings, search_precision
+from .precision.graph import check_node_names
 from .precision.ort_static import prepare
 from .precision.search import step_record, summary
 from .target import ExportJob, ExportTarget, TargetOutput
@@ -52,11 +53,15 @@ ALL_INT8 = "all-INT8 PTQ"
 
 def base_labels(cfg: QuantConfig) -> tuple[str, str]:
     """The names of the PTQ and QAT graphs every INT8 export starts from: "all-INT8 PTQ" / "all-INT8 QAT", or
-    with ``--exclude-nodes`` "PTQ, N node(s) kept float" / "QAT, N node(s) kept float" (what the decision prints)."""
+    with ``--exclude-nodes`` "PTQ, N node(s) kept float" / "QAT, N node(s) kept float" (what the decision prints),
+    the PTQ one with ", weight-only INT8 weights" when those nodes get them (``--exclude-nodes-weights int8``)."""
     n = len(cfg.nodes_to_exclude)
     if not n:
         return ALL_INT8, "all-INT8 QAT"
-    return f"PTQ, {n} node(s) kept float", f"QAT, {n} node(s) kept float"
+    weight_only = (cfg.exclude_nodes_weights == "int8" and not cfg.qat
+                   and not set(cfg.nodes_to_exclude) <= set(cfg.float_weight_nodes))
+    return (f"PTQ, {n} node(s) kept float" + (", weight-only INT8 weights" if weight_only else ""),
+            f"QAT, {n} node(s) kept float")
 
 #: ``latency(paths, input_hw, threads) -> {name: {"p50_ms", "p95_ms"}}``: how candidates are timed (tests inject one)
 LatencyProbe = Callable[[dict[str, Path], list[int], int | None], dict[str, dict]]
@@ -207,6 +212,9 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
     prepared = prepare(fp32, workdir / "prepared.onnx") if static else fp32
     if static and calibration is None:
         raise GeosurgeError("--precision int8 needs a calibration set (--calib DIR|MANIFEST)")
+    # (the dynamic quantizer renames a Gemm "<name>_MatMul": such exclusions name a node of the export too)
+    check_node_names(prepared, [n[:-len("_MatMul")] if not static and n.endswith("_MatMul") else n
+                                for n in cfg.nodes_to_exclude])
     calib = calibration if static else None  # a CalibrationSet: uint8 pixels, preprocessed per batch
     if static and not (cfg.reduce_range or cfg.simulate_int8) and int8_saturates():
         log("note: this CPU (x86 without VNNI) sums u8 x s8 pairs in int16 with saturation, and every INT8 figure "

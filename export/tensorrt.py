@@ -85,8 +85,12 @@ def apply_tensorrt_precision(fp32: Path, dst: Path, cfg, workdir: Path, calibrat
     else:  # int8 / fp8 (the precisions geosurge.formats gives this target)
         if calibration is None:
             raise GeosurgeError(f"--target tensorrt --precision {cfg.precision} needs a calibration set")
+        from .precision.graph import check_node_names
+
+        check_node_names(fp32, cfg.nodes_to_exclude)
         record.update(modelopt_quantize(fp32, dst, cfg, calibration, workdir, log))
-        record["bias_correction"] = "off (onnxruntime target only: modelopt writes its own QDQ graph)"
+        record["bias_correction"] = {"applied": False,
+                                     "why": "onnxruntime target only (modelopt writes its own QDQ graph)"}
         record["builder"] = {"flags": ["FP16", cfg.precision.upper()], "note": "QDQ network: TensorRT 10 builds "
                              "it with INT8/FP8 + FP16 flags, TensorRT 11 strongly typed"}
     record["readiness"] = readiness_report(dst, expect_layernorm=_count(fp32, "LayerNormalization"))

@@ -169,8 +169,12 @@ def test_plain_int8_records_failing_gates_and_cli_exits_1(tmp_path, sensitive_ti
     r = run_cli("geosurge", "parity", tmp_path / "b", "--backend", "openvino", "--simulate-int8")
     assert r.returncode != 0 and "no option simulate_int8 (--simulate-int8)" in r.stderr
     assert "Traceback" not in r.stderr
-    r = run_cli("geosurge", "export", "--checkpoint", tmp_path / "ck", "--precision", "fp32", "-o", tmp_path / "f")
+    r = run_cli("geosurge", "export", "--checkpoint", tmp_path / "ck", "--precision", "fp32", "-o", tmp_path / "f",
+                "--no-bias-correction", "--exclude-nodes-weights", "int8")
     assert r.returncode == 0, r.stderr
+    # options that change nothing for this export say so
+    assert "--no-bias-correction applies to onnxruntime's static int8 only" in r.stdout
+    assert "--exclude-nodes-weights applies to the --exclude-nodes nodes; none are given" in r.stdout
     r = run_cli("geosurge", "parity", tmp_path / "f", "--simulate-int8")
     assert r.returncode != 0 and "simulated INT8 needs an INT8 (QDQ) bundle; this one is fp32" in r.stderr
     assert "Traceback" not in r.stderr
@@ -196,7 +200,7 @@ def test_fp16_and_dynamic_export_and_verify(tmp_path, tiny, precision):
         assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
     else:
         assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
-        assert m["quantization"]["bias_correction"] == "off (static int8 only)"  # recorded as not applied
+        assert m["quantization"]["bias_correction"] == {"applied": False, "why": "static int8 only"}
     assert_replay_passes(out)
     loc = Localizer(out)
     pred = loc.locate(sample_photo_paths()[0])
@@ -735,17 +739,24 @@ def test_a_qat_checkpoint_exports_the_precision_it_trained_for(tmp_path, tiny, c
     assert conv in q["nodes_excluded"] and q["config"]["float_weight_nodes"] == [conv]
     assert q["weight_only_int8"] == 0
     assert any("trained float stay out of INT8" in m for m in logs)
-    assert q["bias_correction"] == "off"  # ... a QAT one's do not: its student trained under the rounded weights
+    assert q["bias_correction"]["applied"] is False  # ... a QAT one's not (trained under rounding)
     q = _manifest(api.export(tmp_path / "plain", tmp_path / "b-plain", exclude_nodes=[conv], **kw).root)
     assert q["quantization"]["weight_only_int8"] == 0  # a node kept out by hand keeps float weights by default ...
     assert q["quantization"]["exclude_nodes_weights"] == "fp32"
     assert q["quantization"]["decision"]["candidates"][0]["candidate"] == "PTQ, 1 node(s) kept float"
     bc = q["quantization"]["bias_correction"]  # a plain checkpoint's INT8 weights get bias correction ...
-    assert bc["nodes"] > 0 and bc["images"] == q["quantization"]["calibration"]["calibrate_images"]
+    assert bc["applied"] and bc["nodes"] > 0 and bc["images"] == q["quantization"]["calibration"]["calibrate_images"]
     q = _manifest(api.export(tmp_path / "plain", tmp_path / "b-wo", exclude_nodes=[conv],
                              exclude_nodes_weights="int8", bias_correction=False, **kw).root)
     assert q["quantization"]["weight_only_int8"] == 1  # ... and weight-only INT8 when asked
-    assert q["quantization"]["bias_correction"] == "off" and q["quantization"]["config"]["bias_correction"] is False
+    assert q["quantization"]["decision"]["candidates"][0]["candidate"] == \
+        "PTQ, 1 node(s) kept float, weight-only INT8 weights"
+    # a name the graph lacks is refused before anything is written (it would be recorded as kept float)
+    with pytest.raises(GeosurgeError, match="not nodes of the graph.*did you mean"):
+        api.export(tmp_path / "plain", tmp_path / "b-typo", exclude_nodes=[conv + "x"], **kw)
+    assert not (tmp_path / "b-typo").exists()
+    assert q["quantization"]["bias_correction"]["applied"] is False
+    assert q["quantization"]["config"]["bias_correction"] is False
 
     record = {"weight_bits": 7, "kept_float_nodes": [conv]}
     logs.clear()

@@ -51,6 +51,31 @@ def with_followers(path, names: list[str]) -> list[str]:
     return list(names) + [e for e in extra if e not in chosen]
 
 
+def check_node_names(path, names, option: str = "--exclude-nodes") -> None:
+    """Raise GeosurgeError naming every one of ``names`` that is not a node of the graph at ``path`` (with the
+    closest names it has): a node kept float by a name that matches nothing would be recorded as kept float
+    while it is quantized."""
+    import difflib
+
+    from geosurge.errors import GeosurgeError
+
+    nodes, _ = _structure(path)
+    have = [name for name, _, _, _ in nodes]
+    known = set(have)
+    unknown = [n for n in dict.fromkeys(names) if n not in known]
+    if not unknown:
+        return
+    hints = []
+    for n in unknown[:5]:
+        close = difflib.get_close_matches(n, have, n=2, cutoff=0.6)
+        hints.append(f"{n!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
+    raise GeosurgeError(f"{option}: {len(unknown)} name(s) are not nodes of the graph: {'; '.join(hints)}"
+                        + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+                        + ". Names are the ONNX node names of the graph onnxruntime quantizes, e.g. "
+                        "'/backbone/conv_stem/Conv'; an INT8 bundle's manifest lists the quantizable ones "
+                        "(quantization.search.ranking, with --precision-search auto)")
+
+
 def always_float_nodes(path) -> list[str]:
     """Names of the nodes of ``path`` that stay float whatever is asked (:func:`_always_float`)."""
     nodes, inits = _structure(path)

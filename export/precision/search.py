@@ -64,20 +64,21 @@ class Quantizer:
         if self.cfg.precision == "int8" and "nodes_excluded" in facts:
             facts["bias_correction"] = self._correct_biases(dst)
         elif self.cfg.precision != "int8":
-            facts["bias_correction"] = "off (static int8 only)"
+            facts["bias_correction"] = {"applied": False, "why": "static int8 only"}
         self.last_facts = facts
         return facts
 
-    def _correct_biases(self, dst: Path) -> dict | str:
+    def _correct_biases(self, dst: Path) -> dict:
         """Bias correction of the INT8 weights of ``dst`` (:mod:`.bias_correction`), with the FP32 input means of
-        the prepared graph measured once per quantizer on its calibration images. A string says why not."""
+        the prepared graph measured once per quantizer on its calibration images: ``{"applied": True, "nodes",
+        "without_bias", "max_abs", "images"}`` or ``{"applied": False, "why"}``."""
         if not self.cfg.bias_correction:
-            return "off"
+            return {"applied": False, "why": "turned off (--no-bias-correction, or a QAT graph)"}
         if self.calib is None:
-            return "off (no calibration images given)"
+            return {"applied": False, "why": "no calibration images given"}
         if self._input_means is None:
             self._input_means = input_means(self.prepared, self.calib, log=self.log)
-        return {**correct_biases(dst, self.prepared, self._input_means), "images": len(self.calib)}
+        return {"applied": True, **correct_biases(dst, self.prepared, self._input_means), "images": len(self.calib)}
 
     def with_config(self, cfg: QuantConfig) -> "Quantizer":
         """The same prepared graph, calibration images, range cache and bias-correction statistics under ``cfg``."""
@@ -153,8 +154,8 @@ def summary(rec: dict) -> str:
     acc = (f", acc delta {m['accuracy_delta_min_pts']:+.1f} pts" if m.get("accuracy_delta_min_pts") is not None
            else "")
     failed = [g["gate"] for g in rec["gates"] if g["pass"] == "FAIL"]
-    return (f"drift median {m['median_drift_km']:.1f} km p95 {m['p95_drift_km']:.1f} km, top-1 agreement "
-            f"{m['top1_agreement_confident']:.3f} (confident {m['confident_n']}){acc}; cos {m['cosine_mean']:.4f} -> "
+    return (f"drift median {m['median_drift_km']:.1f} km p95 {m['p95_drift_km']:.1f} km, confident top-1 agreement "
+            f"{m['top1_agreement_confident']:.3f} ({m['confident_n']} images){acc}; cos {m['cosine_mean']:.4f} -> "
             + ("PASS" if rec["passed"] else f"FAIL ({', '.join(failed)})"))
 
 

@@ -59,19 +59,25 @@ def register(sub) -> None:
     p.add_argument("--no-bias-correction", action="store_true", help="int8: leave the biases as trained (default: "
                    "each INT8-weight node's bias absorbs the mean error of its rounded weights, measured on the "
                    "calibration images; never for a QAT graph)")
-    p.add_argument("--calib-size", type=int, default=256)
-    p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS)
+    p.add_argument("--calib-size", type=int, default=256, metavar="N",
+                   help="calibration images to draw (default 256), split into calibrate / choose / check parts")
+    p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS,
+                   help="how activation ranges are calibrated (default minmax)")
     p.add_argument("--calib-cache", metavar="DIR", default=None, help="cache preprocessed calibration sets here")
     p.add_argument("--exclude-nodes", nargs="+", default=[], metavar="NODE",
-                   help="ONNX node names kept in float (with --qat: float in the student too, which trains for "
-                        "that mix)")
+                   help="ONNX node names kept in float, e.g. /backbone/conv_stem/Conv (the graph onnxruntime "
+                        "quantizes; an INT8 bundle exported with --precision-search auto lists the quantizable ones, "
+                        "worst first, in its manifest's quantization.search.ranking; a name the graph lacks is an "
+                        "error). With --qat: float in the student too, which trains for that mix")
     p.add_argument("--exclude-nodes-weights", choices=["fp32", "int8"], default="fp32",
                    help="weights of the --exclude-nodes nodes: fp32 (default; float compute on float weights) or "
                         "int8 (weight-only INT8: a quarter of their bytes, dequantized to float at every run, so "
                         "usually slower on onnxruntime)")
     p.add_argument("--table", default="float16", choices=TABLE_CHOICES, help="cell table storage")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for calibration, checks and the timing "
+                   "(default 2; the speed gate is measured with them)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, the lowest with "
+                   "LayerNormalization as one op)")
     p.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis (default static batch 1)")
     p.add_argument("--with-logits", action="store_true", help="also output per-level logits in-graph")
     p.add_argument("--golden", help="folder of photos for the golden probes (default: sample photos)")
@@ -100,6 +106,10 @@ def cmd_export(args) -> int:
 
     if not args.checkpoint and not args.model:
         raise GeosurgeError("give --model NAME or --checkpoint DIR")
+    if args.no_bias_correction and (args.precision != "int8" or args.target == "tensorrt"):
+        print("note: --no-bias-correction applies to onnxruntime's static int8 only; it changes nothing here")
+    if args.exclude_nodes_weights != "fp32" and not args.exclude_nodes:
+        print("note: --exclude-nodes-weights applies to the --exclude-nodes nodes; none are given")
     bundle = api.export(Path(args.checkpoint) if args.checkpoint else args.model, args.output, format=args.format, target=args.target,
                         precision=args.precision, calibration=args.calib, calib_size=args.calib_size,
                         calib_method=args.calib_method, calib_cache=args.calib_cache,
