@@ -63,6 +63,7 @@ def base_labels(cfg: QuantConfig) -> tuple[str, str]:
     return (f"PTQ, {n} node(s) kept float" + (", weight-only INT8 weights" if weight_only else ""),
             f"QAT, {n} node(s) kept float")
 
+
 #: ``latency(paths, input_hw, threads) -> {name: {"p50_ms", "p95_ms"}}``: how candidates are timed (tests inject one)
 LatencyProbe = Callable[[dict[str, Path], list[int], int | None], dict[str, dict]]
 
