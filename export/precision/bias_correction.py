@@ -45,9 +45,9 @@ def _opset(model) -> int:
 
 def input_means(prepared: Path, images, threads: int | None = 2, log=print) -> dict:
     """The FP32 input statistics of every weighted node of the prepared graph ``prepared`` over ``images`` (a
-    CalibrationSet, read a batch at a time, or an (N, 3, S, S) float32 array): node name -> ``("Conv", M)`` with
-    ``M`` (C_in, kh, kw) float64, the mean input value each kernel tap reads, or ``("Gemm" | "MatMul", m)`` with
-    ``m`` (K,) float64, the mean input row. One onnxruntime pass per image of the graph with, per Conv, a grouped
+    CalibrationSet, read a batch at a time, or an (N, 3, S, S) float32 array): node name -> ``("Conv", M, W)`` with
+    ``M`` (C_in, kh, kw) float64, the mean input value each kernel tap reads, or ``("Gemm" | "MatMul", m, W)`` with
+    ``m`` (K,) float64, the mean input row; ``W`` the node's FP32 weight (what rounding is measured against). One onnxruntime pass per image of the graph with, per Conv, a grouped
     one-hot Conv (C_in x kh x kw outputs) and a ReduceMean beside it. Raises GeosurgeError when the images are
     empty."""
     import onnx
@@ -92,20 +92,20 @@ def input_means(prepared: Path, images, threads: int | None = 2, log=print) -> d
             extra.append(helper.make_node("Conv", [n.input[0], tag + "_onehot"], [tag + "_taps"], group=c_in,
                                           kernel_shape=[kh, kw], **conv_attrs))
             extra.append(reduce_mean(tag + "_taps", tag, [0, 2, 3]))
-            wanted.append((n.name, "Conv", tag, (c_in, kh, kw)))
+            wanted.append((n.name, "Conv", tag, (c_in, kh, kw), n.input[1]))
         elif n.op_type == "Gemm" and len(w_shape) == 2:
             axis = 1 if _attrs(n).get("transA", 0) else 0
             extra.append(reduce_mean(n.input[0], tag, [axis]))
-            wanted.append((n.name, "Gemm", tag, None))
+            wanted.append((n.name, "Gemm", tag, None, n.input[1]))
         elif n.op_type == "MatMul" and len(w_shape) == 2:
             g.initializer.append(numpy_helper.from_array(np.array([-1, w_shape[0]], np.int64), tag + "_shape"))
             extra.append(helper.make_node("Reshape", [n.input[0], tag + "_shape"], [tag + "_rows"]))
             extra.append(reduce_mean(tag + "_rows", tag, [0]))
-            wanted.append((n.name, "MatMul", tag, None))
+            wanted.append((n.name, "MatMul", tag, None, n.input[1]))
     if not wanted:
         return {}
     g.node.extend(extra)
-    for _, _, tag, _ in wanted:
+    for _, _, tag, _, _ in wanted:
         g.output.append(helper.make_tensor_value_info(tag, TensorProto.FLOAT, None))
     opts = ort.SessionOptions()
     if threads:
@@ -113,7 +113,7 @@ def input_means(prepared: Path, images, threads: int | None = 2, log=print) -> d
     opts.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     in_name = sess.get_inputs()[0].name
-    tags = [tag for _, _, tag, _ in wanted]
+    tags = [tag for _, _, tag, _, _ in wanted]
     take = images.batch if isinstance(images, CalibrationSet) else images.__getitem__
     sums = None
     for i in range(n_img):
@@ -121,18 +121,18 @@ def input_means(prepared: Path, images, threads: int | None = 2, log=print) -> d
         got = [r.astype(np.float64) for r in got]
         sums = got if sums is None else [s + r for s, r in zip(sums, got)]
     stats = {}
-    for (name, op, _, shape), s in zip(wanted, sums):
+    for (name, op, _, shape, weight), s in zip(wanted, sums):
         mean = s / n_img
-        stats[name] = (op, mean.reshape(shape) if shape else mean)
+        stats[name] = (op, mean.reshape(shape) if shape else mean, numpy_helper.to_array(inits[weight]))
     log(f"      bias correction: FP32 input means of the {len(stats)} weighted node(s) (the INT8-weight ones are "
         f"corrected) over {n_img} image(s) "
         f"in {time.perf_counter() - t0:.1f}s")
     return stats
 
 
-def correct_biases(quantized: Path, prepared: Path, stats: dict) -> dict:
+def correct_biases(quantized: Path, stats: dict) -> dict:
     """Subtract each INT8-weight node's mean output error ``dW E[x]`` from its bias in the quantized graph
-    ``quantized`` (rewritten in place; ``prepared`` gives the FP32 weights, ``stats`` :func:`input_means`).
+    ``quantized`` (rewritten in place; ``stats``: :func:`input_means` of the FP32 graph it was quantized from).
     A node is corrected when its weight comes through a DequantizeLinear of an INT8 initializer (QDQ static or
     weight-only INT8) and it has a bias (an INT32 one through a DequantizeLinear moves by the nearest integer of
     its scale; a float one exactly). Returns ``{"nodes": corrected, "without_bias": [...], "max_abs": the largest
@@ -140,10 +140,6 @@ def correct_biases(quantized: Path, prepared: Path, stats: dict) -> dict:
     import onnx
     from onnx import numpy_helper
 
-    ref = onnx.load(str(prepared)).graph
-    ref_inits = {t.name: t for t in ref.initializer}
-    ref_weight = {n.name: n.input[1] for n in ref.node if n.op_type in WEIGHT_OPS and len(n.input) > 1
-                  and n.input[1] in ref_inits}
     proto = onnx.load(str(quantized))
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
@@ -168,16 +164,15 @@ def correct_biases(quantized: Path, prepared: Path, stats: dict) -> dict:
         return (q.astype(np.float64) - zp) * scale
 
     for n in g.node:
-        if n.name not in stats or n.name not in ref_weight or n.op_type not in ("Conv", "Gemm"):
+        if n.name not in stats or n.op_type not in ("Conv", "Gemm"):
             continue
         wq = dequantized(n.input[1])
         if wq is None:
             continue
-        w = numpy_helper.to_array(ref_inits[ref_weight[n.name]]).astype(np.float64)
+        op, mean, w = stats[n.name]
         if wq.shape != w.shape:
             continue
-        dw = wq - w
-        op, mean = stats[n.name]
+        dw = wq - w.astype(np.float64)
         a = _attrs(n)
         if op == "Conv":
             groups = int(a.get("group", 1))

@@ -78,7 +78,7 @@ class Quantizer:
             return {"applied": False, "why": "no calibration images given"}
         if self._input_means is None:
             self._input_means = input_means(self.prepared, self.calib, log=self.log)
-        return {"applied": True, **correct_biases(dst, self.prepared, self._input_means), "images": len(self.calib)}
+        return {"applied": True, **correct_biases(dst, self._input_means), "images": len(self.calib)}
 
     def with_config(self, cfg: QuantConfig) -> "Quantizer":
         """The same prepared graph, calibration images, range cache and bias-correction statistics under ``cfg``."""
