@@ -377,7 +377,8 @@ def cmd_bench(args) -> int:
                        args.pause_ms)
     paced = f", {args.pause_ms:g} ms pause before each" if args.pause_ms else ", back-to-back"
     print(format_table(rep["stages"], title=f"{args.bundle} ({rep['backend']}, {rep['precision']}, "
-                                            f"{args.iters} runs{paced}, {time.perf_counter() - t0:.1f}s)"))
+                                            f"{args.iters} runs{paced}, {time.perf_counter() - t0:.1f}s)",
+                       decimals={"p50_ms": 2, "p95_ms": 2, "mean_ms": 2}))  # one precision for all the ms
     print(f"throughput {rep['throughput_img_s']:.1f} img/s   peak RSS {rep['peak_rss_mb']:.0f} MB   "
           f"model {rep['model_mb']:.1f} MB")
     if args.json:
