@@ -350,11 +350,12 @@ def cmd_choose_backend(args) -> int:
              **({"parity": verdict(r.get("parity_passed"))} if on_images else {}),
              "note": r.get("skipped") or (f"images fail {r['images_failed']}" if r.get("images_failed") else "")}
             for r in rec["measured"]]
-    what = "golden: replay of the bundle's golden probes under the manifest's gates" + (
+    what = "speedup: onnxruntime's p50 over the backend's, speedup_p10_p90: its 10th-90th percentile round by " \
+        "round; golden: replay of the bundle's golden probes under the manifest's gates" + (
         f"; images: {rec['images']['n']} image(s) of yours vs {rec['images']['reference']}; parity: both must pass"
         if on_images else " (add --images for your own)")
     print(format_table(rows, title=f"{args.bundle}: backends on this machine ({rec['machine']}), {args.iters} paced "
-                                   f"interleaved runs; parity: {what}"))
+                                   f"interleaved runs; {what}"))
     print(f"choose-backend: {rec['reason']}")
     if not args.dry_run:
         print(f"choose-backend: default for this bundle on this machine -> {rec['backend']} "

@@ -110,6 +110,9 @@ def cmd_export(args) -> int:
         print("note: --no-bias-correction applies to onnxruntime's static int8 only; it changes nothing here")
     if args.exclude_nodes_weights != "fp32" and not args.exclude_nodes:
         print("note: --exclude-nodes-weights applies to the --exclude-nodes nodes; none are given")
+    if args.exclude_nodes and args.precision not in ("int8", "int8-dynamic", "fp8"):
+        print(f"note: --exclude-nodes keeps nodes out of a quantized precision; at {args.precision or 'the default'}"
+              " precision it changes nothing")
     bundle = api.export(Path(args.checkpoint) if args.checkpoint else args.model, args.output, format=args.format, target=args.target,
                         precision=args.precision, calibration=args.calib, calib_size=args.calib_size,
                         calib_method=args.calib_method, calib_cache=args.calib_cache,
