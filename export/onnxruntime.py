@@ -147,6 +147,11 @@ class Candidates:
         return t["fp32"]
 
 
+#: what ``decision.passed`` says (beside ``check.passed``, the held-out verdict, in the same manifest)
+DECISION_PASSED_MEANS = ("a candidate passed the gates on the choose images (or was left to the held-out check) and "
+                         "the speed gate; the held-out verdict is quantization.check.passed")
+
+
 def decide(rows: list[dict], fp32: dict, precision: str, min_speedup: float, gated: bool) -> dict:
     """Which candidate won on speed, which on parity, and the one recommended: the fastest candidate that passes
     parity and beats FP32 by more than ``min_speedup`` (when ``gated``). ``rows``: candidates with ``passed``
@@ -170,7 +175,8 @@ def decide(rows: list[dict], fp32: dict, precision: str, min_speedup: float, gat
                                           "(parity: the held-out check)")
                + f" and runs x{win['speedup']:.2f} FP32 (p50 {win['p50_ms']:.2f} vs {fp32['p50_ms']:.2f} ms)"
                + (f", above the x{min_speedup:g} speed gate" if gated else " (speed not gated)"))
-        return {"winner": win["candidate"], "precision": precision, "passed": True, "on_speed": on_speed,
+        return {"winner": win["candidate"], "precision": precision, "passed": True,
+                "passed_means": DECISION_PASSED_MEANS, "on_speed": on_speed,
                 "on_parity": on_parity, "why": why, "min_speedup": min_speedup, "fp32": fp32, "candidates": rows}
     if passing:
         best = max(passing, key=lambda r: r["speedup"])
@@ -181,7 +187,8 @@ def decide(rows: list[dict], fp32: dict, precision: str, min_speedup: float, gat
                "--precision fp32 (or another machine / backend; --min-speedup 0 turns the gate off)")
     else:
         why = f"FP32: no {precision} candidate passes the parity gates"
-    return {"winner": "fp32", "precision": precision, "passed": False, "on_speed": on_speed, "on_parity": on_parity,
+    return {"winner": "fp32", "precision": precision, "passed": False, "passed_means": DECISION_PASSED_MEANS,
+            "on_speed": on_speed, "on_parity": on_parity,
             "why": why, "min_speedup": min_speedup, "fp32": fp32, "candidates": rows}
 
 

@@ -832,6 +832,7 @@ def test_the_speed_gate_refuses_an_int8_model_that_is_not_faster(tmp_path, tiny,
              "median_drift_km": 0.0, "cosine_mean": 0.999}]
     fp32 = {"p50_ms": 3.0}
     assert decide(rows, fp32, "int8", 1.0, True)["winner"] == "b"
+    assert "quantization.check.passed" in decide(rows, fp32, "int8", 1.0, True)["passed_means"]  # not the check
     d = decide(rows, fp32, "int8", 1.5, True)
     assert d["winner"] == "fp32" and "a x3.00 FP32 (fails parity)" == d["on_speed"] and d["on_parity"] == "b"
     assert "model that passes parity on the choose images (b)" in d["why"]
