@@ -335,9 +335,8 @@ def _qat(model, cfg: QuantConfig, calibration, quantizer: Quantizer, cands: Cand
 
     if model is None:
         raise GeosurgeError("--qat needs the FP32 torch model")
-    mix = "" if not cfg.nodes_to_exclude else f" with {len(cfg.nodes_to_exclude)} node(s) kept float"
-    log(f"all-INT8{mix} PTQ fails the gates: quantization-aware distillation on the {len(calibration)} calibration "
-        "image(s) ...")
+    log(f"{base_labels(cfg)[0]} fails the gates: quantization-aware distillation on the {len(calibration)} "
+        "calibration image(s) ...")
     # nodes kept out of INT8 (--exclude-nodes) stay float in the student too; a node with no Conv / Linear of its
     # own (an activation MatMul) has nothing QAT quantizes
     exclude = sorted({m for m in modules_of_onnx_nodes(cfg.nodes_to_exclude, compute_modules(model)).values() if m})
