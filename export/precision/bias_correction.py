@@ -10,12 +10,13 @@ in expectation, at no run-time cost (the bias is already there).
 ``E[x]`` is the FP32 graph's, measured once per prepared graph on the calibration images: for a Conv, the mean over
 images and output positions of the (padded) input value each kernel tap reads (``M[c, kh, kw]``: strides, pads,
 dilations and groups as the Conv has them, so a zero-padded border counts as the Conv sees it), for a Gemm the mean
-input row (a MatMul with a weight has no bias to move; onnxruntime's pre-processing fuses MatMul + Add into Gemm). Then for any quantized graph of it (any mix of float and INT8 nodes, weight-only INT8 too), each
-node whose weight is an INT8 tensor through a DequantizeLinear gets ``bias -= sum dW * M`` (Conv, per output
-channel) or ``dW . m`` (Gemm); an INT32 bias (``s_in * s_w`` scale) moves by the nearest integer. What this does not
-correct: the mean error of *activation* quantization (the sequential "empirical bias correction" of the same paper
-measured on the quantized graph; tried on the reference model, it hurt mixes: 0.9875 -> 0.9931 cosine all-INT8,
-but 0.9976 -> 0.9945 with 8 nodes float, 0.9949 with 256 images).
+input row (a MatMul with a weight has no bias to move; onnxruntime's pre-processing fuses MatMul + Add into Gemm). Then
+for any quantized graph of it (any mix of float and INT8 nodes, weight-only INT8 too), each node whose weight is an INT8
+tensor through a DequantizeLinear gets ``bias -= sum dW * M`` (Conv, per output channel) or ``dW . m`` (Gemm); an INT32
+bias (``s_in * s_w`` scale) moves by the nearest integer. What this does not correct: the mean error of *activation*
+quantization (the sequential "empirical bias correction" of the same paper measured on the quantized graph; tried on the
+reference model, it hurt mixes: 0.9875 -> 0.9931 cosine all-INT8, but 0.9976 -> 0.9945 with 8 nodes float, 0.9949 with
+256 images).
 
 Measured on the reference model (onnxruntime 1.32, 256 calibration images, 64 other views, mean embedding cosine
 to FP32): all-INT8 PTQ 0.9720 -> 0.9875; 4 worst nodes float 0.9919 -> 0.9971; 8 float 0.9944 -> 0.9976;
