@@ -20,8 +20,8 @@ reference model, it hurt mixes: 0.9875 -> 0.9931 cosine all-INT8, but 0.9976 -> 
 
 Measured on the reference model (onnxruntime 1.32, 256 calibration images, 64 other views, mean embedding cosine
 to FP32; ``benchmarks/int8_mixes.py``): all-INT8 PTQ 0.9720 -> 0.9878; 4 worst nodes float 0.9919 -> 0.9968; 8 float
-0.9944 -> 0.9977; 12 float 0.9972 -> 0.9981; speed unchanged. Not for a QAT graph: QAT's student trained under the rounded weights and its biases
-already absorbed their mean error.
+0.9944 -> 0.9977; 12 float 0.9972 -> 0.9981; speed unchanged. Not for a QAT graph: QAT's student trained under the
+rounded weights and its biases already absorbed their mean error.
 """
 from __future__ import annotations
 
