@@ -75,6 +75,14 @@ class ImageSplit:
     check: object = None
     record: dict | None = None
 
+    def sources(self) -> str:
+        """``"; views of 8 / 3 / 3 source images"`` when the parts are augmented views (grouped by source image: no
+        source image in two parts), else ``""``."""
+        parts = [s for s in (self.calibrate, self.choose, self.check) if s is not None]
+        if not parts or any(getattr(s, "groups", None) is None for s in parts):
+            return ""
+        return "; views of " + " / ".join(str(len(np.unique(s.groups))) for s in parts) + " source images"
+
     def sizes(self) -> dict:
         n = lambda s: 0 if s is None else len(s)  # noqa: E731
         return {"calibrate": n(self.calibrate), "choose": n(self.choose), "check": n(self.check),
@@ -150,8 +158,8 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
         if split.check is not None:
             sizes = split.sizes()
             sub(f"images: {sizes['calibrate']} to calibrate, {sizes['choose']} to choose on, {sizes['check']} to "
-                "check (disjoint)" + (", with ground truth" if sizes["ground_truth"] else ""))
-        log(f"[2/6] model part: {o.spec.summary}, {o.precision} ({model.config.name}) ...")
+                f"check (disjoint{split.sources()})" + (", with ground truth" if sizes["ground_truth"] else ""))
+        log(f"[2/6] model part: {o.spec.describe(o.precision)}, {o.precision} ({model.config.name}) ...")
         out = get_target(o.target).export(model, ExportJob(o, w.stage, w.work, split.calibrate, split.choose, scorer,
                                                            gates, sub, latency))
         w.add("model", out.model_file)

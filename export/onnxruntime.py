@@ -347,6 +347,7 @@ def _qat(model, cfg: QuantConfig, calibration, quantizer: Quantizer, cands: Cand
         init, _ = load_model(checkpoint=cfg.qat_init)
         log(f"QAT: the student starts from {cfg.qat_init} (the teacher is the exported model)")
     tuned, rec = qat_distill(model, calibration, QATConfig(steps=cfg.qat_steps, lr=cfg.qat_lr,
+                                                                  rank_weight=cfg.qat_rank_weight,
                                                                   weight_bits=7 if cfg.reduce_range else 8,
                                                                   seed=cfg.seed, exclude=exclude), log=log,
                              init=init)
@@ -367,8 +368,9 @@ def _qat(model, cfg: QuantConfig, calibration, quantizer: Quantizer, cands: Cand
     qprep = prepare(qfp32, workdir / "qat-prepared.onnx")
     # the kept-out nodes keep the float weights the student trained (QuantConfig.float_weight_nodes); no bias
     # correction: the student trained under the rounded weights, its biases already absorbed their mean error
-    qq = Quantizer(qprep, replace(cfg, float_weight_nodes=list(cfg.nodes_to_exclude), bias_correction=False), calib,
-                   workdir / "qat-calibration-ranges.json", log=log)
+    qcfg = replace(cfg, float_weight_nodes=list(cfg.nodes_to_exclude), bias_correction=False,
+                   bias_correction_off="a QAT graph (its student trained under the rounded weights)")
+    qq = Quantizer(qprep, qcfg, calib, workdir / "qat-calibration-ranges.json", log=log)
     trial = workdir / "qat-all-int8.onnx"
     rec["facts"] = qq(trial)
     ptq_label, qat_label = base_labels(cfg)

@@ -92,7 +92,7 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
            dynamic_batch: bool = False,
            with_logits: bool = False, opset: int = 17, threads: int | None = 2, golden=None, cells=None,
            seed: int = 0, source: dict | None = None, gates: dict | None = None, qat: bool = False,
-           qat_steps: int = 200, qat_lr: float = 2e-5, qat_save: PathLike | None = None,
+           qat_steps: int = 200, qat_lr: float = 2e-5, qat_rank_weight: float = 0.0, qat_save: PathLike | None = None,
            qat_init: PathLike | None = None, min_speedup: float = 1.0, reduce_range: bool = False,
            simulate_int8: bool = False, recommend_backend: bool = False, log: Log = print):
     """Export a model to a bundle at ``output`` and return the :class:`geosurge.runtime.Bundle`.
@@ -103,10 +103,10 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     of the sample photos, ``calib_size`` images, split into calibrate / choose / check parts (a manifest's
     coordinates add the accuracy deltas to the gates); for fp16 / int8-dynamic a given ``calibration`` is the set
     the parity is checked on. ``precision_search="auto"``: the measured search (onnxruntime int8 / int8-dynamic);
-    ``qat``: quantization-aware distillation (``qat_steps`` at learning rate ``qat_lr``) when all-INT8 PTQ fails the
-    gates (onnxruntime int8), its tuned FP32 weights saved as a checkpoint in ``qat_save`` when given, the student
-    started from the checkpoint ``qat_init`` when given (an earlier ``qat_save`` of the same model: more steps
-    without starting over);
+    ``qat``: quantization-aware distillation (``qat_steps`` at learning rate ``qat_lr``; ``qat_rank_weight`` x a
+    ranking loss on the finest cells added to its loss) when all-INT8 PTQ fails the gates (onnxruntime int8), its
+    tuned FP32 weights saved as a checkpoint in ``qat_save`` when given, the student started from the checkpoint
+    ``qat_init`` when given (an earlier ``qat_save`` of the same model: more steps without starting over);
     ``exclude_nodes`` are kept out of INT8 by hand, their weights float (``exclude_nodes_weights`` "fp32") or
     weight-only INT8 ("int8"); ``bias_correction`` (static int8): each INT8-weight node's bias absorbs the mean
     error of its rounded weights on the calibration images (never for a QAT graph);
@@ -133,6 +133,7 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     quant = QuantConfig(precision=p.value, calibrate_method=calib_method, nodes_to_exclude=list(exclude_nodes),
                         exclude_nodes_weights=exclude_nodes_weights, bias_correction=bias_correction,
                         search=precision_search, qat=qat, qat_steps=qat_steps, qat_lr=qat_lr,
+                        qat_rank_weight=qat_rank_weight,
                         qat_save=None if qat_save is None else str(qat_save),
                         qat_init=None if qat_init is None else str(qat_init), min_speedup=min_speedup,
                         reduce_range=reduce_range, simulate_int8=simulate_int8)

@@ -79,13 +79,23 @@ class TargetSpec:
     flag: str
     label: str
     summary: str
+    #: what a precision means on this target, where it needs saying (the export's banner: :meth:`describe`)
+    precision_notes: tuple[tuple[Precision, str], ...] = ()
+
+    def describe(self, precision) -> str:
+        """The export banner's words for this target at ``precision``: ``summary``, plus the precision's note."""
+        note = dict(self.precision_notes).get(Precision(str(precision)))
+        return f"{self.summary}; {note}" if note else self.summary
 
 
 TARGETS: dict[Target, TargetSpec] = {
     Target.ONNXRUNTIME: TargetSpec(
         Target.ONNXRUNTIME, Format.ONNX,
         (Precision.FP32, Precision.FP16, Precision.INT8, Precision.INT8_DYNAMIC), Precision.FP32,
-        "--target onnxruntime", "onnxruntime", "ONNX for onnxruntime (CPU path; QDQ / dynamic INT8 from onnxruntime's quantizer)"),
+        "--target onnxruntime", "onnxruntime", "ONNX for onnxruntime (CPU path)",
+        ((Precision.FP16, "FP16 weights and compute, float32 inputs and outputs, LayerNorm in float32"),
+         (Precision.INT8, "static INT8 QDQ from onnxruntime's quantizer"),
+         (Precision.INT8_DYNAMIC, "dynamic INT8 from onnxruntime's quantizer"))),
     Target.TENSORRT: TargetSpec(
         Target.TENSORRT, Format.ONNX,
         (Precision.FP32, Precision.FP16, Precision.INT8, Precision.FP8), Precision.FP32,

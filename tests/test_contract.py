@@ -117,6 +117,10 @@ def test_one_table_of_targets_formats_backends_and_precisions():
         resolve_target("coreml", "tensorrt")
     # fp8 is valid in one place only: the TensorRT row
     assert [t for t, s in TARGETS.items() if Precision.FP8 in s.precisions] == [Target.TENSORRT]
+    # the export banner names only what the chosen precision does (an fp16 export is not "QDQ")
+    ort = TARGETS[Target.ONNXRUNTIME]
+    assert "QDQ" in ort.describe("int8") and "QDQ" not in ort.describe("fp16") + ort.describe("fp32")
+    assert ort.describe(Precision.FP32) == ort.summary and "FP16" in ort.describe("fp16")
     assert check_precision(Target.TENSORRT, "fp8") == Precision.FP8
     with pytest.raises(GeosurgeError, match=r"not fp8 \(fp8 is for TensorRT: --target tensorrt\)"):
         check_precision(Target.ONNXRUNTIME, "fp8")

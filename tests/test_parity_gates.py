@@ -171,6 +171,10 @@ def test_the_three_way_split_is_disjoint_and_sized():
     parts = g.split_parts(check=0.25, choose=0.25, seed=0)
     groups = [set(p.groups.tolist()) for p in parts]
     assert all(groups) and not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
+    from geosurge.export.bundle import ImageSplit  # what the export's log line says of such a split
+
+    assert ImageSplit(*parts).sources() == "; views of 4 / 2 / 2 source images"
+    assert ImageSplit(cal, choose, check).sources() == ""  # plain images: nothing to say
     # the two-way split is the three-way one without a choose part
     cal2, check2 = cs.split(0.25, seed=3)
     assert cal2.names == sorted(set(cal.names) | set(choose.names), key=cs.names.index) and check2.names == check.names

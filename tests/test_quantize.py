@@ -743,10 +743,14 @@ def test_a_qat_checkpoint_exports_the_precision_it_trained_for(tmp_path, tiny, c
     assert conv in q["nodes_excluded"] and q["config"]["float_weight_nodes"] == [conv]
     assert q["weight_only_int8"] == 0
     assert any("trained float stay out of INT8" in m for m in logs)
-    assert q["bias_correction"]["applied"] is False  # ... a QAT one's not (trained under rounding)
+    assert q["bias_correction"] == {"applied": False,  # ... a QAT one's not (trained under rounding)
+                                    "why": "a QAT checkpoint (its student trained under the rounded weights)"}
     q = _manifest(api.export(tmp_path / "plain", tmp_path / "b-plain", exclude_nodes=[conv], **kw).root)
     assert q["quantization"]["weight_only_int8"] == 0  # a node kept out by hand keeps float weights by default ...
     assert q["quantization"]["exclude_nodes_weights"] == "fp32"
+    qq = q["quantization"]  # the label counts the node asked; the record tells it from those always float
+    assert qq["nodes_excluded_asked"] == [conv] and conv in qq["nodes_excluded"]
+    assert set(qq["nodes_always_float"]) <= set(qq["nodes_excluded"]) and conv not in qq["nodes_always_float"]
     assert q["quantization"]["decision"]["candidates"][0]["candidate"] == "PTQ, 1 node(s) kept float"
     bc = q["quantization"]["bias_correction"]  # a plain checkpoint's INT8 weights get bias correction ...
     assert bc["applied"] and bc["nodes"] > 0 and bc["images"] == q["quantization"]["calibration"]["calibrate_images"]
@@ -759,7 +763,7 @@ def test_a_qat_checkpoint_exports_the_precision_it_trained_for(tmp_path, tiny, c
     with pytest.raises(GeosurgeError, match="not nodes of the graph.*did you mean"):
         api.export(tmp_path / "plain", tmp_path / "b-typo", exclude_nodes=[conv + "x"], **kw)
     assert not (tmp_path / "b-typo").exists()
-    assert q["quantization"]["bias_correction"]["applied"] is False
+    assert q["quantization"]["bias_correction"] == {"applied": False, "why": "turned off (--no-bias-correction)"}
     assert q["quantization"]["config"]["bias_correction"] is False
 
     record = {"weight_bits": 7, "kept_float_nodes": [conv]}
@@ -868,6 +872,30 @@ def test_qat_reads_a_calibration_set_a_batch_at_a_time(tiny):
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], v) for k, v in bad.state_dict().items())  # it did train
+
+
+def test_rank_loss_measures_the_ranking_of_the_teachers_top_cells(tiny):
+    """QAT's ranking loss: 0 for the teacher itself and for any per-image shift of the log scores (same ranking, same
+    gaps); lowering the teacher's top-1 finest cell by 1 logit moves every gap by 1 (loss exactly 1); it has a
+    gradient; the config refuses a negative weight."""
+    from geosurge.export.precision.qat import QATConfig, rank_loss
+
+    model, _ = tiny
+    head = model.head
+    emb = torch.randn(4, head.embed_dim, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    lp_t = [lp.detach() for lp in head.level_log_probs(emb)]
+    assert float(rank_loss(head, lp_t, lp_t, 8)) == 0.0
+    shift = torch.arange(4.0)[:, None]
+    assert float(rank_loss(head, [lp + shift * (k + 1) for k, lp in enumerate(lp_t)], lp_t, 8)) < 1e-10
+    top1 = head.hierarchical_scores(lp_t).argmax(-1)
+    lowered = [lp.clone() for lp in lp_t]
+    lowered[-1][torch.arange(4), top1] -= 1.0
+    assert abs(float(rank_loss(head, lowered, lp_t, 8)) - 1.0) < 1e-5
+    loss = rank_loss(head, head.level_log_probs(emb * 1.5), lp_t, 8)
+    loss.backward()
+    assert float(loss) > 0 and emb.grad is not None and float(emb.grad.abs().sum()) > 0
+    with pytest.raises(GeosurgeError, match="rank_weight"):
+        QATConfig(rank_weight=-1.0)
 
 
 def test_qat_goes_on_from_a_saved_student(tiny):

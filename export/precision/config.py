@@ -73,6 +73,8 @@ class QuantConfig:
     #: static int8: subtract each INT8-weight node's mean output error (its rounded weights times the FP32 mean
     #: input, over the calibration images) from its bias (:mod:`.bias_correction`); never for a QAT graph
     bias_correction: bool = True
+    #: why it is off, for the record (``quantization.bias_correction.why``)
+    bias_correction_off: str = "turned off (--no-bias-correction)"
     #: the share of the calibration set kept for the parity check (never calibrated on, never chosen on) ...
     holdout: float = 0.25
     #: ... and the share the precision search / QAT comparison chooses the mix on (when there is a choice)
@@ -85,6 +87,9 @@ class QuantConfig:
     qat: bool = False
     qat_steps: int = 200
     qat_lr: float = 2e-5
+    #: weight of QAT's ranking loss on the finest cells (``QATConfig.rank_weight``; 0: embedding cosine + per-level
+    #: KL only)
+    qat_rank_weight: float = 0.0
     #: a folder to save QAT's tuned FP32 weights in as a geosurge checkpoint (None: not kept). Exporting that
     #: checkpoint with ``--precision int8`` (and the same ``--reduce-range``) gives the QAT graph without training
     #: again
@@ -130,6 +135,8 @@ class QuantConfig:
             raise GeosurgeError(f"{self.qat_init}: --qat-init is not a geosurge checkpoint (no config.json)")
         if self.qat_steps < 1 or not self.qat_lr > 0:
             raise GeosurgeError("--qat-steps must be >= 1 and the QAT learning rate > 0")
+        if self.qat_rank_weight < 0 or (self.qat_rank_weight and not self.qat):
+            raise GeosurgeError("--qat-rank-weight must be >= 0 and needs --qat")
         if self.min_speedup < 0:
             raise GeosurgeError(f"--min-speedup must be >= 0 (0: no speed gate), not {self.min_speedup}")
         if not (0 < self.holdout < 1 and 0 <= self.choose < 1 and self.holdout + self.choose < 1):
@@ -178,4 +185,5 @@ class QuantConfig:
         if self.bias_correction:
             log("a QAT checkpoint: no bias correction (its student trained under the rounded weights)")
         return replace(self, nodes_to_exclude=nodes, float_weight_nodes=[n for n in nodes if n in kept],
-                       bias_correction=False)
+                       bias_correction=False,
+                       bias_correction_off="a QAT checkpoint (its student trained under the rounded weights)")

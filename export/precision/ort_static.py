@@ -61,7 +61,8 @@ def quantize_int8_static(prepared: Path, dst: Path, calib: CalibrationSet | np.n
     act, wt, method = _ort_types(cfg)
     prepared, dst = Path(prepared).absolute(), Path(dst).absolute()
     cache = Path(cache).absolute() if cache else None
-    excluded = sorted(set(with_followers(prepared, list(exclude))) | set(always_float_nodes(prepared)))
+    always = sorted(always_float_nodes(prepared))
+    excluded = sorted(set(with_followers(prepared, list(exclude))) | set(always))
     with tempfile.TemporaryDirectory(prefix="geosurge-quant-") as td, _in_dir(Path(td)):
         quantize_static(str(prepared), str(dst), make_ort_reader(calib) if calib is not None else None,
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=list(STATIC_OP_TYPES),
@@ -73,6 +74,9 @@ def quantize_int8_static(prepared: Path, dst: Path, calib: CalibrationSet | np.n
     rewired = float_inputs(dst, FLOAT_INPUT_OP_TYPES)
     return {"quantizer": "onnxruntime.quantization.quantize_static (QDQ)", "op_types": list(STATIC_OP_TYPES),
             "per_channel": cfg.per_channel, "activation_type": cfg.activation_type,
-            "weight_type": cfg.weight_type, "reduce_range": cfg.reduce_range, "calibrate_method": cfg.calibrate_method, "nodes_excluded": excluded,
+            "weight_type": cfg.weight_type, "reduce_range": cfg.reduce_range, "calibrate_method": cfg.calibrate_method,
+            # every node onnxruntime was told to leave float: the ones asked (--exclude-nodes, the search's), the
+            # nodes that follow them, and those always float here
+            "nodes_excluded": excluded, "nodes_excluded_asked": sorted(set(exclude)), "nodes_always_float": always,
             "float_output_op_types": list(FLOAT_OUTPUT_OP_TYPES), "float_input_op_types": list(FLOAT_INPUT_OP_TYPES),
             "float_inputs_rewired": rewired}

@@ -47,13 +47,19 @@ from geosurge.errors import GeosurgeError
 class QATConfig:
     """``steps`` optimizer steps of ``batch`` images (random horizontal flips) at ``lr`` (AdamW, cosine decay);
     loss = (1 - cosine to the teacher's embedding) + ``kl_weight`` x mean over levels of KL(teacher || student) of
-    the per-level cell distributions. ``weight_bits`` 8 (per-channel symmetric, as onnxruntime quantizes weights) or
+    the per-level cell distributions + ``rank_weight`` x :func:`rank_loss` (the teacher's top-``rank_top`` finest
+    cells of the hierarchical product: the student's score gaps to the teacher's top-1 against the teacher's, in
+    logits squared). ``weight_bits`` 8 (per-channel symmetric, as onnxruntime quantizes weights) or
     7 (onnxruntime's ``reduce_range``, which no x86 u8s8 kernel can saturate)."""
 
     steps: int = 200
     batch: int = 8
     lr: float = 2e-5
     kl_weight: float = 1.0
+    #: weight of :func:`rank_loss` (0: off). What the parity gates measure is the ranking of the finest cells (top-1
+    #: agreement, the drift to FP32's near-ties), which the embedding cosine and per-level KL reach only indirectly
+    rank_weight: float = 0.0
+    rank_top: int = 16
     weight_bits: int = 8
     seed: int = 0
     #: modules left float (:func:`insert_fake_quant`'s ``exclude``): the Conv / Linear of the ONNX nodes kept out of
@@ -78,6 +84,8 @@ class QATConfig:
             raise GeosurgeError("QAT range_every must be >= 0 (0: ranges never refreshed)")
         if self.weight_bits not in (7, 8):
             raise GeosurgeError("QAT weight bits must be 8 or 7 (reduce_range)")
+        if self.rank_weight < 0 or self.rank_top < 2:
+            raise GeosurgeError("QAT rank_weight must be >= 0 and rank_top >= 2")
         if not self.lr > 0:
             raise GeosurgeError("the QAT learning rate must be > 0")
 
@@ -303,6 +311,19 @@ def _level_log_probs(model, emb):
     return [F.log_softmax(z, dim=-1) for z in model.head.level_logits(emb)]
 
 
+def rank_loss(head, student_log_probs, teacher_log_probs, top: int = 16):
+    """Mean squared error (logits^2) of the score gaps ``S(f_1) - S(f_i)`` of the teacher's top-``top`` finest cells
+    ``f_1..f_top`` (``S`` the hierarchical product's log score, :meth:`CellHead.hierarchical_scores`), student vs
+    teacher: zero when the student ranks those cells as the teacher does, by the same margins. Per-level log-probs
+    are lists of (B, n_k) tensors; returns a scalar tensor."""
+    s_t = head.hierarchical_scores(teacher_log_probs)
+    s_s = head.hierarchical_scores(student_log_probs)
+    idx = s_t.topk(min(top, s_t.shape[1]), dim=-1).indices
+    g_t = s_t.gather(1, idx[:, :1]) - s_t.gather(1, idx)
+    g_s = s_s.gather(1, idx[:, :1]) - s_s.gather(1, idx)
+    return (g_s - g_t).pow(2)[:, 1:].mean()
+
+
 class _Images:
     """Float32 model inputs on ``device`` by index or slice, from a preprocessed (N, 3, S, S) float32 array or from
     a :class:`~geosurge.calibration.dataset.CalibrationSet` (uint8 pixels, preprocessed per batch as read: the set
@@ -378,9 +399,12 @@ def qat_distill(model, images, cfg: QATConfig | None = None, log=print, init=Non
     def loss_of(xb, target):
         emb = student.embed(xb)
         cos = F.cosine_similarity(emb, target, dim=-1).mean()
-        kl = torch.stack([F.kl_div(s, t, log_target=True, reduction="batchmean")
-                          for s, t in zip(_level_log_probs(student, emb), _level_log_probs(teacher, target))]).mean()
-        return (1 - cos) + cfg.kl_weight * kl, 1 - cos.detach()
+        lp_s, lp_t = _level_log_probs(student, emb), _level_log_probs(teacher, target)
+        kl = torch.stack([F.kl_div(s, t, log_target=True, reduction="batchmean") for s, t in zip(lp_s, lp_t)]).mean()
+        loss = (1 - cos) + cfg.kl_weight * kl
+        if cfg.rank_weight:
+            loss = loss + cfg.rank_weight * rank_loss(student.head, lp_s, lp_t, cfg.rank_top)
+        return loss, 1 - cos.detach()
 
     def evaluate() -> float:
         with torch.no_grad():

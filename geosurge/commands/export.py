@@ -38,6 +38,10 @@ def register(sub) -> None:
     p.add_argument("--qat-steps", type=int, default=200, metavar="N", help="QAT optimizer steps (default 200)")
     p.add_argument("--qat-lr", type=float, default=2e-5, metavar="LR",
                    help="QAT learning rate (AdamW, cosine decay over the steps; default 2e-5)")
+    p.add_argument("--qat-rank-weight", type=float, default=0.0, metavar="W",
+                   help="QAT: add W x a ranking loss on the finest cells (the student's score gaps between the "
+                        "teacher's top-16 cells against the teacher's: what the parity gates' top-1 agreement and "
+                        "drift measure) to the embedding cosine + per-level KL (default 0: off)")
     p.add_argument("--qat-save", metavar="DIR", help="keep QAT's tuned FP32 weights as a checkpoint in DIR (QAT is "
                    "training: export DIR with --precision int8 later for the same graph without training again)")
     p.add_argument("--qat-init", metavar="DIR", help="start QAT's student from this checkpoint of the same model "
@@ -121,7 +125,8 @@ def cmd_export(args) -> int:
                         bias_correction=not args.no_bias_correction, table=args.table,
                         dynamic_batch=args.dynamic_batch, with_logits=args.with_logits, opset=args.opset,
                         threads=args.threads, golden=args.golden, cells=args.cells, seed=args.seed, qat=args.qat,
-                        qat_steps=args.qat_steps, qat_lr=args.qat_lr, qat_save=args.qat_save,
+                        qat_steps=args.qat_steps, qat_lr=args.qat_lr,
+                        qat_rank_weight=args.qat_rank_weight, qat_save=args.qat_save,
                         qat_init=args.qat_init,
                         min_speedup=args.min_speedup, reduce_range=args.reduce_range,
                         simulate_int8=args.simulate_int8,
