@@ -120,7 +120,7 @@ def split_images(options: ExportOptions, calibration, check_set, spec) -> ImageS
 
 def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], options: ExportOptions | None = None, *,
                  calibration=None, check_set=None, gates: dict | None = None, log=print, latency=None,
-                 recommend_backend: bool = False, **option_kwargs) -> Bundle:
+                 recommend_backend: bool = False, reference=None, **option_kwargs) -> Bundle:
     """Export ``model`` into a bundle at ``out_dir`` (swapped into place if one exists) and return it.
 
     ``options``: an :class:`ExportOptions`, or its :meth:`ExportOptions.create` keywords (``format`` / ``fmt``,
@@ -132,8 +132,11 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
     (default ``geosurge.parity.DEFAULT_GATES``), for the search, the check and the manifest. ``latency``: how the
     onnxruntime target times its INT8 candidates (tests inject one; default: measured here).
     ``recommend_backend``: time every installed backend that reads the bundle against the default one and record
-    the winner at parity in the manifest (``backend_choice``, valid on machines like this one). Raises GeosurgeError (nothing is written) for a bad option or a failed precision search; a non-FP32
-    model that fails the gates is written, with ``bundle.manifest.check.passed`` False."""
+    the winner at parity in the manifest (``backend_choice``, valid on machines like this one). ``reference``: the
+    FP32 torch model of the same architecture and hierarchy that the golden outputs, the choices and the held-out
+    check are measured against (default: ``model``; a QAT checkpoint's teacher). Raises GeosurgeError (nothing is
+    written) for a bad option or a failed precision search; a non-FP32 model that fails the gates is written, with
+    ``bundle.manifest.check.passed`` False."""
     if options is None:
         kw = dict(option_kwargs)
         kw["format"] = kw.pop("fmt", kw.get("format"))
@@ -145,6 +148,7 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
     o, sub = options, (lambda m: log("      " + m))
     gates = gates or DEFAULT_GATES
     model = model.eval()
+    ref = model if reference is None else reference.eval()
     h = model.hierarchy
     t_start = time.perf_counter()
     with BundleWriter(out_dir, log=sub) as w:
@@ -161,7 +165,7 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
                 f"check (disjoint{split.sources()})" + (", with ground truth" if sizes["ground_truth"] else ""))
         log(f"[2/6] model part: {o.spec.describe(o.precision)}, {o.precision} ({model.config.name}) ...")
         out = get_target(o.target).export(model, ExportJob(o, w.stage, w.work, split.calibrate, split.choose, scorer,
-                                                           gates, sub, latency))
+                                                           gates, sub, latency, reference))
         w.add("model", out.model_file)
         quantization = out.quantization
         if split.record is not None:
@@ -171,7 +175,7 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
         sub(f"{places['places']:,} places")
         photos = golden_photos[:GOLDEN_COUNT]
         log(f"[4/6] golden probes: {len(photos)} real photos with FP32 torch outputs ...")
-        golden = golden_probes(model, photos)
+        golden = golden_probes(ref, photos)
         golden.save(w.add("golden"))
         manifest = Manifest(
             model=out.model, quantization=quantization,
@@ -185,7 +189,7 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
             places=PlacesSection.from_dict(places, "places"))
         if split.check is not None:
             log(f"[5/6] held-out parity vs FP32 on {len(split.check)} image(s) never calibrated or chosen on ...")
-            quantization.check = chk = heldout_parity(model, w.staged(manifest), split.check.inputs, scorer, gates,
+            quantization.check = chk = heldout_parity(ref, w.staged(manifest), split.check.inputs, scorer, gates,
                                                       o.threads, truth=split.check.truth,
                                                       simulate_int8=o.quant.simulate_int8)
             chk.split = split.sizes()

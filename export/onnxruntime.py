@@ -82,7 +82,7 @@ class OnnxRuntimeTarget(ExportTarget):
                                  threads=o.threads, choose=job.choose, model=model, input_hw=facts["input_hw"],
                                  export_kwargs={"opset": o.opset, "dynamic_batch": o.dynamic_batch,
                                                 "with_logits": o.with_logits},
-                                 latency=job.latency, log=log)
+                                 latency=job.latency, reference_model=job.reference, log=log)
         section, io = onnx_sections(model, facts, o.spec, o.precision)
         return TargetOutput(name, section, io, QuantizationSection.from_dict(record, "quantization"),
                             onnx_versions())
@@ -195,13 +195,14 @@ def decide(rows: list[dict], fp32: dict, precision: str, min_speedup: float, gat
 def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, calibration=None, scorer=None,
                     gates: dict | None = None, threads: int | None = 2, choose=None, model=None,
                     input_hw: list[int] | None = None, export_kwargs: dict | None = None,
-                    latency: LatencyProbe | None = None, log=print) -> dict:
+                    latency: LatencyProbe | None = None, reference_model=None, log=print) -> dict:
     """FP32 ONNX -> ``dst`` at ``cfg.precision`` on onnxruntime. ``calibration``: the CalibrationSet to calibrate
     (and train QAT) on (int8); ``choose``: the CalibrationSet the search and the QAT-vs-PTQ comparison measure on
     (its ``truth`` adds the accuracy gates); ``model``: the FP32 torch model (QAT's teacher); ``latency``: how
-    candidates are timed (default :func:`measure_latency`). Returns the manifest's ``quantization`` record, with
-    ``decision`` for int8 / int8-dynamic (the held-out check is added by the bundle writer, for every target alike).
-    Raises PrecisionSearchFailed when no mix passes the gates."""
+    candidates are timed (default :func:`measure_latency`); ``reference_model``: the FP32 torch model the choose
+    images' reference embeddings come from (default: the FP32 graph of ``fp32`` itself). Returns the manifest's
+    ``quantization`` record, with ``decision`` for int8 / int8-dynamic (the held-out check is added by the bundle
+    writer, for every target alike). Raises PrecisionSearchFailed when no mix passes the gates."""
     t0 = time.perf_counter()
     record: dict = {"precision": cfg.precision, "config": cfg.to_dict()}
     input_hw = input_hw or [224, 224]
@@ -237,7 +238,14 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
     truth = choose.truth if choose is not None else None
     if cfg.chooses and (scorer is None or inputs is None):
         raise GeosurgeError("the precision search / QAT needs the bundle's cell scorer and choose images")
-    reference = run_embeddings(prepared, inputs, threads) if inputs is not None else None
+    if inputs is None:
+        reference = None
+    elif reference_model is not None:  # e.g. a QAT checkpoint's teacher: what its INT8 graph must match
+        from .compare import torch_embed
+
+        reference = torch_embed(reference_model, inputs)
+    else:
+        reference = run_embeddings(prepared, inputs, threads)
     # choices are made with half of each gate's slack, so the mix still passes on the check images
     choose_gates = tightened(gates)
     cands = Candidates(workdir, fp32, reference, inputs, truth, scorer, choose_gates, threads, log,
@@ -357,7 +365,7 @@ def _qat(model, cfg: QuantConfig, calibration, quantizer: Quantizer, cands: Cand
         # the nodes it trained float go with the weights: an export of the checkpoint keeps them float (float weights)
         saved = tuned.save_pretrained(cfg.qat_save, extra={"qat": {
             **{k: v for k, v in rec.items() if isinstance(v, (int, float, str, bool))},
-            "kept_float_nodes": list(cfg.nodes_to_exclude)}})
+            "kept_float_nodes": list(cfg.nodes_to_exclude), "teacher_checkpoint": cfg.qat_teacher}})
         rec["saved"] = str(saved)
         log(f"QAT: tuned FP32 weights saved as a checkpoint in {saved} (export it with --precision int8"
             f"{' --reduce-range' if cfg.reduce_range else ''} for this QAT graph without training again"

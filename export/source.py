@@ -24,14 +24,16 @@ def load_model(model: str | None = None, checkpoint: str | None = None, seed: in
 
 
 def load_source_model(bundle, checkpoint: str | None = None):
-    """The FP32 torch model behind a bundle (``checkpoint`` overrides the manifest's record)."""
+    """The FP32 torch model a bundle is measured against: the manifest's ``source.reference`` (a QAT checkpoint's
+    teacher) or else its ``source.checkpoint`` / config; ``checkpoint`` overrides both."""
     from geosurge.geo import load_hierarchy
 
     src = bundle.manifest.source
-    ck = checkpoint or src.checkpoint
+    ck = checkpoint or src.reference or src.checkpoint
     if ck:
         if not Path(ck).is_dir():
-            raise GeosurgeError(f"{ck}: the bundle's source checkpoint is not here; pass --checkpoint DIR")
+            what = "reference (the model its QAT checkpoint was distilled from)" if ck == src.reference else "source"
+            raise GeosurgeError(f"{ck}: the bundle's {what} checkpoint is not here; pass --checkpoint DIR")
         model, _ = load_model(checkpoint=ck)
     elif src.seed is None:
         raise GeosurgeError(f"{bundle.root}: exported from an in-memory model (no checkpoint, no seed recorded); "

@@ -95,6 +95,9 @@ class ExportJob:
     log: Callable[[str], None] = print
     #: how candidates are timed (``geosurge.export.onnxruntime.LatencyProbe``; None: measured on this machine)
     latency: Callable | None = None
+    #: the FP32 torch model the choices are measured against (None: the exported model itself; a QAT checkpoint's
+    #: teacher otherwise: its tuned FP32 weights are not the model the user trained)
+    reference: object = None
 
 
 @dataclass

@@ -94,7 +94,7 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
            seed: int = 0, source: dict | None = None, gates: dict | None = None, qat: bool = False,
            qat_steps: int = 200, qat_lr: float = 2e-5, qat_rank_weight: float = 0.0, qat_save: PathLike | None = None,
            qat_init: PathLike | None = None, min_speedup: float = 1.0, reduce_range: bool = False,
-           simulate_int8: bool = False, recommend_backend: bool = False, log: Log = print):
+           simulate_int8: bool = False, recommend_backend: bool = False, reference=None, log: Log = print):
     """Export a model to a bundle at ``output`` and return the :class:`geosurge.runtime.Bundle`.
 
     ``model``: a config name, a checkpoint directory or an in-memory GeoSurge (:func:`load_model`).
@@ -116,10 +116,13 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     accumulation: for ARM dot-product / VNNI / AMX devices when this CPU saturates; speed still timed here);
     ``recommend_backend``: measure the installed backends and record the fastest at
     parity for machines like this one. ``table``: the cell table's storage (float16, float32, int8); ``golden``:
-    photos (files or folders) for the golden probes (default: the sample photos). A non-FP32 model records its
-    held-out parity in ``bundle.manifest.check``; ``check.passed`` False means it fails the gates (the bundle is
-    written for inspection). Raises GeosurgeError, writing nothing, for a bad option or a failed precision
-    search."""
+    photos (files or folders) for the golden probes (default: the sample photos). ``reference``: the FP32 model
+    (checkpoint directory or GeoSurge of the same architecture and hierarchy) the golden outputs, the choices and
+    the held-out check are measured against (default: ``model``; for a checkpoint ``qat_save`` wrote, the model its
+    QAT learned from, when recorded and present: its tuned FP32 weights are not that model). A non-FP32 model
+    records its held-out parity in ``bundle.manifest.check``; ``check.passed`` False means it fails the gates (the
+    bundle is written for inspection). Raises GeosurgeError, writing nothing, for a bad option, a reference of
+    another architecture or a failed precision search."""
     import torch
 
     from .export.bundle import write_bundle
@@ -148,6 +151,16 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
 
         meta, _ = read_checkpoint_config(src["checkpoint"])
         options = replace(options, quant=options.quant.for_qat_checkpoint(meta.get("qat"), log))
+        if reference is None and meta.get("qat") and options.precision != "fp32":
+            reference = _qat_teacher(meta["qat"], src["checkpoint"], log)
+    if qat and src.get("checkpoint"):  # recorded with --qat-save: an export of the tuned weights checks against it
+        options = replace(options, quant=replace(options.quant, qat_teacher=src["checkpoint"]))
+    ref_model, record = None, dict(source or src)
+    if reference is not None:
+        ref_model, ref_src = load_model(reference, seed, cells)
+        _check_reference(model, ref_model, reference)
+        if ref_src.get("checkpoint") and ref_src["checkpoint"] != src.get("checkpoint"):
+            record["reference"] = ref_src["checkpoint"]
     if golden:
         listing = list_images(_paths(golden))
         for line in listing.skip_lines():
@@ -159,8 +172,29 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     if options.precision.needs_calibration or (calibration is not None and options.precision != "fp32"):
         images = calibration_set(calibration, model.config.preprocess, calib_size, model.hierarchy, calib_cache, log)
     calib, check_set = (images, None) if options.precision.needs_calibration else (None, images)
-    return write_bundle(output, model, source or src, photos, options, calibration=calib, check_set=check_set,
-                        gates=gates, recommend_backend=recommend_backend, log=log)
+    return write_bundle(output, model, record, photos, options, calibration=calib, check_set=check_set,
+                        gates=gates, recommend_backend=recommend_backend, reference=ref_model, log=log)
+
+
+def _qat_teacher(qat: dict, checkpoint: str, log: Log):
+    """The checkpoint a QAT checkpoint was distilled from (its ``teacher_checkpoint``), when recorded and present;
+    else None, with a warning: parity is then measured against the tuned weights themselves."""
+    teacher = qat.get("teacher_checkpoint")
+    if teacher and Path(teacher, "config.json").is_file():
+        log(f"a QAT checkpoint: parity is measured against the model it was distilled from, {teacher} "
+            "(--reference to name another)")
+        return teacher
+    why = f"{teacher} is not here" if teacher else "it does not record the model it was distilled from"
+    log(f"warning: {checkpoint} is a QAT checkpoint and {why}: parity is measured against its own tuned FP32 "
+        "weights, which are not your model; pass --reference CHECKPOINT (the model QAT learned from)")
+    return None
+
+
+def _check_reference(model, ref, name) -> None:
+    """GeosurgeError unless ``ref`` can be compared with ``model``: the same config and cell hierarchy."""
+    if ref.config.name != model.config.name or ref.hierarchy.digest() != model.hierarchy.digest():
+        raise GeosurgeError(f"{name}: the reference model is not the exported model's architecture (config "
+                            f"{ref.config.name} vs {model.config.name}, or another cell hierarchy)")
 
 
 def prune(bundle, output: PathLike, *, bbox: str | None = None, geojson: PathLike | None = None,

@@ -379,6 +379,9 @@ class SourceSection(Section):
     checkpoint: str | None
     config: str | None
     seed: int | None
+    #: the FP32 checkpoint the golden outputs and parity were measured against when it is not ``checkpoint``: the
+    #: model a QAT checkpoint was distilled from (its tuned FP32 weights are not the user's model)
+    reference: str | None = None
     extra: dict = field(default_factory=dict, repr=False)
 
 

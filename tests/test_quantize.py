@@ -667,7 +667,8 @@ def test_export_with_qat_records_ptq_vs_qat_on_the_choose_images(tmp_path, tiny,
     model, source = tiny
     bad = make_int8_sensitive(model, factor=100.0)
     out = write_bundle(tmp_path / "qat", bad, source, sample_photo_paths(),
-                       quant=QuantConfig("int8", qat=True, qat_steps=5, qat_save=str(tmp_path / "tuned"), **NO_SPEED),
+                       quant=QuantConfig("int8", qat=True, qat_steps=5, qat_save=str(tmp_path / "tuned"),
+                                         qat_teacher="/models/teacher", **NO_SPEED),
                        calibration=calib,
                        gates={"cosine_mean": (">=", 0.9999)}, **QUIET)  # a gate PTQ fails: QAT runs
     q = _manifest(out)["quantization"]
@@ -677,6 +678,9 @@ def test_export_with_qat_records_ptq_vs_qat_on_the_choose_images(tmp_path, tiny,
 
     tuned = GeoSurge.from_pretrained(q["qat"]["saved"])
     assert Path(q["qat"]["saved"]) == tmp_path / "tuned"
+    from geosurge.models.geosurge import read_checkpoint_config
+
+    assert read_checkpoint_config(tmp_path / "tuned")[0]["qat"]["teacher_checkpoint"] == "/models/teacher"
     assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), bad.state_dict().values()))
     assert q["qat"]["base"] in ("qat", "ptq") and {"ptq", "qat"} <= set(q["qat"])
     names = [c["candidate"] for c in q["decision"]["candidates"]]
@@ -720,6 +724,46 @@ def test_qat_trains_for_the_kept_out_nodes_and_the_search_keeps_original_weights
     assert q["qat"]["ptq_weight_only_int8"] == 0
     assert q["qat"]["search_base"] == "ptq" and q["search"]["passed"]
     assert conv in q["nodes_excluded"]  # the user's choice stays out in the searched mix too
+
+
+def test_a_qat_checkpoint_is_measured_against_the_model_it_learned_from(tmp_path, tiny, calib):
+    """QAT's tuned FP32 weights are not the user's model: exporting a ``--qat-save`` checkpoint measures the golden
+    outputs, the choices and the held-out check against the teacher it records (the manifest's
+    ``source.reference``, which ``geosurge parity`` loads too); without that record it warns and measures against
+    the tuned weights; ``--reference`` must be the same architecture."""
+    from geosurge import api
+    from geosurge.export.compare import torch_embed
+    from geosurge.export.source import load_source_model
+    from geosurge.runtime import open_bundle
+    from geosurge.runtime.golden import Golden
+
+    model, _ = tiny
+    tuned = copy.deepcopy(model)  # stands in for QAT's tuned weights: not the teacher's function
+    with torch.no_grad():
+        tuned.fusion.out.weight.add_(0.05 * torch.randn(tuned.fusion.out.weight.shape,
+                                                        generator=torch.Generator().manual_seed(0)))
+    model.save_pretrained(tmp_path / "teacher")
+    tuned.save_pretrained(tmp_path / "qat", extra={"qat": {"weight_bits": 8, "kept_float_nodes": [],
+                                                           "teacher_checkpoint": str(tmp_path / "teacher")}})
+    tuned.save_pretrained(tmp_path / "qat-old", extra={"qat": {"weight_bits": 8, "kept_float_nodes": []}})
+    logs = []
+    kw = {"precision": "int8", "calibration": calib, "min_speedup": 0.0, "log": logs.append}
+    b = open_bundle(api.export(tmp_path / "qat", tmp_path / "b", **kw).root)
+    assert b.manifest.source.reference == str((tmp_path / "teacher").resolve())
+    assert any("measured against the model it was distilled from" in m for m in logs)
+    g = Golden.load(b.path("golden"))
+    np.testing.assert_allclose(g.embedding, torch_embed(model, g.inputs), atol=1e-5)
+    assert np.abs(g.embedding - torch_embed(tuned, g.inputs)).max() > 1e-3
+    assert torch.equal(load_source_model(b).head.tables[0], model.head.tables[0])
+    logs.clear()
+    b = open_bundle(api.export(tmp_path / "qat-old", tmp_path / "b-old", **kw).root)
+    assert b.manifest.source.reference is None
+    assert any("warning" in m and "--reference" in m for m in logs)
+    from types import SimpleNamespace
+
+    other = SimpleNamespace(config=SimpleNamespace(name="edge"), hierarchy=model.hierarchy)
+    with pytest.raises(GeosurgeError, match="not the exported model's architecture"):
+        api._check_reference(model, other, "OTHER")
 
 
 def test_a_qat_checkpoint_exports_the_precision_it_trained_for(tmp_path, tiny, calib):

@@ -97,6 +97,9 @@ class QuantConfig:
     #: a checkpoint of the same model to start the student from (a ``qat_save`` of an earlier run): more steps
     #: without starting over; the teacher is still the exported model (None: the student starts as the teacher)
     qat_init: str | None = None
+    #: the checkpoint of the model QAT learns from (the exported one; None: not from a checkpoint), recorded with
+    #: ``qat_save`` so that an export of that checkpoint measures parity against it, not against the tuned weights
+    qat_teacher: str | None = None
     #: onnxruntime's ``reduce_range``: 7-bit weights, which x86 CPUs without VNNI multiply without int16 saturation
     reduce_range: bool = False
     #: choose and check the INT8 model as simulated INT8 (QDQ as float arithmetic: exact integer accumulation, as

@@ -42,6 +42,9 @@ def register(sub) -> None:
                    help="QAT: add W x a ranking loss on the finest cells (the student's score gaps between the "
                         "teacher's top-16 cells against the teacher's: what the parity gates' top-1 agreement and "
                         "drift measure) to the embedding cosine + per-level KL (default 0: off)")
+    p.add_argument("--reference", metavar="CKPT", help="the FP32 checkpoint the golden outputs and the parity gates "
+                   "measure against (default: the exported model; for a --qat-save checkpoint, the model its QAT "
+                   "learned from, as recorded in it)")
     p.add_argument("--qat-save", metavar="DIR", help="keep QAT's tuned FP32 weights as a checkpoint in DIR (QAT is "
                    "training: export DIR with --precision int8 later for the same graph without training again)")
     p.add_argument("--qat-init", metavar="DIR", help="start QAT's student from this checkpoint of the same model "
@@ -127,7 +130,7 @@ def cmd_export(args) -> int:
                         threads=args.threads, golden=args.golden, cells=args.cells, seed=args.seed, qat=args.qat,
                         qat_steps=args.qat_steps, qat_lr=args.qat_lr,
                         qat_rank_weight=args.qat_rank_weight, qat_save=args.qat_save,
-                        qat_init=args.qat_init,
+                        qat_init=args.qat_init, reference=args.reference,
                         min_speedup=args.min_speedup, reduce_range=args.reduce_range,
                         simulate_int8=args.simulate_int8,
                         recommend_backend=args.recommend_backend)
