@@ -15,6 +15,9 @@ same call again at once, warm); contenders are interleaved round by round:
 * ``exact search``: ``CellScorer.search`` of one real embedding (golden input), top-5, without the probabilities of
   every cell — the whole search, for scale.
 
+Then the whole search once more per round, cold, stage by stage (its own rounds after the contenders': the query's
+normalisation, then ``cellsearch.STAGES`` as ``PathIndex.search_one`` marks them), as a second table.
+
 The product's cost does not depend on the table's values (integer GEMM), so the extra sessions use a random int8
 table of the bundle's shape.
 
@@ -116,6 +119,18 @@ def main() -> int:
                 warm[name].append((t2 - t1) * 1e3)
         if (it + 1) % 20 == 0:
             print(f"  round {it + 1}/{a.iters + 2}", flush=True)
+    stage_names = ("normalise the query",) + cellsearch.STAGES
+    stages = []
+    for it in range(a.iters + 2):
+        time.sleep(a.pause_ms / 1e3)
+        loc.embed(x)
+        marks = [time.perf_counter_ns()]
+        y = sc._query64(emb)[0]
+        marks.append(time.perf_counter_ns())
+        index.search_one(y, 5, lambda cells: sc._exact_sums(y, cells), marks=marks)
+        if it >= 2:
+            stages.append(np.diff(marks) / 1e6)
+    stages = np.asarray(stages)
     pct = lambda v, q: float(np.percentile(v, q))  # noqa: E731
     rows = [{"contender": k, "cold_p50_ms": pct(cold[k], 50), "cold_p95_ms": pct(cold[k], 95),
              "warm_p50_ms": pct(warm[k], 50), "warm_p95_ms": pct(warm[k], 95),
@@ -123,11 +138,16 @@ def main() -> int:
             for k in calls]
     print(format_table(rows, title=f"exact search's first pass after an inference: {n} x {d} int8 "
                                    f"({n * d / 2**20:.1f} MB), paced {a.pause_ms:g} ms, {a.iters} rounds"))
+    stage_rows = [{"stage": s, "cold_p50_ms": pct(stages[:, i], 50), "cold_p95_ms": pct(stages[:, i], 95)}
+                  for i, s in enumerate(stage_names)]
+    total = stages.sum(1)
+    stage_rows.append({"stage": "the whole search", "cold_p50_ms": pct(total, 50), "cold_p95_ms": pct(total, 95)})
+    print(format_table(stage_rows, title="the exact search stage by stage, cold (after an inference, paced)"))
     write_json(a.json, {"bundle": str(a.bundle), "n_finest": n, "dim": d, "table_mb": n * d / 2**20,
                         "iters": a.iters, "pause_ms": a.pause_ms, "model_threads": a.threads,
                         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                                     "python": sys.version.split()[0]},
-                        "rows": rows, "cold_ms": cold, "warm_ms": warm})
+                        "rows": rows, "cold_ms": cold, "warm_ms": warm, "stages": stage_rows})
     print(f"JSON: {a.json}")
     return 0
 

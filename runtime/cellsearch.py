@@ -35,6 +35,7 @@ per-thread preallocated buffers through an ONNX Runtime I/O binding (no n-sized 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -232,7 +233,8 @@ class PathIndex:
         return w
 
     def search_one(self, y: np.ndarray, k: int, exact, with_scores: bool = False,
-                   acc: np.ndarray | None = None, s: float | None = None, ry: float | None = None) -> TopK:
+                   acc: np.ndarray | None = None, s: float | None = None, ry: float | None = None,
+                   marks: list | None = None) -> TopK:
         """Exact top-k for one (dim,) float64 query ``y``. ``exact(cells)`` -> the exact ``A`` (float64) of an
         int64 array of finest cells. ``acc`` (2, n) int32, ``s``, ``ry``: this query's approximate pass when the
         caller ran it for a batch (otherwise it runs here, into this thread's preallocated buffers).
@@ -241,20 +243,26 @@ class PathIndex:
         ``Ã - E`` of the k cells of largest ``Ã`` (k cells reach it for certain); the candidates ``Ã + E >= tau``
         are then re-scored in decreasing order of ``Ã + E``, RESCORE_STEP at a time, until the next one's upper
         bound falls below the k-th best exact ``A`` found so far (no cell left can enter the top-k, not even by a
-        tie: its ``A`` is below the k-th). Raises nothing for finite input."""
+        tie: its ``A`` is below the k-th). ``marks``: a list to append ``time.perf_counter_ns()`` to after each
+        stage (:data:`STAGES`; for a benchmark). Raises nothing for finite input."""
         n = self.n
         k = min(k, n)
         w = self._work()
+        mark = marks.append if marks is not None else (lambda t: None)
+        clock = time.perf_counter_ns if marks is not None else (lambda: 0)
         if acc is None:
             _, s_, ry_ = quantize_query(y[None], out=w.query)
             s, ry = float(s_[0]), float(ry_[0])
+            mark(clock())
             self.session.run_with_iobinding(w.io)
             acc = w.acc
+        mark(clock())
         ynorm = float(np.sqrt(np.einsum("i,i->", y, y)))
         t, v = w.t, w.v
         np.multiply(acc[0], 2 * QUERY_LEVELS, out=t)
         np.add(t, acc[1], out=t)  # <126 p_1 + p_2, q_f>, exact in int32 (|.| <= 127 * 63 * 127 * dim < 2^31)
         np.multiply(t, self.scale, out=v)  # v = Ã / s (one float64 rounding)
+        mark(clock())
         # the bound in the same units: E(f) / s = ys resid_f + cs (as in bound())
         ys = ynorm * (1 + BOUND_REL) / s
         cs = (ry * self.quant_norm_max * (1 + BOUND_REL) + BOUND_ABS) / s
@@ -274,6 +282,7 @@ class PathIndex:
         cand, upper = cand[keep], upper[keep]
         order = np.argsort(-upper, kind="stable")
         cand, upper = cand[order], upper[order]
+        mark(clock())
         cells, vals = [], []
         top_c = top_v = np.empty(0)
         p0, kth = 0, -np.inf
@@ -288,14 +297,19 @@ class PathIndex:
             if top_c.size == k:
                 kth = float(top_v[-1])
         cells, vals = np.concatenate(cells), np.concatenate(vals)
+        mark(clock())
         # the normaliser over every cell: exact A of the re-scored cells, Ã of the others (float32)
         scores = w.scores
         np.multiply(v, s, out=scores, casting="same_kind")
         log_norm, err, scores = log_norm_bounds(scores, emax_s * s, cells, vals, keep=with_scores,
                                                 bound_abs=(ynorm + ry) * self.quant_norm_max + emax_s * s)
+        mark(clock())
         return TopK(top_c, top_v, log_norm, err, cells.size, emax_s * s, scores if with_scores else None)
 
 
+#: what :meth:`PathIndex.search_one` marks the end of (``marks``), in order, when it runs its own first pass
+STAGES = ("quantize the query", "int8 product (ONNX Runtime)", "approximate scores", "candidates",
+          "exact re-scoring", "normaliser")
 #: re-scored cells per step of the lazy exact re-scoring (after the first k)
 RESCORE_STEP = 8
 

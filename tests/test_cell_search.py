@@ -457,3 +457,21 @@ def test_search_bounds_benchmark_counts_on_a_geo_like_table(tmp_path, hierarchy_
     base = got["int8 / row"]["candidates_p50_p95_max"][0]
     assert got["int4 / row"]["candidates_p50_p95_max"][0] > 2 * base
     assert got["PCA 16 + int8 / row"]["candidates_p50_p95_max"][0] > 2 * base
+
+
+def test_search_stage_marks_change_nothing(tmp_path, hierarchy_file, default_hierarchy):
+    """``search_one(marks=...)`` (the benchmark's stage timing) appends one non-decreasing time per stage and
+    returns exactly what the unmarked search returns."""
+    rng = np.random.default_rng(5)
+    tables = geo_like_tables(default_hierarchy, 48, rng)
+    sc, _ = _scorer(tmp_path, hierarchy_file, tables, "float16")
+    idx = sc.prepare_search()
+    y = sc._query64(unit(rng.normal(size=(1, 48))))[0]
+    exact = lambda cells: sc._exact_sums(y, cells)  # noqa: E731
+    plain = idx.search_one(y, 5, exact)
+    marks = []
+    marked = idx.search_one(y, 5, exact, marks=marks)
+    assert len(marks) == len(cellsearch.STAGES) and marks == sorted(marks)
+    np.testing.assert_array_equal(marked.indices, plain.indices)
+    np.testing.assert_array_equal(marked.logit_sums, plain.logit_sums)
+    assert marked.log_norm == plain.log_norm and marked.rescored == plain.rescored
