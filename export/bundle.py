@@ -35,7 +35,7 @@ from geosurge.runtime.bundle import Bundle
 from geosurge.runtime.cells import CellScorer, save_cell_table
 from geosurge.runtime.golden import Golden
 
-from .compare import heldout_parity, torch_embed
+from .compare import REFERENCE, heldout_parity, torch_embed
 from .places import write_places
 from .target import ExportJob, ExportOptions, get_target
 from .writer import BundleWriter
@@ -45,6 +45,8 @@ PARTS = parts_for(Format.ONNX)
 GOLDEN_COUNT = 6
 #: held-out images for the parity check of precisions that calibrate on nothing (fp16, int8-dynamic, Core ML)
 CHECK_VIEWS = 64
+#: fewer held-out check images than this and the export notes that the gates rest on thin evidence
+FEW_CHECK_IMAGES = 50
 
 
 def golden_probes(model, photos: list[Path]) -> Golden:
@@ -76,12 +78,13 @@ class ImageSplit:
     record: dict | None = None
 
     def sources(self) -> str:
-        """``"; views of 8 / 3 / 3 source images"`` when the parts are augmented views (grouped by source image: no
-        source image in two parts), else ``""``."""
-        parts = [s for s in (self.calibrate, self.choose, self.check) if s is not None]
-        if not parts or any(getattr(s, "groups", None) is None for s in parts):
+        """``"views of source images: 8 calibrate / 3 choose / 3 check"`` when the parts are augmented views
+        (grouped by source image: no source image in two parts), else ``""``."""
+        parts = [(k, s) for k, s in (("calibrate", self.calibrate), ("choose", self.choose), ("check", self.check))
+                 if s is not None and len(s)]
+        if not parts or any(getattr(s, "groups", None) is None for _, s in parts):
             return ""
-        return "; views of " + " / ".join(str(len(np.unique(s.groups))) for s in parts) + " source images"
+        return "views of source images: " + " / ".join(f"{len(np.unique(s.groups))} {k}" for k, s in parts)
 
     def sizes(self) -> dict:
         n = lambda s: 0 if s is None else len(s)  # noqa: E731
@@ -161,9 +164,12 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
         split = split_images(o, calibration, check_set, model.config.preprocess)
         if split.check is not None:
             sizes = split.sizes()
-            sub(f"images: {sizes['calibrate']} to calibrate, {sizes['choose']} to choose on, {sizes['check']} to "
-                f"check (disjoint{split.sources()})" + (", with ground truth" if sizes["ground_truth"] else ""))
-        log(f"[2/6] model part: {o.spec.describe(o.precision)}, {o.precision} ({model.config.name}) ...")
+            parts = [f"{sizes[k]} to {what}" for k, what in (("calibrate", "calibrate"), ("choose", "choose on"),
+                                                             ("check", "check")) if sizes[k]]
+            notes = (["disjoint"] if len(parts) > 1 else []) + ([split.sources()] if split.sources() else []) + (
+                ["with ground truth"] if sizes["ground_truth"] else [])
+            sub("images: " + ", ".join(parts) + (f" ({'; '.join(notes)})" if notes else ""))
+        log(f"[2/6] model part: {o.spec.describe(o.precision)} ({o.precision}, {model.config.name}) ...")
         out = get_target(o.target).export(model, ExportJob(o, w.stage, w.work, split.calibrate, split.choose, scorer,
                                                            gates, sub, latency, reference))
         w.add("model", out.model_file)
@@ -188,10 +194,17 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
             parts={}, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             places=PlacesSection.from_dict(places, "places"))
         if split.check is not None:
-            log(f"[5/6] held-out parity vs FP32 on {len(split.check)} image(s) never calibrated or chosen on ...")
+            against = (REFERENCE if reference is None
+                       else f"FP32 torch ({source.get('reference') or 'the reference model given'})")
+            log(f"[5/6] held-out parity vs {against} on {len(split.check)} image(s) never calibrated or chosen on "
+                "...")
+            if len(split.check) < FEW_CHECK_IMAGES:
+                views = f" ({split.sources()})" if split.sources() else ""
+                sub(f"note: {len(split.check)} check image(s){views}: thin evidence for the gates (one "
+                    f"image is 1/{len(split.check)} of the agreement); give --calib with more of your own images")
             quantization.check = chk = heldout_parity(ref, w.staged(manifest), split.check.inputs, scorer, gates,
                                                       o.threads, truth=split.check.truth,
-                                                      simulate_int8=o.quant.simulate_int8)
+                                                      simulate_int8=o.quant.simulate_int8, reference=against)
             chk.split = split.sizes()
             sub(describe_check(chk, o.precision))
         else:

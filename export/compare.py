@@ -33,14 +33,15 @@ def torch_embed(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
 
 
 def heldout_parity(model, bundle, inputs: np.ndarray, scorer, gates: dict | None = None,
-                   threads: int | None = 2, truth=None, simulate_int8: bool = False) -> ParityRecord:
+                   threads: int | None = 2, truth=None, simulate_int8: bool = False,
+                   reference: str = REFERENCE) -> ParityRecord:
     """The staged model part (``bundle``: its Bundle, parts written) vs the FP32 torch ``model`` on ``inputs``
     (N, 3, S, S), scored with the bundle's table; ``truth`` ((lat, lon) arrays) adds the accuracy deltas. Runs on
     the format's default backend on this machine (onnxruntime for ONNX, also for a TensorRT-bound QDQ model; Core
     ML on macOS); where that backend cannot run here, the record says so (``passed`` None) instead of inventing a
     result. An INT8 model runs as simulated INT8 (exact accumulation) when ``simulate_int8`` and always when it is
     TensorRT-bound (as TensorRT's kernels compute it), not on this CPU's integer kernels, which saturate on x86
-    without VNNI."""
+    without VNNI. ``reference``: what ``model`` is, for the record."""
     m = bundle.manifest
     backend = default_backend(m.model.format)
     cls = get_runner(backend)
@@ -49,7 +50,7 @@ def heldout_parity(model, bundle, inputs: np.ndarray, scorer, gates: dict | None
     try:
         runner = cls.open(bundle, threads=threads if cls.thread_option else None, **options)
     except BackendUnavailable as e:
-        return ParityRecord(passed=None, images=int(len(inputs)), reference=REFERENCE, runner=backend.value,
+        return ParityRecord(passed=None, images=int(len(inputs)), reference=reference, runner=backend.value,
                             skipped=f"not measurable on this machine: {e}")
     with runner:
         dep = embed_batches(runner, inputs, m.io.input.name, m.io.embedding.name, m.io.static_batch)
@@ -57,20 +58,23 @@ def heldout_parity(model, bundle, inputs: np.ndarray, scorer, gates: dict | None
     rep = compare(torch_embed(model, inputs), dep, scorer, gates, truth=truth)
     metrics = {k: v for k, v in rep["metrics"].items() if k != "levels"}
     return ParityRecord(passed=rep["passed"], metrics=metrics, gates=rep["gates"], images=int(len(inputs)),
-                        reference=REFERENCE, runner=backend.value, runner_options=options or None)
+                        reference=reference, runner=backend.value, runner_options=options or None)
 
 
 def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: str | None = None,
                     threads: int | None = None, gates: dict | None = None, log=print, **options) -> dict:
-    """FP32 torch (the manifest's source, or ``checkpoint``) vs the bundle through the runtime on ``images`` (files,
-    folders listed by content, or CSV manifests ``path, lat, lon`` whose coordinates add the accuracy deltas in km),
-    both decoded and preprocessed by the one implementation. ``options``: the backend's own (OpenVINO ``device``,
-    ``precision_hint``). Returns the report (``passed``, ``metrics``, ``gates``, ``backend``, ``runner_options``,
-    ``skipped``: refused images, ``inputs``: read / refused / skipped counts, ``not_images``: folder files that are
-    not images, ``notes``: what the figures mean on this machine, :func:`geosurge.runtime.verify.machine_notes`);
-    raises GeosurgeError when no image is readable."""
+    """FP32 torch (the manifest's ``source.reference`` or else its source, or ``checkpoint``) vs the bundle through the
+    runtime on ``images`` (files, folders listed by content, or CSV manifests ``path, lat, lon`` whose coordinates
+    add the accuracy deltas in km), both decoded and preprocessed by the one implementation. ``options``: the
+    backend's own (OpenVINO ``device``, ``precision_hint``). Returns the report (``passed``, ``metrics``, ``gates``,
+    ``backend``, ``runner_options``, ``reference``: the FP32 model compared with, ``skipped``: refused images,
+    ``inputs``: read / refused / skipped counts, ``not_images``: folder files that are not images, ``notes``: what
+    the figures mean on this machine, :func:`geosurge.runtime.verify.machine_notes`); raises GeosurgeError when no
+    image is readable."""
     with Localizer(bundle_dir, backend=backend, threads=threads, options=options) as loc:
         model = load_source_model(loc.bundle, checkpoint)
+        src = loc.bundle.manifest.source
+        reference = checkpoint or src.reference or src.checkpoint or f"{src.config}, seed {src.seed}"
         read = read_preprocessed(images, loc.spec, log=log, what="parity")
         x, names = read.inputs, read.names
         t0 = time.perf_counter()
@@ -84,7 +88,7 @@ def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: 
         return {"bundle": str(bundle_dir), "backend": loc.runner.name.value, "runner_options": runner_options,
                 "notes": machine_notes(m, loc.runner.name, runner_options), "images": names, "skipped": read.errors,
                 "inputs": read.summary.to_dict(), "not_images": read.not_images,
-                "precision": m.model.precision.value, **rep,
+                "precision": m.model.precision.value, "reference": str(reference), **rep,
                 "seconds": {"torch_fp32": round(t1 - t0, 3), "deployed": round(t2 - t1, 3)}}
 
 

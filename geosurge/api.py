@@ -150,6 +150,10 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
         from .models.geosurge import read_checkpoint_config
 
         meta, _ = read_checkpoint_config(src["checkpoint"])
+        if qat and meta.get("qat"):
+            raise GeosurgeError(f"{src['checkpoint']} is a QAT checkpoint: --qat would train it against itself; run "
+                                "--qat from the model it learned from, starting the student here: --checkpoint "
+                                f"ORIGINAL --qat --qat-init {src['checkpoint']}")
         options = replace(options, quant=options.quant.for_qat_checkpoint(meta.get("qat"), log))
         if reference is None and meta.get("qat") and options.precision != "fp32":
             reference = _qat_teacher(meta["qat"], src["checkpoint"], log)
@@ -157,7 +161,9 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
         options = replace(options, quant=replace(options.quant, qat_teacher=src["checkpoint"]))
     ref_model, record = None, dict(source or src)
     if reference is not None:
-        ref_model, ref_src = load_model(reference, seed, cells)
+        if isinstance(reference, (str, Path)) and not Path(reference, "config.json").is_file():
+            raise GeosurgeError(f"{reference}: --reference must be a geosurge checkpoint directory (no config.json)")
+        ref_model, ref_src = load_model(Path(reference) if isinstance(reference, str) else reference, seed, cells)
         _check_reference(model, ref_model, reference)
         if ref_src.get("checkpoint") and ref_src["checkpoint"] != src.get("checkpoint"):
             record["reference"] = ref_src["checkpoint"]

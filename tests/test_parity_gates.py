@@ -173,7 +173,8 @@ def test_the_three_way_split_is_disjoint_and_sized():
     assert all(groups) and not (groups[0] & groups[1]) and not (groups[0] & groups[2]) and not (groups[1] & groups[2])
     from geosurge.export.bundle import ImageSplit  # what the export's log line says of such a split
 
-    assert ImageSplit(*parts).sources() == "; views of 4 / 2 / 2 source images"
+    assert ImageSplit(*parts).sources() == "views of source images: 4 calibrate / 2 choose / 2 check"
+    assert ImageSplit(parts[0], None, parts[2]).sources() == "views of source images: 4 calibrate / 2 check"
     assert ImageSplit(cal, choose, check).sources() == ""  # plain images: nothing to say
     # the two-way split is the three-way one without a choose part
     cal2, check2 = cs.split(0.25, seed=3)

@@ -755,6 +755,14 @@ def test_a_qat_checkpoint_is_measured_against_the_model_it_learned_from(tmp_path
     np.testing.assert_allclose(g.embedding, torch_embed(model, g.inputs), atol=1e-5)
     assert np.abs(g.embedding - torch_embed(tuned, g.inputs)).max() > 1e-3
     assert torch.equal(load_source_model(b).head.tables[0], model.head.tables[0])
+    teacher = str((tmp_path / "teacher").resolve())
+    assert teacher in b.manifest.quantization.check.reference  # the check names what it was measured against
+    assert api.parity(b, sample_photo_paths()[:2], log=lambda m: None)["reference"] == teacher
+    with pytest.raises(GeosurgeError, match="--reference must be a geosurge checkpoint"):
+        api.export(tmp_path / "qat", tmp_path / "b-x", reference="tiny", **kw)  # a config name: an untrained model
+    with pytest.raises(GeosurgeError, match="QAT checkpoint: --qat would train it against itself"):
+        api.export(tmp_path / "qat", tmp_path / "b-x", qat=True, **kw)
+    assert not (tmp_path / "b-x").exists()
     logs.clear()
     b = open_bundle(api.export(tmp_path / "qat-old", tmp_path / "b-old", **kw).root)
     assert b.manifest.source.reference is None

@@ -121,7 +121,7 @@ def input_means(prepared: Path, images, threads: int | None = 2, log=print) -> d
     for (name, op, _, shape, weight), s in zip(wanted, sums):
         mean = s / n_img
         stats[name] = (op, mean.reshape(shape) if shape else mean, numpy_helper.to_array(inits[weight]))
-    log(f"      bias correction: FP32 input means of the {len(stats)} weighted node(s) (the INT8-weight ones are "
+    log(f"  bias correction: FP32 input means of the {len(stats)} weighted node(s) (the INT8-weight ones are "
         f"corrected) over {n_img} image(s) in {time.perf_counter() - t0:.1f}s")
     return stats
 

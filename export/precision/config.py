@@ -73,8 +73,9 @@ class QuantConfig:
     #: static int8: subtract each INT8-weight node's mean output error (its rounded weights times the FP32 mean
     #: input, over the calibration images) from its bias (:mod:`.bias_correction`); never for a QAT graph
     bias_correction: bool = True
-    #: why it is off, for the record (``quantization.bias_correction.why``)
-    bias_correction_off: str = "turned off (--no-bias-correction)"
+    #: why it is off when something other than ``--no-bias-correction`` turned it off (a QAT graph), for the record
+    #: (``quantization.bias_correction.why``)
+    bias_correction_off: str | None = None
     #: the share of the calibration set kept for the parity check (never calibrated on, never chosen on) ...
     holdout: float = 0.25
     #: ... and the share the precision search / QAT comparison chooses the mix on (when there is a choice)
@@ -138,8 +139,10 @@ class QuantConfig:
             raise GeosurgeError(f"{self.qat_init}: --qat-init is not a geosurge checkpoint (no config.json)")
         if self.qat_steps < 1 or not self.qat_lr > 0:
             raise GeosurgeError("--qat-steps must be >= 1 and the QAT learning rate > 0")
-        if self.qat_rank_weight < 0 or (self.qat_rank_weight and not self.qat):
-            raise GeosurgeError("--qat-rank-weight must be >= 0 and needs --qat")
+        if self.qat_rank_weight < 0:
+            raise GeosurgeError(f"--qat-rank-weight must be >= 0, not {self.qat_rank_weight}")
+        if self.qat_rank_weight and not self.qat:
+            raise GeosurgeError("--qat-rank-weight needs --qat")
         if self.min_speedup < 0:
             raise GeosurgeError(f"--min-speedup must be >= 0 (0: no speed gate), not {self.min_speedup}")
         if not (0 < self.holdout < 1 and 0 <= self.choose < 1 and self.holdout + self.choose < 1):

@@ -414,7 +414,9 @@ def qat_distill(model, images, cfg: QATConfig | None = None, log=print, init=Non
     before = evaluate()
     log(f"QAT: {quantizers} Conv / Linear fake-quantized (weights {cfg.weight_bits}-bit per channel, inputs uint8 "
         f"per tensor, {outputs} BatchNorm outputs uint8" + (f"; {len(cfg.exclude)} kept float" if cfg.exclude else "")
-        + f"); {cfg.steps} steps x {cfg.batch} images of {len(x_all)} on {device}; 1 - cos to FP32 before {before:.2e}")
+        + f"); {cfg.steps} steps x {cfg.batch} images of {len(x_all)} on {device}"
+        + (f"; loss + {cfg.rank_weight:g} x ranking of the top-{cfg.rank_top} finest cells" if cfg.rank_weight else "")
+        + f"; 1 - cos to FP32 before {before:.2e}")
     losses = []
     for step in range(cfg.steps):
         idx = torch.from_numpy(rng.choice(len(x_all), size=min(cfg.batch, len(x_all)), replace=False)).to(device)

@@ -73,7 +73,7 @@ class Quantizer:
         the prepared graph measured once per quantizer on its calibration images: ``{"applied": True, "nodes",
         "without_bias", "max_abs", "images"}`` or ``{"applied": False, "why"}``."""
         if not self.cfg.bias_correction:
-            return {"applied": False, "why": self.cfg.bias_correction_off}
+            return {"applied": False, "why": self.cfg.bias_correction_off or "turned off (--no-bias-correction)"}
         if self.calib is None:
             return {"applied": False, "why": "no calibration images given"}
         if self._input_means is None:

@@ -10,7 +10,8 @@ def register(sub) -> None:
     p.add_argument("bundle")
     p.add_argument("--images", nargs="+", help="image files / folders, or CSV manifests (path,lat,lon) whose "
                    "coordinates add the accuracy deltas in km (default: the sample photos)")
-    p.add_argument("--checkpoint", help="the FP32 model (default: the source recorded in the manifest)")
+    p.add_argument("--checkpoint", help="the FP32 model (default: the manifest's source.reference, the model a QAT "
+                   "checkpoint learned from, else its source)")
     p.add_argument("--backend", default=None, choices=[b.value for b in Backend],
                    help="default: the one the bundle's format implies")
     p.add_argument("--threads", type=int)
@@ -36,7 +37,7 @@ def cmd_parity(args) -> int:
     rep = api.parity(args.bundle, args.images, checkpoint=args.checkpoint, backend=args.backend,
                      threads=args.threads, **runner_options(args))
     runner = describe_runner(rep["backend"], rep["runner_options"])
-    print(format_parity(rep["metrics"], rep["gates"], title=f"parity: FP32 torch vs {args.bundle} "
+    print(format_parity(rep["metrics"], rep["gates"], title=f"parity: FP32 torch ({rep['reference']}) vs {args.bundle} "
                                                             f"({rep['precision']}, {runner}), "
                                                             f"{rep['metrics']['n']} images"))
     for note in rep["notes"]:
