@@ -54,8 +54,12 @@ ALL_INT8 = "all-INT8 PTQ"
 def base_labels(cfg: QuantConfig) -> tuple[str, str]:
     """The names of the PTQ and QAT graphs every INT8 export starts from: "all-INT8 PTQ" / "all-INT8 QAT", or
     with ``--exclude-nodes`` "PTQ, N node(s) kept float" / "QAT, N node(s) kept float" (what the decision prints),
-    the PTQ one with ", weight-only INT8 weights" when those nodes get them (``--exclude-nodes-weights int8``)."""
+    the PTQ one with ", weight-only INT8 weights" when those nodes get them (``--exclude-nodes-weights int8``);
+    a QAT checkpoint's graph is "all-INT8 QAT checkpoint" / "QAT checkpoint, N node(s) kept float"."""
     n = len(cfg.nodes_to_exclude)
+    if cfg.from_qat_checkpoint:
+        return ("all-INT8 QAT checkpoint", "all-INT8 QAT") if not n else \
+            (f"QAT checkpoint, {n} node(s) kept float", f"QAT, {n} node(s) kept float")
     if not n:
         return ALL_INT8, "all-INT8 QAT"
     weight_only = (cfg.exclude_nodes_weights == "int8" and not cfg.qat

@@ -795,6 +795,7 @@ def test_a_qat_checkpoint_exports_the_precision_it_trained_for(tmp_path, tiny, c
     assert conv in q["nodes_excluded"] and q["config"]["float_weight_nodes"] == [conv]
     assert q["weight_only_int8"] == 0
     assert any("trained float stay out of INT8" in m for m in logs)
+    assert q["decision"]["candidates"][0]["candidate"] == "QAT checkpoint, 1 node(s) kept float"
     assert q["bias_correction"] == {"applied": False,  # ... a QAT one's not (trained under rounding)
                                     "why": "a QAT checkpoint (its student trained under the rounded weights)"}
     q = _manifest(api.export(tmp_path / "plain", tmp_path / "b-plain", exclude_nodes=[conv], **kw).root)
@@ -831,11 +832,24 @@ def test_parity_hints_suggest_what_was_not_tried():
 
     from geosurge.commands.export import parity_hints
 
-    qat = parity_hints(Namespace(precision_search=None, qat=True, exclude_nodes=[], qat_steps=800))
+    from types import SimpleNamespace
+
+    def run(precision="int8", checkpoint=None, from_qat=False, **kw):
+        args = Namespace(**{"precision_search": None, "qat": False, "exclude_nodes": [], "qat_steps": 200,
+                            "precision": precision, "checkpoint": checkpoint, **kw})
+        m = SimpleNamespace(model=SimpleNamespace(precision=SimpleNamespace(value=precision)),
+                            quantization=SimpleNamespace(extra={"config": {"from_qat_checkpoint": from_qat}}))
+        return parity_hints(args, m)
+
+    qat = run(qat=True, qat_steps=800)
     assert qat.startswith("Try more --qat-steps than 800 (with --qat-save DIR")
     assert "--qat," not in qat and "--precision-search auto" in qat and qat.endswith("or another precision.")
-    both = parity_hints(Namespace(precision_search="auto", qat=True, exclude_nodes=["n1"], qat_steps=200))
+    both = run(precision_search="auto", qat=True, exclude_nodes=["n1"])
     assert "--precision-search" not in both and "--exclude-nodes" not in both
+    assert "--qat" not in run("int8-dynamic")  # QAT is static int8 only
+    assert run("fp16") == "Try another precision (fp32 is the reference itself)."
+    ck = run(checkpoint="QCK", from_qat=True)  # more QAT starts from the original model, not the checkpoint
+    assert ck.startswith("Try more QAT (--checkpoint ORIGINAL --qat --qat-init QCK") and "--qat," not in ck
 
 
 def test_qat_save_and_init_need_qat():

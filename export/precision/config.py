@@ -76,6 +76,8 @@ class QuantConfig:
     #: why it is off when something other than ``--no-bias-correction`` turned it off (a QAT graph), for the record
     #: (``quantization.bias_correction.why``)
     bias_correction_off: str | None = None
+    #: the exported weights are a QAT checkpoint's (:meth:`for_qat_checkpoint`): its INT8 graph is named for them
+    from_qat_checkpoint: bool = False
     #: the share of the calibration set kept for the parity check (never calibrated on, never chosen on) ...
     holdout: float = 0.25
     #: ... and the share the precision search / QAT comparison chooses the mix on (when there is a choice)
@@ -191,5 +193,5 @@ class QuantConfig:
         if self.bias_correction:
             log("a QAT checkpoint: no bias correction (its student trained under the rounded weights)")
         return replace(self, nodes_to_exclude=nodes, float_weight_nodes=[n for n in nodes if n in kept],
-                       bias_correction=False,
+                       bias_correction=False, from_qat_checkpoint=True,
                        bias_correction_off="a QAT checkpoint (its student trained under the rounded weights)")

@@ -92,16 +92,23 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
-def parity_hints(args) -> str:
-    """What to try when the model fails the parity gates: the options this run did not use, and more QAT steps
-    when QAT ran."""
-    tried = {"--precision-search auto": bool(args.precision_search), "--qat": args.qat,
+def parity_hints(args, manifest=None) -> str:
+    """What to try when the model fails the parity gates: for int8 / int8-dynamic the options this run did not use
+    (more QAT steps when QAT ran; QAT from the original model for a QAT checkpoint), else another precision."""
+    precision = manifest.model.precision.value if manifest is not None else args.precision
+    if precision not in ("int8", "int8-dynamic"):
+        return "Try another precision (fp32 is the reference itself)."
+    config = (manifest.quantization.extra.get("config") or {}) if manifest and manifest.quantization else {}
+    tried = {"--precision-search auto": bool(args.precision_search), "--qat": args.qat or precision != "int8",
              "--exclude-nodes": bool(args.exclude_nodes)}
     hints = [k for k, done in tried.items() if not done] + ["another precision"]
+    if config.get("from_qat_checkpoint"):  # more QAT goes from the original model, starting from these weights
+        hints = [h for h in hints if h != "--qat"]
+        hints.insert(0, f"more QAT (--checkpoint ORIGINAL --qat --qat-init {args.checkpoint} --qat-steps N)")
     if args.qat:  # QAT ran and did not reach the gates: more of it, kept this time
         hints.insert(0, f"more --qat-steps than {args.qat_steps} (with --qat-save DIR to keep the weights and "
                         "--qat-init DIR to go on from them; a GPU makes steps cheap)")
-    return f"Try {', '.join(hints[:-1])} or {hints[-1]}."
+    return f"Try {', '.join(hints[:-1])} or {hints[-1]}." if len(hints) > 1 else f"Try {hints[0]}."
 
 
 def cmd_export(args) -> int:
@@ -142,7 +149,7 @@ def cmd_export(args) -> int:
     rc = 0
     if check is not None and check.passed is False:
         print(f"export: the {m.model.precision} model FAILS the parity gates on held-out images "
-              f"({', '.join(check.failed_gates())}); the bundle is written for inspection. {parity_hints(args)}",
+              f"({', '.join(check.failed_gates())}); the bundle is written for inspection. {parity_hints(args, m)}",
               file=sys.stderr)
         rc = 1
     if decision and not decision.get("passed"):
