@@ -169,7 +169,7 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
             notes = (["disjoint"] if len(parts) > 1 else []) + ([split.sources()] if split.sources() else []) + (
                 ["with ground truth"] if sizes["ground_truth"] else [])
             sub("images: " + ", ".join(parts) + (f" ({'; '.join(notes)})" if notes else ""))
-        log(f"[2/6] model part: {o.spec.describe(o.precision)} ({o.precision}, {model.config.name}) ...")
+        log(f"[2/6] model part, {o.precision} ({model.config.name}): {o.spec.describe(o.precision)} ...")
         out = get_target(o.target).export(model, ExportJob(o, w.stage, w.work, split.calibrate, split.choose, scorer,
                                                            gates, sub, latency, reference))
         w.add("model", out.model_file)
