@@ -173,8 +173,9 @@ def test_plain_int8_records_failing_gates_and_cli_exits_1(tmp_path, sensitive_ti
                 "--no-bias-correction", "--exclude-nodes-weights", "int8")
     assert r.returncode == 0, r.stderr
     r2 = run_cli("geosurge", "export", "--checkpoint", tmp_path / "ck", "--precision", "fp32", "-o", tmp_path / "f2",
-                 "--exclude-nodes", "/any/Conv")
+                 "--exclude-nodes", "/any/Conv", "--qat-steps", "900")
     assert r2.returncode == 0 and "--exclude-nodes keeps nodes out of a quantized precision" in r2.stdout
+    assert "without --qat they change nothing" in r2.stdout and "without --qat" not in r.stdout
     assert r.returncode == 0, r.stderr
     # options that change nothing for this export say so
     assert "--no-bias-correction applies to onnxruntime's static int8 only" in r.stdout

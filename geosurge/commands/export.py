@@ -122,6 +122,8 @@ def cmd_export(args) -> int:
         raise GeosurgeError("give --model NAME or --checkpoint DIR")
     if args.no_bias_correction and (args.precision != "int8" or args.target == "tensorrt"):
         print("note: --no-bias-correction applies to onnxruntime's static int8 only; it changes nothing here")
+    if not args.qat and (args.qat_steps != 200 or args.qat_lr != 2e-5):
+        print("note: --qat-steps / --qat-lr set how QAT trains; without --qat they change nothing")
     if args.exclude_nodes_weights != "fp32" and not args.exclude_nodes:
         print("note: --exclude-nodes-weights applies to the --exclude-nodes nodes; none are given")
     if args.exclude_nodes and args.precision not in ("int8", "int8-dynamic", "fp8"):
