@@ -166,7 +166,8 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
             sizes = split.sizes()
             parts = [f"{sizes[k]} to {what}" for k, what in (("calibrate", "calibrate"), ("choose", "choose on"),
                                                              ("check", "check")) if sizes[k]]
-            notes = (["disjoint"] if len(parts) > 1 else []) + ([split.sources()] if split.sources() else []) + (
+            views = split.sources()
+            notes = (["disjoint"] if len(parts) > 1 else []) + ([views] if views else []) + (
                 ["with ground truth"] if sizes["ground_truth"] else [])
             sub("images: " + ", ".join(parts) + (f" ({'; '.join(notes)})" if notes else ""))
         log(f"[2/6] model part, {o.precision} ({model.config.name}): {o.spec.describe(o.precision)} ...")
@@ -199,8 +200,8 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
             log(f"[5/6] held-out parity vs {against} on {len(split.check)} image(s) never calibrated or chosen on "
                 "...")
             if len(split.check) < FEW_CHECK_IMAGES:
-                views = f" ({split.sources()})" if split.sources() else ""
-                sub(f"note: {len(split.check)} check image(s){views}: thin evidence for the gates (one "
+                shown = f" ({views})" if views else ""
+                sub(f"note: {len(split.check)} check image(s){shown}: thin evidence for the gates (one "
                     f"image is 1/{len(split.check)} of the agreement); give --calib with more of your own images")
             quantization.check = chk = heldout_parity(ref, w.staged(manifest), split.check.inputs, scorer, gates,
                                                       o.threads, truth=split.check.truth,

@@ -19,7 +19,7 @@ from geosurge.runtime.backends import BackendUnavailable, embed_batches, get_run
 from geosurge.runtime.localizer import Localizer
 from geosurge.runtime.verify import machine_notes
 
-from .source import load_source_model
+from .source import load_source_model, reference_label
 
 REFERENCE = "FP32 torch (the exported model)"
 
@@ -73,8 +73,7 @@ def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: 
     image is readable."""
     with Localizer(bundle_dir, backend=backend, threads=threads, options=options) as loc:
         model = load_source_model(loc.bundle, checkpoint)
-        src = loc.bundle.manifest.source
-        reference = checkpoint or src.reference or src.checkpoint or f"{src.config}, seed {src.seed}"
+        reference = reference_label(loc.bundle, checkpoint)
         read = read_preprocessed(images, loc.spec, log=log, what="parity")
         x, names = read.inputs, read.names
         t0 = time.perf_counter()
@@ -88,7 +87,7 @@ def torch_vs_bundle(bundle_dir, images, checkpoint: str | None = None, backend: 
         return {"bundle": str(bundle_dir), "backend": loc.runner.name.value, "runner_options": runner_options,
                 "notes": machine_notes(m, loc.runner.name, runner_options), "images": names, "skipped": read.errors,
                 "inputs": read.summary.to_dict(), "not_images": read.not_images,
-                "precision": m.model.precision.value, "reference": str(reference), **rep,
+                "precision": m.model.precision.value, "reference": reference, **rep,
                 "seconds": {"torch_fp32": round(t1 - t0, 3), "deployed": round(t2 - t1, 3)}}
 
 

@@ -23,13 +23,26 @@ def load_model(model: str | None = None, checkpoint: str | None = None, seed: in
     return m.eval(), {"checkpoint": None, "config": model, "seed": seed}
 
 
+def reference_checkpoint(bundle, checkpoint: str | None = None) -> str | None:
+    """The checkpoint a bundle is measured against: ``checkpoint``, else the manifest's ``source.reference`` (a QAT
+    checkpoint's teacher), else its ``source.checkpoint``; None for a model built from a config and seed."""
+    src = bundle.manifest.source
+    return checkpoint or src.reference or src.checkpoint
+
+
+def reference_label(bundle, checkpoint: str | None = None) -> str:
+    """What :func:`load_source_model` loads, for a record or a title: the checkpoint path, or "CONFIG, seed N"."""
+    src = bundle.manifest.source
+    return str(reference_checkpoint(bundle, checkpoint) or f"{src.config}, seed {src.seed}")
+
+
 def load_source_model(bundle, checkpoint: str | None = None):
     """The FP32 torch model a bundle is measured against: the manifest's ``source.reference`` (a QAT checkpoint's
     teacher) or else its ``source.checkpoint`` / config; ``checkpoint`` overrides both."""
     from geosurge.geo import load_hierarchy
 
     src = bundle.manifest.source
-    ck = checkpoint or src.reference or src.checkpoint
+    ck = reference_checkpoint(bundle, checkpoint)
     if ck:
         if not Path(ck).is_dir():
             what = "reference (the model its QAT checkpoint was distilled from)" if ck == src.reference else "source"
