@@ -18,6 +18,10 @@ same call again at once, warm); contenders are interleaved round by round:
 Then the whole search once more per round, cold, stage by stage (its own rounds after the contenders': the query's
 normalisation, then ``cellsearch.STAGES`` as ``PathIndex.search_one`` marks them), as a second table.
 
+Last, what makes the search cold: the whole search timed after each of five preceding conditions, interleaved round
+by round — the camera loop's pause and inference; the pause alone (the core idles); the inference alone; a 40 MB
+read alone (caches evicted, no idle); nothing (warm) — as a third table.
+
 The product's cost does not depend on the table's values (integer GEMM), so the extra sessions use a random int8
 table of the bundle's shape.
 
@@ -131,6 +135,20 @@ def main() -> int:
         if it >= 2:
             stages.append(np.diff(marks) / 1e6)
     stages = np.asarray(stages)
+    big = np.ones(40_000_000 // 8)  # 40 MB: more than this machine's caches
+    before = {"pause + inference (camera loop)": lambda: (time.sleep(a.pause_ms / 1e3), loc.embed(x)),
+              "pause only": lambda: time.sleep(a.pause_ms / 1e3),
+              "inference only": lambda: loc.embed(x),
+              "40 MB read only": lambda: big.sum(),
+              "nothing (warm)": lambda: None}
+    after = {k: [] for k in before}
+    for it in range(a.iters + 2):
+        for name, prior in before.items():
+            prior()
+            t0 = time.perf_counter()
+            sc.search(emb, 5)
+            if it >= 2:
+                after[name].append((time.perf_counter() - t0) * 1e3)
     pct = lambda v, q: float(np.percentile(v, q))  # noqa: E731
     rows = [{"contender": k, "cold_p50_ms": pct(cold[k], 50), "cold_p95_ms": pct(cold[k], 95),
              "warm_p50_ms": pct(warm[k], 50), "warm_p95_ms": pct(warm[k], 95),
@@ -143,11 +161,16 @@ def main() -> int:
     total = stages.sum(1)
     stage_rows.append({"stage": "the whole search", "cold_p50_ms": pct(total, 50), "cold_p95_ms": pct(total, 95)})
     print(format_table(stage_rows, title="the exact search stage by stage, cold (after an inference, paced)"))
+    cond_rows = [{"before each search": k, "p50_ms": pct(v, 50), "p95_ms": pct(v, 95),
+                  "x_warm_p50": pct(v, 50) / pct(after["nothing (warm)"], 50)} for k, v in after.items()]
+    print(format_table(cond_rows, title=f"what makes the search cold (the whole search after each condition; "
+                                        f"pause {a.pause_ms:g} ms)"))
     write_json(a.json, {"bundle": str(a.bundle), "n_finest": n, "dim": d, "table_mb": n * d / 2**20,
                         "iters": a.iters, "pause_ms": a.pause_ms, "model_threads": a.threads,
                         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                                     "python": sys.version.split()[0]},
-                        "rows": rows, "cold_ms": cold, "warm_ms": warm, "stages": stage_rows})
+                        "rows": rows, "cold_ms": cold, "warm_ms": warm, "stages": stage_rows,
+                        "conditions": cond_rows, "condition_ms": after})
     print(f"JSON: {a.json}")
     return 0
 
