@@ -208,7 +208,7 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
     ``quantization`` record, with ``decision`` for int8 / int8-dynamic (the held-out check is added by the bundle
     writer, for every target alike). Raises PrecisionSearchFailed when no mix passes the gates."""
     t0 = time.perf_counter()
-    record: dict = {"precision": cfg.precision, "config": cfg.to_dict()}
+    record: dict = {"precision": cfg.precision, "config": cfg.record()}
     input_hw = input_hw or [224, 224]
     if cfg.precision == Precision.FP32:
         os.replace(fp32, dst)
@@ -286,7 +286,7 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
         if not search["passed"] and cfg.excluded_weights == "int8" and search["ranking"]:
             log("no mix passes with weight-only INT8 outside the INT8 compute: retrying with float weights")
             cfg2 = QuantConfig(**{**cfg.to_dict(), "excluded_weights": "fp32"})
-            record["config"] = cfg2.to_dict()
+            record["config"] = cfg2.record()
             quantizer = quantizer.with_config(cfg2)
             search = search_precision(quantizer, dst, inputs, scorer, workdir, choose_gates, threads,
                                       ranking=search["ranking"], log=log, reference=reference, truth=truth)
@@ -318,7 +318,7 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
         if "float weights" in chosen:
             record.update(alt_facts, weight_only_int8=0)
             record["search"]["weight_only_nodes"] = []
-            record["config"] = floatw.cfg.to_dict()
+            record["config"] = floatw.cfg.record()
     decision["shipped"] = chosen
     if cfg.simulate_int8 and not decision["passed"] and "speed gate" in decision["why"]:
         decision["why"] += ("; the speed gate timed this machine's INT8 kernels, not the device's that "

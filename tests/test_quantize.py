@@ -206,10 +206,36 @@ def test_fp16_and_dynamic_export_and_verify(tmp_path, tiny, precision):
     else:
         assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
         assert m["quantization"]["bias_correction"] == {"applied": False, "why": "static int8 only"}
+    # the config records what this precision's export read: nothing of static int8's calibration or QAT
+    config = m["quantization"]["config"]
+    assert config["precision"] == precision
+    static_only = {"calibrate_method", "activation_type", "bias_correction", "qat", "qat_steps", "reduce_range"}
+    assert not static_only & set(config)
+    assert set(config) == ({"precision"} if precision == "fp16" else
+                           {"precision", "nodes_to_exclude", "choose", "seed", "per_channel", "search", "min_speedup",
+                            "excluded_weights"})
     assert_replay_passes(out)
     loc = Localizer(out)
     pred = loc.locate(sample_photo_paths()[0])
     assert -90 <= pred["lat"] <= 90 and pred["top_k"]
+
+
+def test_the_config_record_holds_what_the_precision_reads():
+    """``QuantConfig.record`` (the manifest's ``quantization.config``) keeps the settings an export of that precision
+    on that target read; ``to_dict`` keeps every field."""
+    assert QuantConfig("fp32").record() == {"precision": "fp32"}
+    plain = QuantConfig("int8").record()
+    assert {"calibrate_method", "holdout", "seed", "bias_correction", "qat", "per_channel"} <= set(plain)
+    assert not {"choose", "qat_steps", "qat_lr", "excluded_weights", "exclude_nodes_weights", "float_weight_nodes",
+                "from_qat_checkpoint", "bias_correction_off"} & set(plain)
+    hand = QuantConfig("int8", nodes_to_exclude=["/a/Conv"]).record()
+    assert hand["exclude_nodes_weights"] == "fp32" and "excluded_weights" not in hand
+    qat = QuantConfig("int8", qat=True, qat_steps=7).record()
+    assert qat["qat_steps"] == 7 and "choose" in qat and "qat_teacher" in qat
+    trt = QuantConfig("int8", search=None).record("tensorrt")
+    assert set(trt) == {"precision", "nodes_to_exclude", "calibrate_method", "holdout", "seed"}
+    assert QuantConfig("fp16").record("tensorrt") == {"precision": "fp16"}
+    assert len(QuantConfig("int8").to_dict()) > len(plain)
 
 
 def test_tensorrt_target_int8_is_qdq_and_ready(tmp_path, tiny, calib):
@@ -801,7 +827,8 @@ def test_a_qat_checkpoint_exports_the_precision_it_trained_for(tmp_path, tiny, c
                                     "why": "a QAT checkpoint (its student trained under the rounded weights)"}
     q = _manifest(api.export(tmp_path / "plain", tmp_path / "b-plain", exclude_nodes=[conv], **kw).root)
     assert q["quantization"]["weight_only_int8"] == 0  # a node kept out by hand keeps float weights by default ...
-    assert q["quantization"]["exclude_nodes_weights"] == "fp32"
+    assert q["quantization"]["config"]["exclude_nodes_weights"] == "fp32"
+    assert "excluded_weights" not in q["quantization"]["config"]  # the search's: no search here
     qq = q["quantization"]  # the label counts the node asked; the record tells it from those always float
     assert qq["nodes_excluded_asked"] == [conv] and conv in qq["nodes_excluded"]
     assert set(qq["nodes_always_float"]) <= set(qq["nodes_excluded"]) and conv not in qq["nodes_always_float"]

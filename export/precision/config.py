@@ -167,6 +167,35 @@ class QuantConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def record(self, target: str = "onnxruntime") -> dict:
+        """The settings this precision's export on ``target`` read, for the manifest (``quantization.config``):
+        FP32 / FP16 / Core ML's weight compressions record their precision only; a calibrated precision (int8,
+        fp8) its calibration method, check share and split seed; ``choose`` where a choice was made (the search,
+        QAT); the hand exclusions (``nodes_to_exclude``) where a precision takes them, ``exclude_nodes_weights``
+        only with hand exclusions and ``excluded_weights`` only with the search (the weights of the nodes each kept
+        out); QAT's settings only when QAT ran; the onnxruntime quantizer's settings on onnxruntime only.
+        ``to_dict`` has every field."""
+        p = Precision(self.precision)
+        keep = {"precision"}
+        if p in (Precision.INT8, Precision.FP8) or (p == Precision.INT8_DYNAMIC and target == "onnxruntime"):
+            keep.add("nodes_to_exclude")
+        if p.needs_calibration:
+            keep |= {"calibrate_method", "holdout", "seed"}
+        if self.chooses:
+            keep |= {"choose", "seed"}
+        if target == "onnxruntime" and p in (Precision.INT8, Precision.INT8_DYNAMIC):
+            keep |= {"per_channel", "search", "min_speedup"}
+            keep |= {"excluded_weights"} if self.search else set()
+            keep |= {"exclude_nodes_weights"} if self.nodes_to_exclude else set()
+            keep |= {"float_weight_nodes"} if self.float_weight_nodes else set()
+            if p == Precision.INT8:
+                keep |= {"activation_type", "weight_type", "bias_correction", "reduce_range", "simulate_int8", "qat"}
+                keep |= {"bias_correction_off"} if self.bias_correction_off else set()
+                keep |= {"from_qat_checkpoint"} if self.from_qat_checkpoint else set()
+                if self.qat:
+                    keep |= {"qat_steps", "qat_lr", "qat_rank_weight", "qat_save", "qat_init", "qat_teacher"}
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
     def for_qat_checkpoint(self, qat: dict | None, log=print) -> "QuantConfig":
         """This config for exporting a checkpoint that QAT saved (``--qat-save``; ``qat``: the ``"qat"`` record of its
         ``config.json``, None for any other checkpoint — then the config comes back unchanged, as it does for

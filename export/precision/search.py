@@ -59,8 +59,6 @@ class Quantizer:
         wo = self.weight_only_nodes(exclude) if not only else []
         if wo or (not only and self.cfg.excluded_weights == "int8"):
             facts["weight_only_int8"] = weight_only_int8(dst, wo) if wo else 0
-        facts["excluded_weights"] = self.cfg.excluded_weights
-        facts["exclude_nodes_weights"] = self.cfg.exclude_nodes_weights
         if self.cfg.precision == "int8" and "nodes_excluded" in facts:
             facts["bias_correction"] = self._correct_biases(dst)
         elif self.cfg.precision != "int8":
