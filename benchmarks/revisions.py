@@ -39,7 +39,7 @@ from pathlib import Path
 WORKER = "--worker"
 MODES = {"paced": None, "back-to-back": 0.0}  # pause per mode (None: --pause-ms)
 #: locate()'s timing_ms stages, in pipeline order
-STAGES = ("decode", "preprocess", "inference", "cell_search")
+STAGES = ("decode", "preprocess", "inference", "cell_search", "prediction")
 
 
 # ---- pure logic (tested) -----------------------------------------------------------------------------------------

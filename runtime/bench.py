@@ -1,6 +1,6 @@
-"""Runtime benchmark: latency per stage (decode, preprocess, inference, cell search) and end to end, throughput,
-peak RSS and model size, on given images or the bundle's golden photos re-encoded as JPEG (no torch). The loop is
-the benchmark library's (``geosurge.runtime.benchmark``), shared with ``geosurge benchmark``."""
+"""Runtime benchmark: latency per stage (decode, preprocess, inference, cell search, prediction) and end to end,
+throughput, peak RSS and model size, on given images or the bundle's golden photos re-encoded as JPEG (no torch).
+The loop is the benchmark library's (``geosurge.runtime.benchmark``), shared with ``geosurge benchmark``."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +10,6 @@ from geosurge.images import list_images
 
 from .golden import Golden
 from .localizer import Localizer
-
-STAGES = ("decode", "preprocess", "inference", "cell_search", "total")
 
 
 def peak_rss_mb() -> float:

@@ -37,7 +37,7 @@ from .golden import Golden
 from .localizer import Localizer
 
 #: the stages ``Localizer.locate`` reports (``timing_ms``), then the end-to-end wall time of the call
-STAGES = ("decode", "preprocess", "inference", "cell_search")
+STAGES = ("decode", "preprocess", "inference", "cell_search", "prediction")
 E2E = "e2e"
 #: a 12 MP phone photo, landscape (width, height)
 PHONE_SIZE = (4032, 3024)

@@ -81,20 +81,28 @@ class Localizer:
         radius holding 68% of the probability, the nearest place, and the top-k cells. For a pruned bundle also
         ``region_mass`` (the share of probability on the kept region) and ``outside_region``; the confidence is
         then scaled by the region mass."""
+        return self._prediction(emb, self._search(emb, top_k))
+
+    def _search(self, emb: np.ndarray, top_k: int) -> tuple:
+        """The cell search of :meth:`predict_embedding` (exact top-k, or the beam's candidates): (cells, the
+        positions of the top-k among them best first, their probabilities, the log-probability of every cell as
+        a callable, the cells the radius is taken over or None for every finest cell)."""
         if self.beam is None:
             r = self.scorer.search(emb, top_k, with_scores=True)
             cells, top = r.indices[0], np.arange(r.indices.shape[1])
-            top_probs = np.exp(r.log_probs[0])
-            probs = np.exp(r.scores[0] - np.float32(r.log_norm[0]))  # every finest cell (bounded; see docs)
-            radius_cells = None
-        else:
-            cells, score = self.scorer.candidates(emb, self.beam)
-            probs = np.exp(log_softmax(score))
-            kk = min(top_k, score.size)
-            top = np.argpartition(-score, kk - 1)[:kk]
-            top = top[np.argsort(-score[top], kind="stable")]
-            top_probs = probs[top]
-            radius_cells = cells
+            # every finest cell (bounded; see docs)
+            return cells, top, np.exp(r.log_probs[0]), lambda: r.scores[0] - np.float32(r.log_norm[0]), None
+        cells, score = self.scorer.candidates(emb, self.beam)
+        kk = min(top_k, score.size)
+        top = np.argpartition(-score, kk - 1)[:kk]
+        top = top[np.argsort(-score[top], kind="stable")]
+        log_probs = log_softmax(score)
+        return cells, top, np.exp(log_probs[top]), lambda: log_probs, cells
+
+    def _prediction(self, emb: np.ndarray, found: tuple) -> dict:
+        """What :meth:`predict_embedding` returns, from the cell search's result (:meth:`_search`)."""
+        cells, top, top_probs, log_probs, radius_cells = found
+        probs = np.exp(log_probs())
         best = int(cells[top[0]])
         lat, lon = float(self.scorer.rep_lat[best]), float(self.scorer.rep_lon[best])
         mass = self.scorer.region_mass(emb)
@@ -114,7 +122,8 @@ class Localizer:
 
     def locate(self, image, top_k: int = 5) -> dict:
         """A path, encoded bytes or an RGB array -> prediction dict (lat, lon, confidence, uncertainty_km, place,
-        top_k, timing_ms). Decoding follows the bundle's spec (``geosurge.images.load_image``: JPEG DCT scaling,
+        top_k, timing_ms: decode, preprocess, inference, cell_search (the exact top-k), prediction (probabilities,
+        radius, place)). Decoding follows the bundle's spec (``geosurge.images.load_image``: JPEG DCT scaling,
         alpha over the spec's background, EXIF orientation); arrays are RGB(A) uint8, uint16 or float in [0, 1].
         Raises ImageDecodeError (one line naming the input) for an unreadable or refused image."""
         t0 = time.perf_counter()
@@ -124,8 +133,11 @@ class Localizer:
         t2 = time.perf_counter()
         emb = self.embed(x)
         t3 = time.perf_counter()
-        pred = self.predict_embedding(emb[0], top_k)
+        found = self._search(emb[0], top_k)
         t4 = time.perf_counter()
+        pred = self._prediction(emb[0], found)
+        t5 = time.perf_counter()
         pred["timing_ms"] = {"decode": round((t1 - t0) * 1e3, 2), "preprocess": round((t2 - t1) * 1e3, 2),
-                             "inference": round((t3 - t2) * 1e3, 2), "cell_search": round((t4 - t3) * 1e3, 2)}
+                             "inference": round((t3 - t2) * 1e3, 2), "cell_search": round((t4 - t3) * 1e3, 2),
+                             "prediction": round((t5 - t4) * 1e3, 2)}
         return pred
