@@ -7,6 +7,8 @@ other file.
   ours by an owner file with its pid; a later run removes the ones whose owner is gone (``kill -9``, power loss).
 * :func:`replace_dir`: swap a finished folder into place with no moment where the target is missing
   (``renameat2(RENAME_EXCHANGE)`` on Linux, ``renamex_np(RENAME_SWAP)`` on macOS).
+* :func:`check_replaceable`: before any of that, refuse a target that is not ours to replace (a file, or a folder
+  of the user's): a writer only ever replaces what it wrote.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .errors import GeosurgeError
 
 #: staging folders are ``.<target>.staging-<pid>-<hex>``, marked by ``<that>.owner`` beside them (only folders with
 #: such a marker are ever swept)
@@ -187,6 +191,25 @@ def exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
         return False  # old kernel / glibc, or a file system without exchange (some network / FUSE ones)
     raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def check_replaceable(path, marker: str, what: str) -> None:
+    """Raise GeosurgeError (one line naming ``path``) unless a folder written at ``path`` may replace what is there:
+    nothing, an empty folder, or a folder holding ``marker`` (the file every ``what`` has: a bundle's
+    ``manifest.json``, a checkpoint's ``config.json``). A file, or a folder of anything else, is never replaced:
+    the writers swap the whole folder in, and what was in it would be gone."""
+    p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise GeosurgeError(f"{p}: a broken symbolic link; give a new folder for the {what}")
+    if not p.exists():
+        return
+    if not p.is_dir():
+        raise GeosurgeError(f"{p}: exists and is not a folder; give a new folder for the {what} (or an existing "
+                            f"{what} to replace)")
+    if (p / marker).is_file() or not any(p.iterdir()):
+        return
+    raise GeosurgeError(f"{p}: exists and is not a {what} (no {marker}): not replaced, its files would be lost; "
+                        f"give a new folder (or an existing {what} to replace)")
 
 
 def replace_dir(src: Path, dst: Path) -> str:

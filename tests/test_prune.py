@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from geosurge.data.views import write_view_manifest
 from geosurge.errors import GeosurgeError
 from geosurge.export.bundle import write_bundle
 from geosurge.export.prune import Cut, evaluate_cut, plan, probe_embeddings, prune_bundle
@@ -185,3 +186,34 @@ def test_prune_cli_report(tmp_path, src_bundle):
     cut = [row for row in rep["rows"] if row["bundle"] == "cut"]
     assert cut and all(row["table_mb"] < 0.5 * rep["rows"][0]["table_mb"] for row in cut)
     assert "cost of the cut" in r.stdout
+
+
+def test_writers_never_replace_a_folder_or_file_that_is_not_theirs(tmp_path, src_bundle, default_hierarchy):
+    """export, prune, views and checkpoints replace only what they wrote (a bundle, a view set, a checkpoint) or an
+    empty folder; a user's folder or a file is refused with one line naming it, before any work, and left as it was."""
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("precious")
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    for out in (mine, afile):
+        r = run_cli("geosurge", "prune", src_bundle, "-o", out, "--countries", "FR")
+        assert r.returncode == 2 and str(out) in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert ("is not a geosurge bundle" if out.is_dir() else "is not a folder") in r.stderr
+        r = run_cli("geosurge", "export", "--model", "tiny", "--seed", "0", "-o", out)
+        assert r.returncode == 2 and str(out) in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (mine / "thesis.txt").read_text() == "precious" and afile.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "thesis"]  # nothing left beside them
+    with pytest.raises(GeosurgeError, match="is not a view set"):
+        write_view_manifest(mine, [])
+    model, _ = load_model("tiny", seed=0, hierarchy=default_hierarchy)
+    with pytest.raises(GeosurgeError, match="is not a geosurge checkpoint"):
+        model.save_pretrained(mine)
+    assert [p.name for p in mine.iterdir()] == ["thesis.txt"]
+    # an existing bundle, and an empty folder, are replaced
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (empty, empty):  # the second time: a bundle
+        r = run_cli("geosurge", "prune", src_bundle, "-o", out, "--countries", "FR")
+        assert r.returncode == 0, r.stderr
+        assert (out / "manifest.json").is_file()

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from geosurge.errors import GeosurgeError
+from geosurge.fsutil import check_replaceable
 from geosurge.formats import Precision
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -135,6 +136,8 @@ class QuantConfig:
             raise GeosurgeError("--simulate-int8 applies to --precision int8 (static QDQ)")
         if self.qat_save is not None and not self.qat:
             raise GeosurgeError("--qat-save needs --qat")
+        if self.qat_save is not None:  # before QAT trains for minutes: never a user's folder or file
+            check_replaceable(self.qat_save, "config.json", "geosurge checkpoint")
         if self.qat_init is not None and not self.qat:
             raise GeosurgeError("--qat-init needs --qat")
         if self.qat_init is not None and not (Path(self.qat_init) / "config.json").is_file():

@@ -30,9 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GeosurgeError
-from ..fsutil import replace_dir
+from ..fsutil import check_replaceable, replace_dir
 from ..geo.metrics import EARTH_RADIUS_KM
 from .rasters import GeoRaster
+
+#: the view set's manifest file (what marks a folder as one)
+MANIFEST_NAME = "manifest.csv"
 
 #: the columns of a view manifest (``geosurge eval`` reads path, lat, lon and source)
 MANIFEST_COLUMNS = ("path", "lat", "lon", "source", "heading_deg", "footprint_km")
@@ -307,13 +310,15 @@ def heldout_split(train_lat, train_lon, lat, lon, min_km: float) -> tuple[np.nda
 def write_view_manifest(out_dir, groups, fmt: str = "jpg", quality: int = 95) -> Path:
     """Write views as images plus ``manifest.csv`` (columns :data:`MANIFEST_COLUMNS`; paths relative to it), the
     format ``geosurge eval`` and ``geosurge train`` read. ``groups``: iterable of (source name, specs, images
-    (N, S, S, 3) uint8 RGB). The folder is built aside and renamed into place (an existing one is replaced whole).
-    Returns the manifest path."""
+    (N, S, S, 3) uint8 RGB). The folder is built aside and renamed into place (an existing view set is replaced
+    whole; a file or a folder of anything else is refused: ``geosurge.fsutil.check_replaceable``). Returns the
+    manifest path."""
     import cv2
 
     if fmt not in ("jpg", "png"):
         raise ValueError("fmt must be 'jpg' or 'png'")
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, MANIFEST_NAME, "view set")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -331,12 +336,12 @@ def write_view_manifest(out_dir, groups, fmt: str = "jpg", quality: int = 95) ->
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(MANIFEST_COLUMNS)
         w.writerows(rows)
-        (tmp / "manifest.csv").write_text(buf.getvalue())
+        (tmp / MANIFEST_NAME).write_text(buf.getvalue())
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir / "manifest.csv"
+    return out_dir / MANIFEST_NAME
 
 
 def spec_dicts(specs) -> list[dict]:

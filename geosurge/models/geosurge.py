@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import GeosurgeError
-from ..fsutil import replace_dir
+from ..fsutil import check_replaceable, replace_dir
 from ..geo import CellHierarchy, load_hierarchy
 from .backbone import build_backbone, resolve_backbone
 from .config import GeoSurgeConfig
@@ -96,10 +96,12 @@ class GeoSurge(nn.Module):
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save_pretrained(self, directory, extra: dict | None = None) -> Path:
-        """``config.json`` + ``model.safetensors`` + ``cells.npz``, written to a temp dir then renamed into place."""
+        """``config.json`` + ``model.safetensors`` + ``cells.npz``, written to a temp dir then renamed into place (an
+        existing checkpoint is replaced; a file or a folder of anything else is refused with GeosurgeError)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
+        check_replaceable(directory, CONFIG_FILE, "geosurge checkpoint")
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
