@@ -132,6 +132,9 @@ def cmd_locate(args) -> int:
         refused = export_check_line(export_check(loc.bundle.manifest))
         if refused:
             print(f"geosurge-run: warning: {args.bundle}: {refused}", file=sys.stderr, flush=True)
+        chosen = recorded_backend_line(loc, args.backend)
+        if chosen:
+            print(f"geosurge-run: {chosen}", file=sys.stderr, flush=True)
         if args.source is not None:
             return locate_stream(loc, args)
         return locate_files(loc, args)
@@ -263,6 +266,22 @@ def describe_runner(backend: str, options: dict) -> str:
     return ", ".join([backend, *extra])
 
 
+def recorded_backend_line(loc, asked: str | None) -> str | None:
+    """A line naming the backend when none was asked and a recorded choice (``choose-backend``'s sidecar or the
+    manifest's ``backend_choice``) picked another than the format's default; None otherwise."""
+    from geosurge.formats import default_backend
+
+    from .backends.choice import recorded_choice, sidecar_path
+
+    used = loc.runner.name
+    if asked or used == default_backend(loc.bundle.manifest.model.format):
+        return None
+    rec = recorded_choice(loc.bundle) or {}
+    where = sidecar_path(loc.bundle) if sidecar_path(loc.bundle).is_file() else "the manifest's backend_choice"
+    return (f"backend {describe_runner(used.value, getattr(loc.runner, 'options', {}) or {})}: this machine's "
+            f"recorded choice ({where}: {rec.get('reason', 'measured faster at parity')}); --backend overrides")
+
+
 # ---- verify --------------------------------------------------------------------------------------------------
 def cmd_verify(args) -> int:
     from geosurge.parity import failed_gates_text, format_parity
@@ -348,7 +367,8 @@ def cmd_choose_backend(args) -> int:
              "golden": verdict(r.get("golden_parity_passed", r.get("parity_passed"))),
              "p95_drift_km": r.get("p95_drift_km"), "cosine_mean": r.get("cosine_mean"), **images_cols(r),
              **({"parity": verdict(r.get("parity_passed"))} if on_images else {}),
-             "note": r.get("skipped") or (f"images fail {r['images_failed']}" if r.get("images_failed") else "")}
+             "note": r.get("skipped") or (f"images fail {r['images_failed']}" if r.get("images_failed") else "")
+             or ("not chosen: needs --images" if r.get("needs_images") else "")}
             for r in rec["measured"]]
     what = "speedup: onnxruntime's p50 over the backend's, speedup_p10_p90: its 10th-90th percentile round by " \
         "round; golden: replay of the bundle's golden probes under the manifest's gates" + (

@@ -107,6 +107,9 @@ def test_measure_backends_recommends_only_faster_at_parity(bundle, monkeypatch):
     def times(ms):  # an injected measurement (never real timings in a test)
         return lambda calls: {k: [ms[k]] * 5 for k in calls}
 
+    # whatever precision hint OpenVINO picks on this CPU (bf16 on AVX512-BF16 / AMX): here, as if f32
+    monkeypatch.setattr(choice_mod, "reduced_precision", lambda options: None)
+
     rec = choice_mod.measure_backends(bundle, threads=1, measure=times({"onnxruntime": 4.0, "openvino": 2.0}),
                                       **QUIET)
     assert rec["backend"] == "openvino" and "x2.00 faster than onnxruntime" in rec["reason"]
@@ -155,6 +158,40 @@ def test_measure_backends_recommends_only_faster_at_parity(bundle, monkeypatch):
     rows = [{"backend": "onnxruntime", "p50_ms": 4.0, "parity_passed": True},
             {"backend": "openvino", "p50_ms": 1.0, "parity_passed": False}]
     assert choice_mod.decide(rows, "onnxruntime")[0] == "onnxruntime"
+
+
+def test_a_reduced_precision_backend_is_chosen_only_on_the_users_images(bundle, monkeypatch):
+    """Six golden probes cannot judge a bf16 / f16 backend: without --images it is measured and never the default;
+    judged on the user's images (and passing), it may be."""
+    assert choice_mod.reduced_precision({"INFERENCE_PRECISION_HINT": "bf16"}) == "bf16"
+    assert choice_mod.reduced_precision({"INFERENCE_PRECISION_HINT": "<Type: 'float16'>"})
+    assert choice_mod.reduced_precision({"INFERENCE_PRECISION_HINT": "f32"}) is None
+    assert choice_mod.reduced_precision({}) is None
+    real = choice_mod.reduced_precision
+    monkeypatch.setattr(choice_mod, "reduced_precision",  # OpenVINO as if at bf16 on any CPU
+                        lambda o: "bf16" if "device" in (o or {}) else real(o))
+    fast = lambda calls: {k: [{"onnxruntime": 4.0}.get(k, 2.0)] * 5 for k in calls}  # noqa: E731
+    rec = choice_mod.measure_backends(bundle, threads=1, measure=fast, **QUIET)
+    rows = {r["backend"]: r for r in rec["measured"]}
+    assert rows["openvino"]["parity_passed"] and "add --images" in rows["openvino"]["needs_images"]
+    assert rec["backend"] == "onnxruntime" and "add --images" in rec["reason"]
+    rec = choice_mod.measure_backends(bundle, threads=1, measure=fast, images=sample_photo_paths()[3:7], **QUIET)
+    rows = {r["backend"]: r for r in rec["measured"]}
+    assert "needs_images" not in rows["openvino"]
+    assert rec["backend"] == ("openvino" if rows["openvino"]["parity_passed"] else "onnxruntime")
+
+
+def test_locate_names_a_recorded_backend(bundle, tmp_path):
+    b = open_bundle(shutil.copytree(bundle.root, tmp_path / "b"))
+    photo = sample_photo_paths()[0]
+    r = run_cli("geosurge-run", "locate", b.root, photo)
+    assert r.returncode == 0 and "recorded choice" not in r.stderr  # the format's default: nothing to say
+    _sidecar(b, "openvino")
+    r = run_cli("geosurge-run", "locate", b.root, photo)
+    assert r.returncode == 0, r.stderr
+    assert "backend openvino" in r.stderr and "recorded choice" in r.stderr and "--backend overrides" in r.stderr
+    r = run_cli("geosurge-run", "locate", b.root, photo, "--backend", "openvino")
+    assert r.returncode == 0 and "recorded choice" not in r.stderr  # asked for by name
 
 
 def test_choose_backend_cli_writes_the_sidecar(bundle, tmp_path):

@@ -103,17 +103,29 @@ def default_backend_for(bundle) -> Backend:
     return default_backend(fmt)
 
 
+def reduced_precision(options: dict | None) -> str | None:
+    """The precision hint in ``options`` (a runner's) when it computes below float32 (bf16, f16), else None."""
+    hint = str((options or {}).get("INFERENCE_PRECISION_HINT") or "")
+    return hint if any(t in hint.lower() for t in ("bf16", "bfloat16", "f16", "float16")) else None
+
+
+#: why a reduced-precision backend is not chosen on the golden probes alone (measured: docs/runtime.md)
+NEEDS_IMAGES = "not judged on your images: add --images (six golden probes cannot judge a reduced-precision backend)"
+
+
 def decide(rows: list[dict], baseline: str, min_speedup: float = 1.0) -> tuple[str, str]:
-    """(winner, why) from measured rows (``backend``, ``p50_ms``, ``parity_passed``): the fastest backend that
-    passes parity and beats ``baseline``'s p50 by more than ``min_speedup``; the baseline otherwise."""
+    """(winner, why) from measured rows (``backend``, ``p50_ms``, ``parity_passed``, ``needs_images``): the fastest
+    backend that passes parity, was judged on enough evidence (no ``needs_images``) and beats ``baseline``'s p50 by
+    more than ``min_speedup``; the baseline otherwise."""
     base = next((r for r in rows if r["backend"] == baseline), None)
     if base is None:
         raise GeosurgeError(f"choose-backend: the baseline {baseline} was not measured")
-    ok = [r for r in rows if r["backend"] != baseline and r.get("parity_passed")
+    ok = [r for r in rows if r["backend"] != baseline and r.get("parity_passed") and not r.get("needs_images")
           and base["p50_ms"] / r["p50_ms"] > min_speedup]
     if not ok:
-        slower = [f"{r['backend']} x{base['p50_ms'] / r['p50_ms']:.2f}" + ("" if r.get("parity_passed") else
-                                                                          " (fails parity)")
+        slower = [f"{r['backend']} x{base['p50_ms'] / r['p50_ms']:.2f}"
+                  + (" (fails parity)" if not r.get("parity_passed") else
+                     f" ({r['needs_images']})" if r.get("needs_images") else "")
                   for r in rows if r["backend"] != baseline and r.get("p50_ms")]
         return baseline, (f"{baseline}: no other backend passes parity and is more than x{min_speedup:g} faster"
                           + (f" ({', '.join(slower)})" if slower else ""))
@@ -136,7 +148,8 @@ def measure_backends(bundle, threads: int | None = None, backends=None, iters: i
     gates (accuracy deltas in km too for manifests), and passes parity only if both replays pass. Six golden probes
     are too few to judge a reduced-precision backend: OpenVINO's BF16 default on an AVX512-BF16 CPU passed them
     (cosine 0.999) and failed the km gates on 1,000 held-out views of the reference model (cosine 0.993,
-    confident agreement 0.84). For an FP32 bundle the reference is the FP32 model itself; for a quantized one it is
+    confident agreement 0.84), so without ``images`` such a backend (a bf16 / f16 precision hint) is measured and
+    never chosen (its row says ``needs_images``). For an FP32 bundle the reference is the FP32 model itself; for a quantized one it is
     that bundle on the default backend, not FP32.
 
     Returns the ``backend_choice`` record (``backend``, ``machine``, ``reason``, ``measured`` rows, ``min_speedup``,
@@ -177,6 +190,11 @@ def measure_backends(bundle, threads: int | None = None, backends=None, iters: i
                          "cosine_mean": rep["metrics"]["cosine_mean"]})
         if images is not None and runners:
             read_rec = _images_parity(images, m, runners, base.value, scorer, rows, log)
+        else:  # the golden probes alone: a reduced-precision backend is measured, never chosen
+            for row in rows:
+                hint = reduced_precision(row.get("options"))
+                if hint and row["backend"] != base.value:
+                    row["needs_images"] = f"INFERENCE_PRECISION_HINT {hint} {NEEDS_IMAGES}"
         x = {m.io.input.name: golden.inputs[:1]}
         calls = {name: (lambda r=r: r.infer(x)) for name, r in runners.items()}
         times = measure(calls) if measure else interleaved(calls, iters, warmup, pause_ms=pause_ms)
