@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from geosurge.errors import GeosurgeError
-from geosurge.images import list_images
+from geosurge.images import list_images, load_image
 
 from .golden import Golden
 from .localizer import Localizer
@@ -35,14 +35,26 @@ def bench_bundle(bundle_dir, backend: str | None = None, threads: int | None = N
     each (0: back-to-back; 100: paced as a camera at 10 fps), on the loop ``geosurge benchmark`` uses
     (:func:`geosurge.runtime.benchmark.time_scenarios`). Returns the report (per-stage p50 / p95 / mean in ms,
     ``total`` = the call's wall time; throughput in images/s = 1000 / mean total; peak RSS in MB; model and bundle
-    size in MB)."""
+    size in MB; ``images`` timed and ``refused``: ``{"input", "error"}`` of each image that cannot be decoded, left
+    out). Raises GeosurgeError when no image is readable."""
     from .benchmark import Scenario, percentiles, runtime_contender, time_scenarios
 
     with Localizer(bundle_dir, backend=backend, threads=threads) as loc:
-        sources = ([p.read_bytes() for p in list_images(images).paths if p.is_file()] if images
-                   else Golden.load(loc.bundle.path("golden")).jpegs(loc.spec))
+        refused: list[dict] = []
+        if images:
+            sources = []
+            for p in list_images(images).paths:
+                try:  # each image is decoded once here: one that cannot be is named and left out, not timed
+                    data = p.read_bytes()
+                    load_image(data, loc.spec)
+                    sources.append(data)
+                except (OSError, GeosurgeError) as e:
+                    refused.append({"input": str(p), "error": str(e).replace("<bytes>", str(p), 1)})
+        else:
+            sources = Golden.load(loc.bundle.path("golden")).jpegs(loc.spec)
         if not sources:
-            raise GeosurgeError("bench: no images")
+            raise GeosurgeError("bench: no readable images" + (f" ({len(refused)} refused: {refused[0]['error']})"
+                                                                if refused else ""))
         c = runtime_contender(loc, str(bundle_dir), loc.runner.name.value)
         sc = Scenario("images", "paced" if pause_ms else "back-to-back", sources, pause_ms)
         times = time_scenarios([c], [sc], iters, warmup).samples[(sc.name, c.name)]
@@ -52,4 +64,4 @@ def bench_bundle(bundle_dir, backend: str | None = None, threads: int | None = N
     return {"bundle": str(bundle_dir), "backend": c.backend, "threads": threads, "iters": iters,
             "pause_ms": pause_ms, "stages": rows, "throughput_img_s": 1000.0 / rows[-1]["mean_ms"],
             "peak_rss_mb": peak_rss_mb(), "precision": m.model.precision.value, "model_mb": c.info["model_mb"],
-            "bundle_mb": c.info["bundle_mb"]}
+            "bundle_mb": c.info["bundle_mb"], "images": len(sources), "refused": refused}

@@ -14,6 +14,34 @@ from geosurge.manifest import ENGINE_FILE
 from geosurge.privacy import ALLOW_ENV
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is a one-line usage error, exit 2)."""
+    return _number(text, int, 1, ">= 1")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _number(text, int, 0, ">= 0")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    v = _number(text, float, None, "> 0")
+    if not (0 < v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+    return v
+
+
+def _number(text: str, kind, low, rule: str):
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if low is not None and v < low:
+        raise argparse.ArgumentTypeError(f"must be {rule}, not {text}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="geosurge-run", description="Run a geosurge bundle on this device (no torch).",
@@ -40,23 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("inputs", nargs="*", metavar="PATH", help="image files or folders")
     lo.add_argument("--source", help="a camera index (0), a video file, an RTSP URL, or an OpenCV GStreamer pipeline "
                                      "(anything with '!', e.g. nvarguscamerasrc ... ! appsink); see docs/tensorrt.md")
-    lo.add_argument("--every", type=int, default=1, help="--source: locate every Nth frame")
-    lo.add_argument("--max-frames", type=int, default=None, help="--source: stop after N located frames")
-    lo.add_argument("--fuse", type=int, default=1, metavar="K",
-                    help="--source: fuse evidence over the last K located frames (mean of their embeddings)")
-    lo.add_argument("--open-timeout", type=float, default=10.0, metavar="S",
-                    help="--source: seconds allowed to open / connect (RTSP handshake included)")
-    lo.add_argument("--read-timeout", type=float, default=5.0, metavar="S",
-                    help="--source: seconds without a frame before a live source counts as stalled")
-    lo.add_argument("--reconnects", type=int, default=5, metavar="N",
+    lo.add_argument("--every", type=positive_int, default=1, help="--source: locate every Nth frame (default 1)")
+    lo.add_argument("--max-frames", type=positive_int, default=None, help="--source: stop after N located frames")
+    lo.add_argument("--fuse", type=positive_int, default=1, metavar="K",
+                    help="--source: fuse evidence over the last K located frames (mean of their embeddings; "
+                         "default 1)")
+    lo.add_argument("--open-timeout", type=positive_float, default=10.0, metavar="S",
+                    help="--source: seconds allowed to open / connect (RTSP handshake included; default 10)")
+    lo.add_argument("--read-timeout", type=positive_float, default=5.0, metavar="S",
+                    help="--source: seconds without a frame before a live source counts as stalled (default 5)")
+    lo.add_argument("--reconnects", type=non_negative_int, default=5, metavar="N",
                     help="--source: reopen attempts per outage of a live source, with exponential backoff "
-                         "(0: give up at once); when they fail: 'stream lost after N frames', exit 1")
-    lo.add_argument("--backoff", type=float, default=0.5, metavar="S",
-                    help="--source: first reconnect wait; doubles per attempt up to 8 s")
+                         "(0: give up at once; default 5); when they fail: 'stream lost after N frames', exit 1")
+    lo.add_argument("--backoff", type=positive_float, default=0.5, metavar="S",
+                    help="--source: first reconnect wait; doubles per attempt up to 8 s (default 0.5)")
     lo.add_argument("--json", action="store_true", help="one JSON line per input")
     lo.add_argument("--geojson", metavar="FILE", help="also write a GeoJSON FeatureCollection")
-    lo.add_argument("--top-k", type=int, default=5)
-    lo.add_argument("--beam", type=int, default=None, help="beam width for the cell search (default: exact)")
+    lo.add_argument("--top-k", type=positive_int, default=5, metavar="K", help="cells listed per image (default 5)")
+    lo.add_argument("--beam", type=positive_int, default=None, metavar="B",
+                    help="beam width for the cell search (default: exact)")
     lo.set_defaults(func=cmd_locate)
 
     ve = sub.add_parser("verify", help="check every sha256 and replay the golden inputs against the FP32 reference")
@@ -396,6 +426,9 @@ def cmd_bench(args) -> int:
     t0 = time.perf_counter()
     rep = bench_bundle(args.bundle, args.backend, args.threads, args.images, args.iters, args.warmup,
                        args.pause_ms)
+    for bad in rep["refused"]:  # every input accounted for: timed, or named here
+        msg = bad["error"].removeprefix(f"{bad['input']}: ")
+        print(f"geosurge-run: refused {bad['input']}: {msg}", file=sys.stderr)
     paced = f", {args.pause_ms:g} ms pause before each" if args.pause_ms else ", back-to-back"
     print(format_table(rep["stages"], title=f"{args.bundle} ({rep['backend']}, {rep['precision']}, "
                                             f"{args.iters} runs{paced}, {time.perf_counter() - t0:.1f}s)",

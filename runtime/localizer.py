@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 
+from geosurge.errors import GeosurgeError
 from geosurge.images import load_image
 from geosurge.inputs import expand_inputs
 from geosurge.preprocess import preprocess
@@ -37,6 +38,8 @@ class Localizer:
 
     def __init__(self, bundle, backend: str | None = None, threads: int | None = None, verify: bool = True,
                  beam: int | None = None, options: dict | None = None):
+        if beam is not None and beam < 1:
+            raise GeosurgeError(f"beam width must be >= 1, not {beam}")
         if isinstance(bundle, Bundle):
             self.bundle = bundle
             if verify:
@@ -86,7 +89,10 @@ class Localizer:
     def _search(self, emb: np.ndarray, top_k: int) -> tuple:
         """The cell search of :meth:`predict_embedding` (exact top-k, or the beam's candidates): (cells, the
         positions of the top-k among them best first, their probabilities, the log-probability of every cell as
-        a callable, the cells the radius is taken over or None for every finest cell)."""
+        a callable, the cells the radius is taken over or None for every finest cell). Raises GeosurgeError for
+        ``top_k`` < 1."""
+        if top_k < 1:
+            raise GeosurgeError(f"top_k must be >= 1, not {top_k}")
         if self.beam is None:
             r = self.scorer.search(emb, top_k, with_scores=True)
             cells, top = r.indices[0], np.arange(r.indices.shape[1])

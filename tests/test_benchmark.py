@@ -15,6 +15,8 @@ from geosurge.runtime.benchmark import STAGES, open_contenders, runtime_backends
 from geosurge.samples import sample_photo_paths
 from geosurge.timing import interleaved
 
+from .conftest import run_cli
+
 ITERS, WARMUP = 2, 1
 
 
@@ -220,6 +222,25 @@ def test_geosurge_run_bench_uses_the_shared_loop(run):
     rep = bench_bundle(tiny.root, iters=3, warmup=1, pause_ms=1)
     assert [r["stage"] for r in rep["stages"]] == [*STAGES, "total"] and rep["pause_ms"] == 1
     assert np.isfinite(rep["throughput_img_s"]) and rep["model_mb"] > 0 and rep["bundle_mb"] > rep["model_mb"]
+    assert rep["refused"] == []
+
+
+def test_geosurge_run_bench_names_and_skips_unreadable_images(run, tmp_path):
+    _, _, tiny, _ = run
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image")
+    shutil.copyfile(sample_photo_paths()[0], folder / "photo.jpg")
+    r = run_cli("geosurge-run", "bench", tiny.root, "--images", folder, "--iters", "2", "--warmup", "1",
+                "--json", tmp_path / "b.json")
+    assert r.returncode == 0, r.stderr
+    assert f"refused {folder / 'empty.jpg'}: empty file" in r.stderr and f"refused {folder / 'text.jpg'}" in r.stderr
+    rep = json.loads((tmp_path / "b.json").read_text())
+    assert rep["images"] == 1 and len(rep["refused"]) == 2
+    (folder / "photo.jpg").unlink()
+    r = run_cli("geosurge-run", "bench", tiny.root, "--images", folder, "--iters", "2")
+    assert r.returncode == 2 and "no readable images" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_folder_throughput_goes_past_a_bad_image_and_names_it(run, tmp_path):
