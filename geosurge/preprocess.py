@@ -6,7 +6,7 @@ torch-free runtime. No torch here.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -58,6 +58,19 @@ class PreprocessSpec:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for name in ("size", "resize_size"):  # types first: a manifest's JSON can hold anything
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if (not isinstance(v, (tuple, list)) or len(v) != 3
+                    or not all(_is_number(x) and np.isfinite(x) for x in v)):
+                raise ValueError(f"{name} must be three numbers (R, G, B), got {v!r}")
+        if not all(x > 0 for x in self.std):
+            raise ValueError(f"std must be > 0, got {self.std!r}")
+        if not _is_number(self.dct_oversample):
+            raise ValueError(f"dct_oversample must be a number, got {self.dct_oversample!r}")
         if self.resize not in RESIZE_RULES:
             raise ValueError(f"resize must be one of {RESIZE_RULES}, got {self.resize!r}")
         if self.interpolation not in INTERPOLATIONS:
@@ -83,8 +96,18 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
+        """The spec of a dict (``to_dict``'s, a manifest's ``preprocess``). Raises ValueError naming the field for a
+        missing, unknown or ill-typed one."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected an object, found {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}")
+        missing = [k for k in ("mean", "std") if k not in d]
+        if missing:
+            raise ValueError(f"missing field(s) {', '.join(missing)}")
         d = dict(d)
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        d["mean"], d["std"] = (tuple(d[k]) if isinstance(d[k], (list, tuple)) else d[k] for k in ("mean", "std"))
         d.setdefault("decode", "full")  # written before the field existed: decoded at full size
         d["background"] = tuple(d.get("background", DEFAULT_BACKGROUND))
         return cls(**d)
@@ -110,6 +133,10 @@ class PreprocessSpec:
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
         return (1, 3, self.size, self.size)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 def _cv2():

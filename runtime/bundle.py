@@ -61,12 +61,16 @@ class Bundle:
             raise BundleError(f"{self.root}: {e}") from None
 
     def verify_checksums(self) -> list[dict]:
-        """sha256 of every file listed; raises BundleError on the first missing or mismatching file."""
+        """Size and sha256 of every file listed; raises BundleError on the first missing or mismatching file."""
         rows = []
         for name, rec in sorted(self.manifest.files.items()):
             p = self.root / name
             if not p.is_file():
                 raise BundleError(f"{p}: missing bundle file")
+            size = p.stat().st_size
+            if rec.bytes is not None and size != rec.bytes:
+                raise BundleError(f"{p}: size mismatch (the manifest records {rec.bytes:,} bytes, the file has "
+                                  f"{size:,}); re-export the bundle")
             got = sha256_file(p)
             if got != rec.sha256:
                 raise BundleError(f"{p}: sha256 mismatch (file changed since export: expected "
@@ -80,6 +84,9 @@ def read_manifest(root) -> Manifest:
     a checksum mismatch of the manifest itself, or a manifest that breaks the schema (naming the key)."""
     root = Path(root)
     mpath = root / MANIFEST_FILE
+    if root.is_file():
+        hint = " (give the folder that holds it)" if root.name == MANIFEST_FILE else ""
+        raise BundleError(f"{root}: a file, not a bundle directory{hint}")
     if not root.is_dir():
         raise BundleError(f"{root}: bundle directory not found")
     if not mpath.is_file():

@@ -187,6 +187,23 @@ def test_bundle_refusals(tiny_bundle, tmp_path):
         open_bundle(src, backend="coreml")
     r = run_cli("geosurge-run", "locate", tmp_path / "nope", sample_photo_paths()[0])
     assert r.returncode == 2 and "bundle directory not found" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(BundleError, match="a file, not a bundle directory \\(give the folder that holds it\\)"):
+        open_bundle(src / "manifest.json")
+    # a file whose size is not the recorded one is refused before it is hashed (and no size is reported from it)
+    m = json.loads((src / "manifest.json").read_text())
+    name = next(iter(m["files"]))
+    m["files"][name]["bytes"] += 1
+    m["manifest_sha256"] = manifest_digest(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=f"{name}: size mismatch"):
+        open_bundle(dst).verify_checksums()
+    # a preprocessing spec of the wrong type is named, without Python's words
+    m = json.loads((src / "manifest.json").read_text())
+    m["preprocess"]["size"] = "big"
+    m["manifest_sha256"] = manifest_digest(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="not a preprocessing spec \\(size must be an integer, got 'big'\\)"):
+        open_bundle(dst)
 
 
 def _bomb_png() -> bytes:
@@ -264,7 +281,10 @@ def test_export_cli_errors(tmp_path):
     r = run_cli("geosurge", "export", "-o", tmp_path / "b")
     assert r.returncode == 2 and "--model NAME or --checkpoint" in r.stderr
     r = run_cli("geosurge", "export", "--checkpoint", tmp_path / "nope", "-o", tmp_path / "b")
-    assert r.returncode == 2 and "not a geosurge checkpoint" in r.stderr
+    assert r.returncode == 2 and "nope: no such checkpoint folder" in r.stderr
+    (tmp_path / "empty").mkdir()
+    r = run_cli("geosurge", "export", "--checkpoint", tmp_path / "empty", "-o", tmp_path / "b")
+    assert r.returncode == 2 and "not a geosurge checkpoint (no config.json)" in r.stderr
 
 
 def test_locate_accounts_for_every_file_of_a_phone_folder(tiny_bundle, tmp_path):

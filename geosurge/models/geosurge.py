@@ -144,6 +144,8 @@ class GeoSurge(nn.Module):
 def read_checkpoint_config(directory) -> tuple[dict, GeoSurgeConfig]:
     """A checkpoint's ``config.json``: (the whole record, the model config). Reads no weights."""
     cfg_path = Path(directory) / CONFIG_FILE
+    if not Path(directory).exists():
+        raise GeosurgeError(f"{directory}: no such checkpoint folder")
     if not cfg_path.is_file():
         raise GeosurgeError(f"{directory}: not a geosurge checkpoint (no {CONFIG_FILE})")
     try:
