@@ -285,6 +285,10 @@ def test_export_cli_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     r = run_cli("geosurge", "export", "--checkpoint", tmp_path / "empty", "-o", tmp_path / "b")
     assert r.returncode == 2 and "not a geosurge checkpoint (no config.json)" in r.stderr
+    r = run_cli("geosurge", "export", "--checkpoint", tmp_path / "empty", "--model", "tiny", "-o", tmp_path / "b")
+    assert r.returncode == 2 and "not both" in r.stderr and not (tmp_path / "b").exists()
+    r = run_cli("geosurge", "export", "--model", "tiny", "--calib-size", "5", "-o", tmp_path / "b")
+    assert r.returncode == 0 and "an FP32 export has none, they change nothing" in r.stdout
 
 
 def test_locate_accounts_for_every_file_of_a_phone_folder(tiny_bundle, tmp_path):

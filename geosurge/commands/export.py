@@ -118,8 +118,17 @@ def cmd_export(args) -> int:
     from .. import api
     from ..errors import GeosurgeError
 
+    from ..formats import check_precision, resolve_target
+
     if not args.checkpoint and not args.model:
         raise GeosurgeError("give --model NAME or --checkpoint DIR")
+    if args.checkpoint and args.model:
+        raise GeosurgeError("give --model NAME or --checkpoint DIR, not both (a checkpoint carries its own config)")
+    precision = check_precision(resolve_target(args.format, args.target), args.precision)
+    if precision == "fp32" and (args.calib or args.calib_size != 256 or args.calib_method != "minmax"
+                                or args.calib_cache):
+        print("note: --calib / --calib-size / --calib-method / --calib-cache choose the images a quantized model is "
+              "calibrated and checked on; an FP32 export has none, they change nothing")
     if args.no_bias_correction and (args.precision != "int8" or args.target == "tensorrt"):
         print("note: --no-bias-correction applies to onnxruntime's static int8 only; it changes nothing here")
     if not args.qat and (args.qat_steps != 200 or args.qat_lr != 2e-5):
