@@ -28,7 +28,7 @@ from geosurge.errors import GeosurgeError
 from geosurge.formats import Format, Precision
 from geosurge.images import load_image
 from geosurge.manifest import (BackendChoice, CalibrationSummary, CellTableSection, GoldenSection, HierarchySection, Manifest,
-                               PlacesSection, SourceSection, parts_for)
+                               PlacesSection, SourceSection, UncertaintySection, parts_for)
 from geosurge.parity import DEFAULT_GATES
 from geosurge.preprocess import preprocess
 from geosurge.runtime.bundle import Bundle
@@ -121,9 +121,24 @@ def split_images(options: ExportOptions, calibration, check_set, spec) -> ImageS
     return ImageSplit(None, None, check_set)
 
 
+def fit_uncertainty(ref, images, scorer, source: str | None, log) -> UncertaintySection:
+    """The prediction's temperature fitted on ``images`` (a CalibrationSet with ground truth) from the FP32 model's
+    logit sums over the bundle's table (``scorer``): the manifest's ``uncertainty``
+    (``geosurge.export.uncertainty``)."""
+    from .uncertainty import fit_temperature
+
+    truth = images.truth
+    if truth is None:
+        raise GeosurgeError("--uncertainty-images needs ground truth: a CSV manifest with path, lat, lon")
+    scores = scorer.search(torch_embed(ref, images.inputs), 1, with_scores=True).scores
+    rec = fit_temperature(scores, *truth, scorer, log=log)
+    return UncertaintySection.from_dict({**rec, "source": source}, "uncertainty")
+
+
 def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], options: ExportOptions | None = None, *,
                  calibration=None, check_set=None, gates: dict | None = None, log=print, latency=None,
-                 recommend_backend: bool = False, reference=None, **option_kwargs) -> Bundle:
+                 recommend_backend: bool = False, reference=None, uncertainty=None,
+                 uncertainty_source: str | None = None, **option_kwargs) -> Bundle:
     """Export ``model`` into a bundle at ``out_dir`` (swapped into place if one exists) and return it.
 
     ``options``: an :class:`ExportOptions`, or its :meth:`ExportOptions.create` keywords (``format`` / ``fmt``,
@@ -137,7 +152,9 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
     ``recommend_backend``: time every installed backend that reads the bundle against the default one and record
     the winner at parity in the manifest (``backend_choice``, valid on machines like this one). ``reference``: the
     FP32 torch model of the same architecture and hierarchy that the golden outputs, the choices and the held-out
-    check are measured against (default: ``model``; a QAT checkpoint's teacher). Raises GeosurgeError (nothing is
+    check are measured against (default: ``model``; a QAT checkpoint's teacher). ``uncertainty``: a CalibrationSet
+    with ground truth (read from ``uncertainty_source``, recorded) to fit the prediction's temperature on
+    (``geosurge.export.uncertainty``; the manifest's ``uncertainty``). Raises GeosurgeError (nothing is
     written) for a bad option or a failed precision search; a non-FP32 model that fails the gates is written, with
     ``bundle.manifest.check.passed`` False."""
     if options is None:
@@ -210,6 +227,8 @@ def write_bundle(out_dir, model, source: dict, golden_photos: list[Path], option
             sub(describe_check(chk, o.precision))
         else:
             log("[5/6] held-out parity: FP32 model part, nothing to check")
+        if uncertainty is not None:
+            manifest.uncertainty = fit_uncertainty(ref, uncertainty, scorer, uncertainty_source, sub)
         if recommend_backend:
             from geosurge.runtime.backends.choice import measure_backends
 

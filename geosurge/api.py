@@ -41,6 +41,8 @@ __all__ = ["export", "prune", "prune_cost", "parity", "evaluate", "reference", "
 
 Log = Callable[[str], None]
 PathLike = str | Path
+#: the most images ``export(uncertainty_images=...)`` fits the prediction's temperature on (stratified)
+UNCERTAINTY_IMAGES = 1000
 
 
 def _paths(x) -> list | None:
@@ -94,7 +96,8 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
            seed: int = 0, source: dict | None = None, gates: dict | None = None, qat: bool = False,
            qat_steps: int = 200, qat_lr: float = 2e-5, qat_rank_weight: float = 0.0, qat_save: PathLike | None = None,
            qat_init: PathLike | None = None, min_speedup: float = 1.0, reduce_range: bool = False,
-           simulate_int8: bool = False, recommend_backend: bool = False, reference=None, log: Log = print):
+           simulate_int8: bool = False, recommend_backend: bool = False, reference=None,
+           uncertainty_images: PathLike | None = None, log: Log = print):
     """Export a model to a bundle at ``output`` and return the :class:`geosurge.runtime.Bundle`.
 
     ``model``: a config name, a checkpoint directory or an in-memory GeoSurge (:func:`load_model`).
@@ -119,7 +122,10 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     photos (files or folders) for the golden probes (default: the sample photos). ``reference``: the FP32 model
     (checkpoint directory or GeoSurge of the same architecture and hierarchy) the golden outputs, the choices and
     the held-out check are measured against (default: ``model``; for a checkpoint ``qat_save`` wrote, the model its
-    QAT learned from, when recorded and present: its tuned FP32 weights are not that model). A non-FP32 model
+    QAT learned from, when recorded and present: its tuned FP32 weights are not that model).
+    ``uncertainty_images``: a CSV manifest (path, lat, lon) of held-out images to fit the prediction's temperature
+    on, so that ``uncertainty_km`` (the 68% radius) covers the truth on 68% of them (up to
+    :data:`UNCERTAINTY_IMAGES`, at least 50; ``bundle.manifest.uncertainty``). A non-FP32 model
     records its held-out parity in ``bundle.manifest.check``; ``check.passed`` False means it fails the gates (the
     bundle is written for inspection). Raises GeosurgeError, writing nothing, for a bad option, a reference of
     another architecture or a failed precision search."""
@@ -182,8 +188,19 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     if options.precision.needs_calibration or (calibration is not None and options.precision != "fp32"):
         images = calibration_set(calibration, model.config.preprocess, calib_size, model.hierarchy, calib_cache, log)
     calib, check_set = (images, None) if options.precision.needs_calibration else (None, images)
+    uncertainty = None
+    if uncertainty_images is not None:
+        uncertainty = calibration_set(uncertainty_images, model.config.preprocess, UNCERTAINTY_IMAGES,
+                                      model.hierarchy, calib_cache, log)
+        if uncertainty.truth is None:
+            raise GeosurgeError(f"{uncertainty_images}: --uncertainty-images needs ground truth (a CSV manifest "
+                                "with path, lat, lon)")
+        from .export.uncertainty import true_cells
+
+        true_cells(model.hierarchy, *uncertainty.truth)  # enough of them inside the cells, before any work
     return write_bundle(output, model, record, photos, options, calibration=calib, check_set=check_set,
-                        gates=gates, recommend_backend=recommend_backend, reference=ref_model, log=log)
+                        gates=gates, recommend_backend=recommend_backend, reference=ref_model, uncertainty=uncertainty,
+                        uncertainty_source=None if uncertainty_images is None else str(uncertainty_images), log=log)
 
 
 def _qat_teacher(qat: dict, checkpoint: str, log: Log):

@@ -25,6 +25,7 @@ parts           ``{role: file}``              model, cells, cell_table, places, 
 files           ``{path: FileRecord}``        sha256 + bytes of every file (a folder part: each file inside)
 pruning         :class:`PruningSection`       the cut, for a pruned bundle
 backend_choice  :class:`BackendChoice`        the backend measured fastest at parity on the exporting machine
+uncertainty     :class:`UncertaintySection`   the prediction's calibrated temperature (optional)
 manifest_sha256 ``str``                       sha256 of the canonical JSON of everything else
 ==============  ============================  =====================================================================
 
@@ -356,6 +357,27 @@ class CellTableSection(Section):
 
 
 @dataclass
+class UncertaintySection(Section):
+    """How the prediction's probabilities are calibrated (``geosurge.export.uncertainty``): ``p(f) ∝ exp(A(f) /
+    temperature)`` over the finest cells, the temperature minimising the NLL of the true cell (``nll``;
+    ``nll_before`` at 1) on ``images`` held-out images; ``coverage``: the share of them whose truth lay within the
+    radius holding ``mass`` of the probability (``coverage_before`` at temperature 1)."""
+    temperature: float
+    mass: float
+    images: int
+    coverage: float
+    coverage_before: float | None = None
+    nll: float | None = None
+    nll_before: float | None = None
+    median_radius_km: float | None = None
+    median_radius_km_before: float | None = None
+    median_error_km: float | None = None
+    #: the images it was fitted on (a manifest path, as given)
+    source: str | None = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
 class PlacesSection(Section):
     places: int
     source: str
@@ -428,6 +450,8 @@ class Manifest(Section):
     pruning: PruningSection | None = None
     #: a measured backend recommendation (schema 3; optional)
     backend_choice: BackendChoice | None = None
+    #: the prediction's calibrated temperature (optional; absent: probabilities at temperature 1)
+    uncertainty: UncertaintySection | None = None
     files: dict[str, FileRecord] = field(default_factory=dict)
     schema: str = SCHEMA
     schema_version: int = SCHEMA_VERSION
@@ -484,6 +508,10 @@ class Manifest(Section):
                                 "sizes")
         if self.golden.count != len(self.golden.names):
             raise ManifestError(f"{where}.golden: count {self.golden.count} but {len(self.golden.names)} names")
+        u = self.uncertainty
+        if u is not None and not (0 < u.temperature < float("inf") and 0 < u.mass < 1):
+            raise ManifestError(f"{where}.uncertainty: temperature must be > 0 and mass in (0, 1), not "
+                                f"{u.temperature!r} / {u.mass!r}")
         bad = [k for k, (op, _) in self.parity_gates.items() if op not in (">=", "<=")]
         if bad:
             raise ManifestError(f"{where}.parity_gates: {bad[0]}: the operator must be >= or <=")

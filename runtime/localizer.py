@@ -56,6 +56,8 @@ class Localizer:
         self.output = m.io.embedding.name
         self.static_batch = m.io.static_batch
         self.beam = beam
+        #: the prediction's temperature (the manifest's ``uncertainty``, fitted on held-out images; else 1)
+        self.temperature = float(m.uncertainty.temperature) if m.uncertainty is not None else 1.0
         release_freed_heap()  # what reading the hierarchy, table and places freed (the runner trims its own) ...
         if beam is None:
             self.scorer.prepare_search()  # build the exact search's int8 scoring graph now, not on the first photo
@@ -80,8 +82,9 @@ class Localizer:
 
     def predict_embedding(self, emb: np.ndarray, top_k: int = 5) -> dict:
         """One embedding -> prediction: the hierarchical product over the finest cells (or the beam's), the best
-        cell's representative point, its probability (renormalised over the finest level) as confidence, the
-        radius holding 68% of the probability, the nearest place, and the top-k cells. For a pruned bundle also
+        cell's representative point, its probability (renormalised over the finest level, at the bundle's
+        calibrated temperature when it has one: :attr:`temperature`) as confidence, the radius holding 68% of the
+        probability, the nearest place, and the top-k cells. For a pruned bundle also
         ``region_mass`` (the share of probability on the kept region) and ``outside_region``; the confidence is
         then scaled by the region mass."""
         return self._prediction(emb, self._search(emb, top_k))
@@ -93,16 +96,22 @@ class Localizer:
         ``top_k`` < 1."""
         if top_k < 1:
             raise GeosurgeError(f"top_k must be >= 1, not {top_k}")
+        t = self.temperature
         if self.beam is None:
             r = self.scorer.search(emb, top_k, with_scores=True)
             cells, top = r.indices[0], np.arange(r.indices.shape[1])
-            # every finest cell (bounded; see docs)
-            return cells, top, np.exp(r.log_probs[0]), lambda: r.scores[0] - np.float32(r.log_norm[0]), None
+            if t == 1.0:  # the search's own normaliser; every finest cell's probability bounded (see docs)
+                return cells, top, np.exp(r.log_probs[0]), lambda: r.scores[0] - np.float32(r.log_norm[0]), None
+            scores = r.scores[0] / np.float32(t)  # p(f) ∝ exp(A(f) / T), the calibrated temperature
+            m = float(scores.max())
+            log_norm = m + float(np.log(np.exp(scores - np.float32(m)).sum(dtype=np.float64)))
+            return (cells, top, np.exp(r.logit_sums[0] / t - log_norm), lambda: scores - np.float32(log_norm),
+                    None)
         cells, score = self.scorer.candidates(emb, self.beam)
         kk = min(top_k, score.size)
         top = np.argpartition(-score, kk - 1)[:kk]
         top = top[np.argsort(-score[top], kind="stable")]
-        log_probs = log_softmax(score)
+        log_probs = log_softmax(score / t)
         return cells, top, np.exp(log_probs[top]), lambda: log_probs, cells
 
     def _prediction(self, emb: np.ndarray, found: tuple) -> dict:

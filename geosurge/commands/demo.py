@@ -99,9 +99,11 @@ def cmd_demo(args) -> int:
     model, source = api.load_model(checkpoint)
     print(f"      {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
 
-    print("\n[3/9] export the FP32 ONNX bundle")
+    print("\n[3/9] export the FP32 ONNX bundle" + ("" if views.manifest is None else
+                                                  f", its probabilities calibrated on the {views.what}"))
     t0 = time.perf_counter()
-    bundle = api.export(model, out / "bundle-fp32", source=source, golden=golden, threads=args.threads, log=indent)
+    bundle = api.export(model, out / "bundle-fp32", source=source, golden=golden, threads=args.threads,
+                        uncertainty_images=views.manifest, log=indent)
     steps["export_fp32_s"] = time.perf_counter() - t0
 
     print("\n[4/9] on-device check: geosurge-run verify (checksums + golden replay)")
@@ -117,6 +119,11 @@ def cmd_demo(args) -> int:
     print(f"\n[6/9] the torch-free runtime locates {views.what}")
     rows = locate(bundle, views.shown, args.threads)
     print(format_table(rows, decimals=LOCATE_DECIMALS))
+    u = bundle.manifest.uncertainty
+    print("      radius_km: the radius holding 68% of the probability" + (
+        f"; calibrated (temperature {u.temperature:.3g}), it covered the truth on {u.coverage:.0%} of {u.images} "
+        f"{views.what} (uncalibrated: {u.coverage_before:.0%}; docs/runtime.md)" if u is not None else
+        " (uncalibrated: give --heldout to calibrate it)"))
 
     t0 = time.perf_counter()
     bundles = {"fp32": bundle}
@@ -246,7 +253,7 @@ def bundle_parity(bundle, images, checkpoint, threads: int, log=lambda m: None) 
 
 
 #: step 6's table: degrees to 2 decimals (about 1 km, far finer than a cell), km whole
-LOCATE_DECIMALS = {"true lat": 2, "true lon": 2, "pred lat": 2, "pred lon": 2, "error_km": 0}
+LOCATE_DECIMALS = {"true lat": 2, "true lon": 2, "pred lat": 2, "pred lon": 2, "error_km": 0, "radius_km": 0}
 
 
 def locate(bundle, shown, threads: int) -> list[dict]:
@@ -265,8 +272,8 @@ def locate(bundle, shown, threads: int) -> list[dict]:
             row.update({"pred lat": pred["lat"], "pred lon": pred["lon"]})
             if it.lat is not None:
                 row["error_km"] = float(haversine_km(it.lat, it.lon, pred["lat"], pred["lon"]))
-            row.update({"confidence": pred["confidence"], "nearest place": f"{place.get('name')}, "
-                                                                          f"{place.get('country')}"})
+            row.update({"confidence": pred["confidence"], "radius_km": pred["uncertainty_km"],
+                        "nearest place": f"{place.get('name')}, {place.get('country')}"})
             rows.append(row)
     return rows
 

@@ -70,6 +70,10 @@ def register(sub) -> None:
                    help="calibration images to draw (default 256), split into calibrate / choose / check parts")
     p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS,
                    help="how activation ranges are calibrated (default minmax)")
+    p.add_argument("--uncertainty-images", metavar="CSV",
+                   help="held-out images with ground truth (path,lat,lon) to calibrate the prediction's "
+                        "probabilities on: uncertainty_km (the 68%% radius) then covers the truth on 68%% of them "
+                        "(temperature scaling; the answer and the top-k do not change). Default: uncalibrated")
     p.add_argument("--calib-cache", metavar="DIR", default=None, help="cache preprocessed calibration sets here")
     p.add_argument("--exclude-nodes", nargs="+", default=[], metavar="NODE",
                    help="ONNX node names kept in float, e.g. /backbone/conv_stem/Conv (the graph onnxruntime "
@@ -126,7 +130,7 @@ def cmd_export(args) -> int:
         raise GeosurgeError("give --model NAME or --checkpoint DIR, not both (a checkpoint carries its own config)")
     precision = check_precision(resolve_target(args.format, args.target), args.precision)
     if precision == "fp32" and (args.calib or args.calib_size != 256 or args.calib_method != "minmax"
-                                or args.calib_cache):
+                                or (args.calib_cache and not args.uncertainty_images)):
         print("note: --calib / --calib-size / --calib-method / --calib-cache choose the images a quantized model is "
               "calibrated and checked on; an FP32 export has none, they change nothing")
     if args.no_bias_correction and (args.precision != "int8" or args.target == "tensorrt"):
@@ -151,7 +155,7 @@ def cmd_export(args) -> int:
                         qat_init=args.qat_init, reference=args.reference,
                         min_speedup=args.min_speedup, reduce_range=args.reduce_range,
                         simulate_int8=args.simulate_int8,
-                        recommend_backend=args.recommend_backend)
+                        recommend_backend=args.recommend_backend, uncertainty_images=args.uncertainty_images)
     m = bundle.manifest
     check = m.check
     decision = (m.quantization.extra.get("decision") if m.quantization is not None else None) or {}
