@@ -147,7 +147,9 @@ def test_plain_int8_records_failing_gates_and_cli_exits_1(tmp_path, sensitive_ti
     assert "Try --precision-search auto, --qat, --exclude-nodes or another precision." in r.stderr
     q = _manifest(tmp_path / "b")["quantization"]
     assert q["check"]["passed"] is False and q["check"]["images"] > 0
-    assert q["calibrate_method"] == "minmax" and q["activation_type"] == "uint8" and q["weight_type"] == "int8"
+    c = q["config"]  # the settings, once: not beside the facts of what was done
+    assert c["calibrate_method"] == "minmax" and c["activation_type"] == "uint8" and c["weight_type"] == "int8"
+    assert not {"calibrate_method", "activation_type", "per_channel", "reduce_range"} & set(q)
     # simulated INT8 (the grid with exact integer accumulation) fails it too: the failure is the quantizer's
     r = run_cli("geosurge", "parity", tmp_path / "b", "--checkpoint", tmp_path / "ck", "--simulate-int8",
                 "--json", tmp_path / "sim.json")
@@ -206,6 +208,9 @@ def test_fp16_and_dynamic_export_and_verify(tmp_path, tiny, precision):
     else:
         assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
         assert m["quantization"]["bias_correction"] == {"applied": False, "why": "static int8 only"}
+        q = m["quantization"]  # the attention MatMuls are left float by rule, and say so
+        assert q["nodes_always_float"] and set(q["nodes_excluded"]) == set(q["nodes_always_float"])
+        assert q["nodes_excluded_asked"] == [] and "per_channel" not in q
     # the config records what this precision's export read: nothing of static int8's calibration or QAT
     config = m["quantization"]["config"]
     assert config["precision"] == precision

@@ -14,7 +14,8 @@ def quantize_int8_dynamic(prepared: Path, dst: Path, cfg: QuantConfig, exclude: 
     calibration set needed."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    excluded = sorted(set(exclude) | set(always_float_nodes(prepared)))
+    always = sorted(always_float_nodes(prepared))
+    excluded = sorted(set(exclude) | set(always))
 
     def renamed(names):  # a Gemm becomes "<name>_MatMul" inside quantize_dynamic
         return [m for n in names for m in (n, f"{n}_MatMul")]
@@ -27,8 +28,11 @@ def quantize_int8_dynamic(prepared: Path, dst: Path, cfg: QuantConfig, exclude: 
                          nodes_to_quantize=renamed(only) if only else None)
     finally:
         root.removeFilter(_no_preprocess_advice)
+    # every node left float: the ones asked (--exclude-nodes, the search's) and those always float here (attention
+    # MatMuls of two activations, the cell head); per_channel is the record's config
     return {"quantizer": "onnxruntime.quantization.quantize_dynamic", "op_types": list(DYNAMIC_OP_TYPES),
-            "per_channel": cfg.per_channel, "weight_type": "int8", "nodes_excluded": excluded}
+            "weight_type": "int8", "nodes_excluded": excluded, "nodes_excluded_asked": sorted(set(exclude)),
+            "nodes_always_float": always}
 
 
 def _no_preprocess_advice(record: logging.LogRecord) -> bool:

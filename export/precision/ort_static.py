@@ -72,9 +72,8 @@ def quantize_int8_static(prepared: Path, dst: Path, calib: CalibrationSet | np.n
                         calibration_cache_path=str(cache) if cache else None, reduce_range=cfg.reduce_range,
                         extra_options={"OpTypesToExcludeOutputQuantization": list(FLOAT_OUTPUT_OP_TYPES)})
     rewired = float_inputs(dst, FLOAT_INPUT_OP_TYPES)
+    # (the settings it ran with — per_channel, types, reduce_range, calibrate_method — are the record's config)
     return {"quantizer": "onnxruntime.quantization.quantize_static (QDQ)", "op_types": list(STATIC_OP_TYPES),
-            "per_channel": cfg.per_channel, "activation_type": cfg.activation_type,
-            "weight_type": cfg.weight_type, "reduce_range": cfg.reduce_range, "calibrate_method": cfg.calibrate_method,
             # every node onnxruntime was told to leave float: the ones asked (--exclude-nodes, the search's), the
             # nodes that follow them, and those always float here
             "nodes_excluded": excluded, "nodes_excluded_asked": sorted(set(exclude)), "nodes_always_float": always,
