@@ -67,7 +67,7 @@ def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, dynamic_batch: bo
         raise GeosurgeError(f"{path}: {n_ln_modules} LayerNorm modules but only {facts['layernorm_ops']} "
                             "LayerNormalization ops (split LayerNorm overflows in FP16 on TensorRT)")
     check_loads(path)
-    log(f"ONNX: opset {opset}, {sum(ops.values())} nodes, {facts['layernorm_ops']} LayerNormalization "
+    log(f"FP32 ONNX: opset {opset}, {sum(ops.values())} nodes, {facts['layernorm_ops']} LayerNormalization "
         f"(= {n_ln_modules} LayerNorm modules), checker full_check ok, {facts['bytes'] / 1e6:.1f} MB in {dt:.1f}s")
     return facts
 

@@ -170,7 +170,8 @@ def decide(rows: list[dict], fp32: dict, precision: str, min_speedup: float, gat
     for r in measured[1:]:
         if closer_to_fp32(r, best_parity):
             best_parity = r
-    on_parity = ("not measured before the check" if best_parity is None else best_parity["candidate"]
+    on_parity = ("the held-out check below (nothing to choose between)" if best_parity is None
+                 else best_parity["candidate"]
                  + ("" if best_parity["passed"] else " (the closest; none passes the gates)"))
     fast_enough = [r for r in passing if not gated or r["speedup"] > min_speedup]
     if fast_enough:
@@ -216,8 +217,9 @@ def apply_precision(fp32: Path, dst: Path, cfg: QuantConfig, workdir: Path, cali
     if cfg.precision == Precision.FP16:
         record.update(convert_fp16(fp32, dst))
         record["latency_vs_fp32"] = lat = latency_vs_fp32(fp32, dst, input_hw, threads, latency)
-        log(f"onnxruntime CPU, batch 1, {threads} threads: fp32 p50 {lat['fp32_p50_ms']:.1f} ms, fp16 p50 "
-            f"{lat['p50_ms']:.1f} ms (x{lat['speedup']:.2f}; FP16 is for GPUs, not gated on a CPU)")
+        log(f"fp16 model {dst.stat().st_size / 1e6:.1f} MB; onnxruntime CPU, batch 1, {threads} threads: fp32 p50 "
+            f"{lat['fp32_p50_ms']:.1f} ms, fp16 p50 {lat['p50_ms']:.1f} ms (x{lat['speedup']:.2f}; FP16 is for GPUs, "
+            "not gated on a CPU)")
         record["seconds"] = round(time.perf_counter() - t0, 1)
         return record
     static = cfg.precision == Precision.INT8
@@ -425,6 +427,6 @@ def _log_decision(d: dict, threads, log) -> None:
     log(f"decision ({threads} threads, onnxruntime CPU, paced): won on speed: {d['on_speed']}; on parity: "
         f"{d['on_parity']}; -> {d['why']}")
     for r in d["candidates"]:
-        par = "PASS" if r.get("passed") else ("FAIL" if r.get("passed") is False else "-")
+        par = "PASS" if r.get("passed") else ("FAIL" if r.get("passed") is False else "in the held-out check")
         log(f"    {r['candidate']:<48s} p50 {r.get('p50_ms', float('nan')):7.2f} ms  x{r.get('speedup', 0):.2f}  "
             f"parity {par}")

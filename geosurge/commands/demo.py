@@ -122,7 +122,7 @@ def cmd_demo(args) -> int:
     u = bundle.manifest.uncertainty
     print("      radius_km: the radius holding 68% of the probability" + (
         f"; calibrated (temperature {u.temperature:.3g}), it covered the truth on {u.coverage:.0%} of {u.images} "
-        f"{views.what} (uncalibrated: {u.coverage_before:.0%}; docs/runtime.md)" if u is not None else
+        f"{views.what} (uncalibrated: {u.coverage_before:.0%}; docs/export.md)" if u is not None else
         " (uncalibrated: give --heldout to calibrate it)"))
 
     t0 = time.perf_counter()
