@@ -195,10 +195,7 @@ def locate_files(loc, args) -> int:
         if args.json:
             print(json.dumps(rec), flush=True)
         else:
-            place = pred["place"]
-            where = f"near {place['name']}, {place['admin1']}, {place['country']}" if place else ""
-            print(f"{path}: {pred['lat']:.4f}, {pred['lon']:.4f}  confidence {pred['confidence']:.3f}  "
-                  f"±{pred['uncertainty_km']:.0f} km  {where}", flush=True)
+            print(f"{path}: {prediction_text(pred)}", flush=True)
     if args.geojson:
         from geosurge.report import write_json
 
@@ -210,6 +207,20 @@ def locate_files(loc, args) -> int:
         print("geosurge-run: no images found in the given paths", file=sys.stderr)
         return 1
     return 1 if failed else 0
+
+
+def prediction_text(pred: dict) -> str:
+    """``lat, lon  confidence C  ±R km  near PLACE`` for the human-readable lines (files and frames alike). The
+    place's admin1 is shown when it is a name or a letter code (CA, NSW); GeoNames' numeric codes (02) say nothing
+    to a reader and are left to the JSON."""
+    place = pred.get("place")
+    where = ""
+    if place:
+        admin = place.get("admin1") or ""
+        where = "  near " + ", ".join(x for x in (place["name"], "" if admin.isdigit() else admin,
+                                                  place["country"]) if x)
+    return (f"{pred['lat']:.4f}, {pred['lon']:.4f}  confidence {pred['confidence']:.3f}  "
+            f"±{pred['uncertainty_km']:.0f} km{where}")
 
 
 def locate_stream(loc, args) -> int:
@@ -234,8 +245,7 @@ def locate_stream(loc, args) -> int:
             if args.json:
                 print(json.dumps(rec), flush=True)
             else:
-                print(f"frame {rec['frame']}: {rec['lat']:.4f}, {rec['lon']:.4f}  confidence "
-                      f"{rec['confidence']:.3f}  ±{rec['uncertainty_km']:.0f} km", flush=True)
+                print(f"frame {rec['frame']}: {prediction_text(rec)}", flush=True)
     except StreamLost as e:
         # the count of frames read is in the message; the located count only when --every made them differ
         extra = f" ({located} located)" if located != e.frames else ""

@@ -131,3 +131,15 @@ def test_layout_must_match_the_manifest(tmp_path, both):
     with pytest.raises(GeosurgeError, match=r"old.npz: places layout 'unicode', but the manifest says 'utf8'"):
         Places.load(tmp_path / "old.npz", layout=LAYOUT)
     assert len(Places.load(tmp_path / "new.npz", layout=LAYOUT)) == 600
+
+
+def test_the_human_line_names_the_place_without_numeric_admin_codes():
+    from geosurge.runtime.cli import prediction_text
+
+    pred = {"lat": 12.13, "lon": 105.49, "confidence": 0.5, "uncertainty_km": 88.4,
+            "place": {"name": "Phumĭ Âmpĭl Leu", "admin1": "02", "country": "Cambodia"}}
+    assert prediction_text(pred) == "12.1300, 105.4900  confidence 0.500  ±88 km  near Phumĭ Âmpĭl Leu, Cambodia"
+    pred["place"] = {"name": "Cedar City", "admin1": "UT", "country": "United States"}
+    assert prediction_text(pred).endswith("near Cedar City, UT, United States")
+    pred["place"] = None
+    assert prediction_text(pred).endswith("±88 km")
