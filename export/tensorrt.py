@@ -74,7 +74,8 @@ def apply_tensorrt_precision(fp32: Path, dst: Path, cfg, workdir: Path, calibrat
     from .precision import convert_fp16
 
     t0 = time.perf_counter()
-    record: dict = {"precision": cfg.precision, "target": Target.TENSORRT.value, "config": cfg.record(Target.TENSORRT.value)}
+    record: dict = {"precision": cfg.precision, "target": Target.TENSORRT.value,
+                    "config": cfg.record(Target.TENSORRT.value)}
     if cfg.precision == Precision.FP32:
         shutil.copyfile(fp32, dst)
         record["builder"] = {"flags": []}

@@ -149,8 +149,8 @@ def measure_backends(bundle, threads: int | None = None, backends=None, iters: i
     are too few to judge a reduced-precision backend: OpenVINO's BF16 default on an AVX512-BF16 CPU passed them
     (cosine 0.999) and failed the km gates on 1,000 held-out views of the reference model (cosine 0.993,
     confident agreement 0.84), so without ``images`` such a backend (a bf16 / f16 precision hint) is measured and
-    never chosen (its row says ``needs_images``). For an FP32 bundle the reference is the FP32 model itself; for a quantized one it is
-    that bundle on the default backend, not FP32.
+    never chosen (its row says ``needs_images``). For an FP32 bundle the reference is the FP32 model itself; for
+    a quantized one it is that bundle on the default backend, not FP32.
 
     Returns the ``backend_choice`` record (``backend``, ``machine``, ``reason``, ``measured`` rows, ``min_speedup``,
     ``images``: what was read and the reference, when given); a backend that cannot open here is a row with
