@@ -220,7 +220,7 @@ def prediction_text(pred: dict) -> str:
         where = "  near " + ", ".join(x for x in (place["name"], "" if admin.isdigit() else admin,
                                                   place["country"]) if x)
     return (f"{pred['lat']:.4f}, {pred['lon']:.4f}  confidence {pred['confidence']:.3f}  "
-            f"±{pred['uncertainty_km']:.0f} km{where}")
+            f"±{pred['uncertainty_km']:,.0f} km{where}")
 
 
 def locate_stream(loc, args) -> int:
