@@ -13,8 +13,9 @@ finalise checksums, swap into place.
 * ``commit`` swaps the finished folder with an existing bundle in one ``renameat2(RENAME_EXCHANGE)`` (macOS:
   ``renamex_np(RENAME_SWAP)``): a reader sees the old bundle or the new one, never none
   (``geosurge.fsutil.replace_dir``).
-* The target must be new, an empty folder or a geosurge bundle (``geosurge.fsutil.check_replaceable``, checked when
-  the writer starts and again before the swap): a file or a folder of anything else is refused, never replaced.
+* The target must be new, an empty folder or a geosurge bundle holding only its own files
+  (``geosurge.fsutil.check_replaceable``, checked when the writer starts and again before the swap): a file, a
+  symbolic link, a folder of anything else or a bundle with other files beside it is refused, never replaced.
 * Leaving the ``with`` block by an exception (an error, Ctrl-C) removes the staging folder: nothing is left behind.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from geosurge.fsutil import check_replaceable, make_staging_dir, release_staging, replace_dir, sweep_stale_staging
-from geosurge.manifest import MANIFEST_FILE, FileRecord, Manifest, sha256_file
+from geosurge.manifest import MANIFEST_FILE, FileRecord, Manifest, bundle_entries, sha256_file
 from geosurge.runtime.bundle import Bundle
 
 WORK_DIR = ".work"
@@ -32,7 +33,7 @@ WORK_DIR = ".work"
 class BundleWriter:
     def __init__(self, out_dir, log=print):
         self.out = Path(out_dir).absolute()
-        check_replaceable(self.out, MANIFEST_FILE, "geosurge bundle")  # never a user's folder or file
+        check_replaceable(self.out, "geosurge bundle", bundle_entries)  # never a user's folder or file
         self.out.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale_staging(self.out.parent, log)
         self.stage = make_staging_dir(self.out)
@@ -78,7 +79,7 @@ class BundleWriter:
         manifest.validate()
         manifest.seal()
         (self.stage / MANIFEST_FILE).write_text(manifest.to_json())
-        check_replaceable(self.out, MANIFEST_FILE, "geosurge bundle")  # what appeared there meanwhile, too
+        check_replaceable(self.out, "geosurge bundle", bundle_entries)  # what appeared there meanwhile, too
         self.how = replace_dir(self.stage, self.out)
         release_staging(self.stage)
         return Bundle(self.out, manifest)

@@ -132,9 +132,9 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     import torch
 
     from .fsutil import check_replaceable
-    from .manifest import MANIFEST_FILE
+    from .manifest import bundle_entries
 
-    check_replaceable(output, MANIFEST_FILE, "geosurge bundle")  # before any work: never a user's folder or file
+    check_replaceable(output, "geosurge bundle", bundle_entries)  # before any work: never a user's folder or file
     from .export.bundle import write_bundle
     from .export.precision import QuantConfig
     from .export.target import ExportOptions
@@ -354,10 +354,10 @@ def views(output: PathLike, *, sources=("bmng",), count: int = 100, seed: int = 
     import numpy as np
 
     from .data import load_raster
-    from .data.views import MANIFEST_NAME, draw_valid_specs, render_views, write_view_manifest
+    from .data.views import draw_valid_specs, render_views, view_set_entries, write_view_manifest
     from .fsutil import check_replaceable
 
-    check_replaceable(output, MANIFEST_NAME, "view set")  # before rendering: never a user's folder or file
+    check_replaceable(output, "view set", view_set_entries)  # before rendering: never a user's folder or file
     rasters = [load_raster(s) for s in sources]
     specs = draw_valid_specs(count, np.random.default_rng(seed), rasters, footprint_km, size, jitter_km)
     groups = [(r.name, specs, render_views(r, specs, progress=log is not None, desc=f"render {r.name}"))

@@ -193,23 +193,33 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
-def check_replaceable(path, marker: str, what: str) -> None:
+def check_replaceable(path, what: str, owned) -> None:
     """Raise GeosurgeError (one line naming ``path``) unless a folder written at ``path`` may replace what is there:
-    nothing, an empty folder, or a folder holding ``marker`` (the file every ``what`` has: a bundle's
-    ``manifest.json``, a checkpoint's ``config.json``). A file, or a folder of anything else, is never replaced:
-    the writers swap the whole folder in, and what was in it would be gone."""
+    nothing, an empty folder, or a ``what`` holding nothing but its own files. ``owned(folder)`` -> the names of the
+    entries of ``folder`` a writer of ``what`` wrote (read from its marker file: a bundle's manifest, a checkpoint's
+    config, a view set's manifest), or None when ``folder`` is not a ``what``. A file, a symbolic link, a folder of
+    anything else, or a ``what`` with other files beside its own, is never replaced: the writers swap the whole folder
+    in, and what was in it would be gone."""
     p = Path(path)
-    if p.is_symlink() and not p.exists():
-        raise GeosurgeError(f"{p}: a broken symbolic link; give a new folder for the {what}")
+    if p.is_symlink():
+        raise GeosurgeError(f"{p}: a symbolic link (to {os.readlink(p)}); give the folder itself for the {what}")
     if not p.exists():
         return
     if not p.is_dir():
         raise GeosurgeError(f"{p}: exists and is not a folder; give a new folder for the {what} (or an existing "
                             f"{what} to replace)")
-    if (p / marker).is_file() or not any(p.iterdir()):
+    entries = {e.name for e in p.iterdir()}
+    if not entries:
         return
-    raise GeosurgeError(f"{p}: exists and is not a {what} (no {marker}): not replaced, its files would be lost; "
-                        f"give a new folder (or an existing {what} to replace)")
+    mine = owned(p)
+    if mine is None:
+        raise GeosurgeError(f"{p}: exists and is not a {what}: not replaced, its files would be lost; give a new "
+                            f"folder (or an existing {what} to replace)")
+    other = sorted(entries - set(mine))
+    if other:
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise GeosurgeError(f"{p}: a {what} with other files beside its own ({shown}): not replaced, they would be "
+                            "lost; move them out or give a new folder")
 
 
 def replace_dir(src: Path, dst: Path) -> str:

@@ -65,6 +65,8 @@ REQUIRED_PARTS = ("model", "cells", "cell_table", "golden")
 #: the TensorRT engine a device builds beside the bundle's ONNX (not a part: never shipped, never checksummed; its
 #: JSON sidecar is ``geosurge.runtime.trt.sidecar_path``)
 ENGINE_FILE = "model.plan"
+#: a machine's measured backend recommendation beside a bundle (``geosurge.runtime.backends.choice``; not a part)
+SIDECAR_FILE = "backend.json"
 
 
 def parts_for(format: Format | str) -> dict[str, str]:
@@ -588,3 +590,18 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def bundle_entries(folder) -> set[str] | None:
+    """The names of the entries of ``folder`` a bundle writer wrote there — ``manifest.json``, the folders and files
+    its ``files`` list, a TensorRT engine built beside them, a backend recommendation — or None when ``folder`` holds
+    no geosurge bundle manifest (for ``geosurge.fsutil.check_replaceable``)."""
+    from pathlib import Path
+
+    try:
+        d = json.loads((Path(folder) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or d.get("schema") != SCHEMA or not isinstance(d.get("files"), dict):
+        return None
+    return {MANIFEST_FILE, ENGINE_FILE, SIDECAR_FILE} | {str(name).split("/")[0] for name in d["files"]}

@@ -217,3 +217,28 @@ def test_writers_never_replace_a_folder_or_file_that_is_not_theirs(tmp_path, src
         r = run_cli("geosurge", "prune", src_bundle, "-o", out, "--countries", "FR")
         assert r.returncode == 0, r.stderr
         assert (out / "manifest.json").is_file()
+    # ... but not a bundle with a file of the user's beside its own, a folder whose manifest.json is someone else's,
+    # or a symbolic link (the writer would replace the link)
+    (empty / "notes.txt").write_text("mine")
+    other = tmp_path / "webapp"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"name": "my web app"}')
+    link = tmp_path / "current"
+    link.symlink_to(empty)
+    for out, why in ((empty, "other files beside its own (notes.txt)"), (other, "is not a geosurge bundle"),
+                     (link, "a symbolic link")):
+        r = run_cli("geosurge", "prune", src_bundle, "-o", out, "--countries", "FR")
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (empty / "notes.txt").read_text() == "mine" and (other / "manifest.json").is_file() and link.is_symlink()
+    # a folder of labelled photos with its path,lat,lon manifest is not a view set
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "manifest.csv").write_text("path,lat,lon\nphoto.jpg,1,2\n")
+    with pytest.raises(GeosurgeError, match="is not a view set"):
+        write_view_manifest(photos, [])
+    # a checkpoint the trainers resumed from (optimizer and state beside the weights) is still one to replace
+    ck = tmp_path / "ck"
+    model.save_pretrained(ck)
+    (ck / "optimizer.safetensors").write_bytes(b"x")
+    (ck / "trainer_state.json").write_text("{}")
+    model.save_pretrained(ck)

@@ -137,7 +137,9 @@ class QuantConfig:
         if self.qat_save is not None and not self.qat:
             raise GeosurgeError("--qat-save needs --qat")
         if self.qat_save is not None:  # before QAT trains for minutes: never a user's folder or file
-            check_replaceable(self.qat_save, "config.json", "geosurge checkpoint")
+            from geosurge.models.geosurge import checkpoint_entries
+
+            check_replaceable(self.qat_save, "geosurge checkpoint", checkpoint_entries)
         if self.qat_init is not None and not self.qat:
             raise GeosurgeError("--qat-init needs --qat")
         if self.qat_init is not None and not (Path(self.qat_init) / "config.json").is_file():

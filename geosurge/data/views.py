@@ -307,18 +307,32 @@ def heldout_split(train_lat, train_lon, lat, lon, min_km: float) -> tuple[np.nda
 
 
 # ---- manifests --------------------------------------------------------------------------------------------------
+def view_set_entries(folder) -> set[str] | None:
+    """The names of the entries of ``folder`` a view-set writer wrote — ``manifest.csv`` and the folders / files of
+    its images — or None when its ``manifest.csv`` is not a view set's (header :data:`MANIFEST_COLUMNS`: a folder of
+    the user's labelled photos with a ``path, lat, lon`` manifest is not one)."""
+    try:
+        with open(Path(folder) / MANIFEST_NAME, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    if not rows or tuple(rows[0]) != MANIFEST_COLUMNS:
+        return None
+    return {MANIFEST_NAME} | {Path(r[0]).parts[0] for r in rows[1:] if r and r[0] and not Path(r[0]).is_absolute()}
+
+
 def write_view_manifest(out_dir, groups, fmt: str = "jpg", quality: int = 95) -> Path:
     """Write views as images plus ``manifest.csv`` (columns :data:`MANIFEST_COLUMNS`; paths relative to it), the
     format ``geosurge eval`` and ``geosurge train`` read. ``groups``: iterable of (source name, specs, images
     (N, S, S, 3) uint8 RGB). The folder is built aside and renamed into place (an existing view set is replaced
-    whole; a file or a folder of anything else is refused: ``geosurge.fsutil.check_replaceable``). Returns the
-    manifest path."""
+    whole; a file, a folder of anything else or a view set with other files is refused:
+    ``geosurge.fsutil.check_replaceable``). Returns the manifest path."""
     import cv2
 
     if fmt not in ("jpg", "png"):
         raise ValueError("fmt must be 'jpg' or 'png'")
     out_dir = Path(out_dir)
-    check_replaceable(out_dir, MANIFEST_NAME, "view set")
+    check_replaceable(out_dir, "view set", view_set_entries)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

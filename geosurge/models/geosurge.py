@@ -24,6 +24,10 @@ from .weights import load_state_checked
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HIERARCHY_FILE = "cells.npz"
+#: what the trainers write into a checkpoint to resume from it (``geosurge.training``): part of the checkpoint
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAIN_STATE_FILE = "trainer_state.json"
+DISTILL_STATE_FILE = "distill_state.json"
 
 
 def resolve_config(config: GeoSurgeConfig) -> GeoSurgeConfig:
@@ -101,7 +105,7 @@ class GeoSurge(nn.Module):
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        check_replaceable(directory, CONFIG_FILE, "geosurge checkpoint")
+        check_replaceable(directory, "geosurge checkpoint", checkpoint_entries)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
@@ -139,6 +143,18 @@ class GeoSurge(nn.Module):
             raise GeosurgeError(f"{directory / WEIGHTS_FILE}: cannot read weights ({e})") from None
         load_state_checked(model, state, directory / WEIGHTS_FILE, directory / CONFIG_FILE)
         return model
+
+
+def checkpoint_entries(folder) -> set[str] | None:
+    """The files a checkpoint writer wrote in ``folder`` (``config.json``, weights, hierarchy), or None when its
+    ``config.json`` is not a geosurge checkpoint's (for ``geosurge.fsutil.check_replaceable``)."""
+    try:
+        meta = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or "geosurge_version" not in meta or "config" not in meta:
+        return None
+    return {CONFIG_FILE, WEIGHTS_FILE, HIERARCHY_FILE, OPTIMIZER_FILE, TRAIN_STATE_FILE, DISTILL_STATE_FILE}
 
 
 def read_checkpoint_config(directory) -> tuple[dict, GeoSurgeConfig]:

@@ -30,6 +30,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ..errors import GeosurgeError, InputFileError
 from ..fsutil import atomic_write_bytes
 from ..images import load_image
+from ..models.geosurge import DISTILL_STATE_FILE, OPTIMIZER_FILE
 from ..preprocess import preprocess
 from ..report import write_json
 from . import dist as D
@@ -37,7 +38,7 @@ from .checkpoint import load_optimizer_state, save_optimizer_state
 
 CHECKPOINT_DIR = "checkpoint"
 BEST_DIR = "best"
-STATE_FILE = "distill_state.json"
+STATE_FILE = DISTILL_STATE_FILE
 
 
 @dataclass
@@ -398,7 +399,7 @@ def _distill(cfg: DistillConfig, info: D.DistInfo) -> dict:
         for transient in ("config", "rank", "world_size", "stopped_early", "initial", "final"):
             saved.pop(transient, None)
         state.update(saved)
-        load_optimizer_state(opt, Path(cfg.resume) / "optimizer.safetensors")
+        load_optimizer_state(opt, Path(cfg.resume) / OPTIMIZER_FILE)
     ddp = torch.nn.parallel.DistributedDataParallel(student) if info.distributed else student
     if info.is_main:
         print(f"distill: teacher {teacher.config.name} -> student {student.config.name}, {len(tr_paths)} training "
@@ -488,7 +489,7 @@ def _distill(cfg: DistillConfig, info: D.DistInfo) -> dict:
 
 def _save(student, opt, state, out_dir: Path, cfg: DistillConfig, best: bool) -> None:
     ck = student.save_pretrained(out_dir / CHECKPOINT_DIR, extra={"distilled_from": cfg.teacher})
-    save_optimizer_state(opt, ck / "optimizer.safetensors")
+    save_optimizer_state(opt, ck / OPTIMIZER_FILE)
     write_json(ck / STATE_FILE, {**state, "config": asdict(cfg)})
     if best:
         student.save_pretrained(out_dir / BEST_DIR, extra={"distilled_from": cfg.teacher})

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import GeosurgeError
+from ..models.geosurge import OPTIMIZER_FILE, TRAIN_STATE_FILE
 from ..report import write_json
 from . import dist as D
 from .checkpoint import load_optimizer_state, save_optimizer_state
@@ -22,7 +23,7 @@ from .data import ManifestDataset, collate_skip_bad, read_manifest, split_indice
 
 CHECKPOINT_DIR = "checkpoint"  # latest state, with optimizer: what --resume takes
 BEST_DIR = "best"  # best validation loss, model only
-STATE_FILE = "trainer_state.json"
+STATE_FILE = TRAIN_STATE_FILE
 
 
 @dataclass
@@ -119,7 +120,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
         for transient in ("train_config", "rank_param_checksums", "stopped_early", "rank", "world_size"):
             saved.pop(transient, None)
         state.update(saved)
-        load_optimizer_state(opt, rdir / "optimizer.safetensors")
+        load_optimizer_state(opt, rdir / OPTIMIZER_FILE)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if info.distributed else model
 
     if info.is_main:
@@ -197,7 +198,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo) -> dict:
 
 def _save(model, opt, sched, state, out_dir: Path, cfg: TrainConfig, best: bool) -> None:
     ck = model.save_pretrained(out_dir / CHECKPOINT_DIR)
-    save_optimizer_state(opt, ck / "optimizer.safetensors")
+    save_optimizer_state(opt, ck / OPTIMIZER_FILE)
     write_json(ck / STATE_FILE, {**state, "scheduler": sched.state_dict(), "train_config": asdict(cfg)})
     if best:
         model.save_pretrained(out_dir / BEST_DIR)

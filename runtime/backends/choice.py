@@ -30,9 +30,8 @@ import numpy as np
 
 from geosurge.errors import GeosurgeError
 from geosurge.formats import Backend, backends_for, default_backend
+from geosurge.manifest import SIDECAR_FILE  # the per-machine recommendation beside a bundle's manifest
 
-#: the per-machine recommendation beside a bundle's manifest
-SIDECAR_FILE = "backend.json"
 #: the Python package each backend needs (an ``importlib.util.find_spec`` check imports nothing)
 LIBRARIES = {Backend.ONNXRUNTIME: "onnxruntime", Backend.OPENVINO: "openvino", Backend.TENSORRT: "tensorrt",
              Backend.COREML: "coremltools"}
