@@ -361,14 +361,10 @@ def cmd_verify(args) -> int:
 
 
 # ---- choose-backend ------------------------------------------------------------------------------------------
-#: fewer of the user's images than this and choose-backend says they are too few to judge a backend by
-FEW_IMAGES = 50
-
-
 def cmd_choose_backend(args) -> int:
     from geosurge.report import format_table, write_json
 
-    from .backends.choice import measure_backends, write_choice
+    from .backends.choice import FEW_IMAGES, measure_backends, write_choice
     from .bundle import open_bundle
 
     bundle = open_bundle(args.bundle)
@@ -385,7 +381,8 @@ def cmd_choose_backend(args) -> int:
         print(f"choose-backend: skipped {other['input']}: {other['reason']}", file=sys.stderr)
     if on_images and rec["images"]["n"] < FEW_IMAGES:
         print(f"choose-backend: note: {rec['images']['n']} image(s) of yours: too few to hold a backend to the km "
-              f"gates (one image moves the agreement by 1/{rec['images']['n']}); {FEW_IMAGES * 4}+ recommended",
+              f"gates (one image moves the agreement by 1/{rec['images']['n']}); a bf16 / f16 backend needs "
+              f"{FEW_IMAGES}+ to be chosen, {FEW_IMAGES * 4}+ recommended",
               file=sys.stderr)
 
     def images_cols(r):

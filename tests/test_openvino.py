@@ -161,8 +161,8 @@ def test_measure_backends_recommends_only_faster_at_parity(bundle, monkeypatch):
 
 
 def test_a_reduced_precision_backend_is_chosen_only_on_the_users_images(bundle, monkeypatch):
-    """Six golden probes cannot judge a bf16 / f16 backend: without --images it is measured and never the default;
-    judged on the user's images (and passing), it may be."""
+    """Six golden probes cannot judge a bf16 / f16 backend: without --images, or with fewer than FEW_IMAGES of
+    them, it is measured and never the default; judged on enough of the user's images (and passing), it may be."""
     assert choice_mod.reduced_precision({"INFERENCE_PRECISION_HINT": "bf16"}) == "bf16"
     assert choice_mod.reduced_precision({"INFERENCE_PRECISION_HINT": "<Type: 'float16'>"})
     assert choice_mod.reduced_precision({"INFERENCE_PRECISION_HINT": "f32"}) is None
@@ -175,7 +175,12 @@ def test_a_reduced_precision_backend_is_chosen_only_on_the_users_images(bundle, 
     rows = {r["backend"]: r for r in rec["measured"]}
     assert rows["openvino"]["parity_passed"] and "add --images" in rows["openvino"]["needs_images"]
     assert rec["backend"] == "onnxruntime" and "add --images" in rec["reason"]
-    rec = choice_mod.measure_backends(bundle, threads=1, measure=fast, images=sample_photo_paths()[3:7], **QUIET)
+    photos = sample_photo_paths()[3:7]
+    rec = choice_mod.measure_backends(bundle, threads=1, measure=fast, images=photos, **QUIET)
+    rows = {r["backend"]: r for r in rec["measured"]}
+    assert "needs_images" in rows["openvino"] and rec["backend"] == "onnxruntime"  # 4 images: too few
+    monkeypatch.setattr(choice_mod, "FEW_IMAGES", len(photos))  # as if they were enough
+    rec = choice_mod.measure_backends(bundle, threads=1, measure=fast, images=photos, **QUIET)
     rows = {r["backend"]: r for r in rec["measured"]}
     assert "needs_images" not in rows["openvino"]
     assert rec["backend"] == ("openvino" if rows["openvino"]["parity_passed"] else "onnxruntime")

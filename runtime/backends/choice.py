@@ -108,8 +108,12 @@ def reduced_precision(options: dict | None) -> str | None:
     return hint if any(t in hint.lower() for t in ("bf16", "bfloat16", "f16", "float16")) else None
 
 
-#: why a reduced-precision backend is not chosen on the golden probes alone (measured: docs/runtime.md)
-NEEDS_IMAGES = "not judged on your images: add --images (six golden probes cannot judge a reduced-precision backend)"
+#: the fewest of the user's images a reduced-precision backend is judged on (one image moves the agreement by 1/N;
+#: OpenVINO bf16 passed 5 phone photos and failed 200 held-out views of the reference model)
+FEW_IMAGES = 50
+#: why a reduced-precision backend is not chosen on the golden probes alone, or on too few images (docs/runtime.md)
+NEEDS_IMAGES = (f"not judged on enough of your images: add --images with {FEW_IMAGES}+ (six golden probes "
+                "cannot judge a reduced-precision backend)")
 
 
 def decide(rows: list[dict], baseline: str, min_speedup: float = 1.0) -> tuple[str, str]:
@@ -147,9 +151,9 @@ def measure_backends(bundle, threads: int | None = None, backends=None, iters: i
     gates (accuracy deltas in km too for manifests), and passes parity only if both replays pass. Six golden probes
     are too few to judge a reduced-precision backend: OpenVINO's BF16 default on an AVX512-BF16 CPU passed them
     (cosine 0.999) and failed the km gates on 1,000 held-out views of the reference model (cosine 0.993,
-    confident agreement 0.84), so without ``images`` such a backend (a bf16 / f16 precision hint) is measured and
-    never chosen (its row says ``needs_images``). For an FP32 bundle the reference is the FP32 model itself; for
-    a quantized one it is that bundle on the default backend, not FP32.
+    confident agreement 0.84), so without ``images`` (or with fewer than :data:`FEW_IMAGES`) such a backend (a
+    bf16 / f16 precision hint) is measured and never chosen (its row says ``needs_images``). For an FP32 bundle
+    the reference is the FP32 model itself; for a quantized one it is that bundle on the default backend, not FP32.
 
     Returns the ``backend_choice`` record (``backend``, ``machine``, ``reason``, ``measured`` rows, ``min_speedup``,
     ``images``: what was read and the reference, when given); a backend that cannot open here is a row with
@@ -189,7 +193,7 @@ def measure_backends(bundle, threads: int | None = None, backends=None, iters: i
                          "cosine_mean": rep["metrics"]["cosine_mean"]})
         if images is not None and runners:
             read_rec = _images_parity(images, m, runners, base.value, scorer, rows, log)
-        else:  # the golden probes alone: a reduced-precision backend is measured, never chosen
+        if read_rec is None or read_rec["n"] < FEW_IMAGES:  # too little evidence: measured, never chosen
             for row in rows:
                 hint = reduced_precision(row.get("options"))
                 if hint and row["backend"] != base.value:
