@@ -143,8 +143,9 @@ def make_ort_reader(images, input_name: str = "image", batch_size: int = 1):
     return _Reader()
 
 
-def _candidates(source, log=print) -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
-    return list_image_source(source, "calibration source", log=log)
+def _candidates(source, log=print,
+                what: str = "calibration") -> tuple[list[Path], np.ndarray | None, np.ndarray | None]:
+    return list_image_source(source, f"{what} source", log=log)
 
 
 def selection_order(n_items: int, seed: int, strata: np.ndarray | None = None) -> np.ndarray:
@@ -171,9 +172,12 @@ def _file_digest(path: Path) -> str:
 
 
 def build_calibration_set(source, spec: PreprocessSpec, size: int = DEFAULT_SIZE, seed: int = 0, hierarchy=None,
-                          cache_dir=None, batch_size: int = 1, log=print) -> CalibrationSet:
-    """Select, decode and preprocess ``size`` images from a folder or manifest (cached by content hash)."""
-    files, lat, lon = _candidates(source, log)
+                          cache_dir=None, batch_size: int = 1, log=print, what: str = "calibration",
+                          recommended: int = RECOMMENDED_MIN) -> CalibrationSet:
+    """Select, decode and preprocess ``size`` images from a folder or manifest (cached by content hash). ``what``
+    names the set in log lines and errors (another use of the same images, e.g. "uncertainty"); fewer than
+    ``recommended`` images warns (0: never)."""
+    files, lat, lon = _candidates(source, log, what)
     if not files:
         raise InputFileError(f"{source}: no images found")
     strata = None
@@ -190,8 +194,8 @@ def build_calibration_set(source, spec: PreprocessSpec, size: int = DEFAULT_SIZE
             cs = CalibrationSet(z["pixels"], spec, [str(s) for s in z["names"]], digest, strata is not None,
                                 json.loads(bytes(z["skipped"]).decode()), from_cache=True,
                                 lat=z["lat"] if "lat" in z else None, lon=z["lon"] if "lon" in z else None)
-        log(f"calibration: {len(cs)} images from cache {cache}")
-        return _check_size(cs, size, batch_size, source)
+        log(f"{what}: {len(cs)} images from cache {cache}")
+        return _check_size(cs, batch_size, source, what, recommended)
     xs, names, skipped, taken = [], [], [], []
     counts = ReadSummary()
     for i in order:
@@ -206,31 +210,31 @@ def build_calibration_set(source, spec: PreprocessSpec, size: int = DEFAULT_SIZE
             skipped.append({"input": str(files[i]), "error": str(e)})
             counts.count(False)
     if skipped:
-        log(f"calibration: refused {len(skipped)} unreadable file(s), e.g. {skipped[0]['error']}")
-    log(f"calibration: {counts.read} read, {counts.refused} refused of {len(files)} candidate image(s)"
+        log(f"{what}: refused {len(skipped)} unreadable file(s), e.g. {skipped[0]['error']}")
+    log(f"{what}: {counts.read} read, {counts.refused} refused of {len(files)} candidate image(s)"
         + (f" ({len(files) - counts.files} not needed)" if len(files) > counts.files else ""))
     pixels = np.stack(xs) if xs else np.zeros((0, spec.size, spec.size, 3), np.uint8)
     coords = {} if lat is None else {"lat": np.asarray(lat, np.float64)[taken], "lon": np.asarray(lon, np.float64)[taken]}
     cs = CalibrationSet(pixels, spec, names, digest, strata is not None, skipped, **coords)
-    _check_size(cs, size, batch_size, source)
+    _check_size(cs, batch_size, source, what, recommended)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, pixels=pixels, names=np.asarray(names, dtype=str),
                  skipped=np.frombuffer(json.dumps(skipped).encode(), np.uint8), **coords)
         atomic_write_bytes(cache, buf.getvalue())
-    log(f"calibration: {len(cs)} images ({'stratified over level-0 cells' if cs.stratified else 'seeded sample'}), "
+    log(f"{what}: {len(cs)} images ({'stratified over level-0 cells' if cs.stratified else 'seeded sample'}), "
         f"digest {digest[:12]}")
     return cs
 
 
-def _check_size(cs: CalibrationSet, size: int, batch_size: int, source) -> CalibrationSet:
+def _check_size(cs: CalibrationSet, batch_size: int, source, what: str, recommended: int) -> CalibrationSet:
     if len(cs) < batch_size:
-        raise GeosurgeError(f"{source}: only {len(cs)} readable calibration image(s), fewer than the batch size "
-                            f"{batch_size}")
-    if len(cs) < RECOMMENDED_MIN:
-        warnings.warn(f"{source}: {len(cs)} calibration images; at least {RECOMMENDED_MIN} are recommended",
-                      stacklevel=3)
+        raise GeosurgeError(f"{source}: only {len(cs)} readable {what} image(s)"
+                            + (f", fewer than the batch size {batch_size}" if batch_size > 1 else "")
+                            + (f" (e.g. {cs.skipped[0]['error']})" if cs.skipped else ""))
+    if len(cs) < recommended:
+        warnings.warn(f"{source}: {len(cs)} {what} images; at least {recommended} are recommended", stacklevel=3)
     return cs
 
 

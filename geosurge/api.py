@@ -74,16 +74,17 @@ def load_model(model, seed: int = 0, cells: PathLike | None = None):
 
 
 def calibration_set(source, spec, size: int = 256, hierarchy=None, cache_dir: PathLike | None = None,
-                    log: Log = print):
+                    log: Log = print, **kw):
     """A calibration set: ``source`` a folder or CSV manifest (stratified over ``hierarchy`` when it has
-    coordinates), None for augmented views of the packaged sample photos, or a ready CalibrationSet."""
+    coordinates), None for augmented views of the packaged sample photos, or a ready CalibrationSet. ``kw``:
+    ``build_calibration_set``'s ``what`` / ``recommended`` (a set of images for another use)."""
     from .calibration import CalibrationSet, build_calibration_set, sample_views_set
 
     if isinstance(source, CalibrationSet):
         return source
     if source is None:
         return sample_views_set(spec, size=size, log=log)
-    return build_calibration_set(source, spec, size=size, hierarchy=hierarchy, cache_dir=cache_dir, log=log)
+    return build_calibration_set(source, spec, size=size, hierarchy=hierarchy, cache_dir=cache_dir, log=log, **kw)
 
 
 def export(model, output: PathLike, *, format: str | None = None, target: str | None = None,
@@ -124,8 +125,8 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     the held-out check are measured against (default: ``model``; for a checkpoint ``qat_save`` wrote, the model its
     QAT learned from, when recorded and present: its tuned FP32 weights are not that model).
     ``uncertainty_images``: a CSV manifest (path, lat, lon) of held-out images to fit the prediction's temperature
-    on, so that ``uncertainty_km`` (the 68% radius) covers the truth on 68% of them (up to
-    :data:`UNCERTAINTY_IMAGES`, at least 50; ``bundle.manifest.uncertainty``). A non-FP32 model
+    on (``geosurge.export.uncertainty``: by likelihood; the record says how often ``uncertainty_km``, the 68%
+    radius, then covers the truth; up to :data:`UNCERTAINTY_IMAGES`, at least 50; ``bundle.manifest.uncertainty``). A non-FP32 model
     records its held-out parity in ``bundle.manifest.check``; ``check.passed`` False means it fails the gates (the
     bundle is written for inspection). Raises GeosurgeError, writing nothing, for a bad option, a reference of
     another architecture or a failed precision search."""
@@ -191,7 +192,7 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     uncertainty = None
     if uncertainty_images is not None:
         uncertainty = calibration_set(uncertainty_images, model.config.preprocess, UNCERTAINTY_IMAGES,
-                                      model.hierarchy, calib_cache, log)
+                                      model.hierarchy, calib_cache, log, what="uncertainty", recommended=0)
         if uncertainty.truth is None:
             raise GeosurgeError(f"{uncertainty_images}: --uncertainty-images needs ground truth (a CSV manifest "
                                 "with path, lat, lon)")

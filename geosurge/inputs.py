@@ -50,6 +50,8 @@ def list_image_source(source, what: str = "image source",
     manifest -> (paths, lat, lon); lat/lon None for a folder. With ``log``, each file of the folder that is not an
     image is named with what it is, then a count. Raises InputFileError for anything else."""
     source = Path(source)
+    if not source.exists():
+        raise InputFileError(f"{source}: no such file or folder ({what})")
     if source.is_dir():
         listing = list_images([source])
         if log is not None:

@@ -88,5 +88,8 @@ def test_refuses_fewer_images_than_the_batch(tmp_path):
     make_manifest(tmp_path / "data", n_locations=1, per_location=2)
     with pytest.raises(GeosurgeError, match="fewer than the batch size 8"):
         build_calibration_set(tmp_path / "data", SPEC, size=50, batch_size=8, log=lambda m: None)
-    with pytest.raises(GeosurgeError, match="image folder or a CSV manifest"):
+    with pytest.raises(GeosurgeError, match="nope: no such file or folder \\(calibration source\\)"):
         build_calibration_set(tmp_path / "nope", SPEC, log=lambda m: None)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(GeosurgeError, match="image folder or a CSV manifest"):
+        build_calibration_set(tmp_path / "notes.txt", SPEC, log=lambda m: None)

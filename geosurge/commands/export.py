@@ -71,9 +71,10 @@ def register(sub) -> None:
     p.add_argument("--calib-method", default="minmax", choices=CALIBRATION_METHODS,
                    help="how activation ranges are calibrated (default minmax)")
     p.add_argument("--uncertainty-images", metavar="CSV",
-                   help="held-out images with ground truth (path,lat,lon) to calibrate the prediction's "
-                        "probabilities on: uncertainty_km (the 68%% radius) then covers the truth on 68%% of them "
-                        "(temperature scaling; the answer and the top-k do not change). Default: uncalibrated")
+                   help="held-out images with ground truth (path,lat,lon; 50+) to calibrate the prediction's "
+                        "probabilities on (one temperature, fitted by likelihood; the export prints how often the "
+                        "68%% radius, uncertainty_km, then covers the truth: 68%% when calibrated). The answer and "
+                        "the top-k do not change. Default: uncalibrated (the model's own, usually overconfident)")
     p.add_argument("--calib-cache", metavar="DIR", default=None, help="cache preprocessed calibration sets here")
     p.add_argument("--exclude-nodes", nargs="+", default=[], metavar="NODE",
                    help="ONNX node names kept in float, e.g. /backbone/conv_stem/Conv (the graph onnxruntime "
