@@ -10,8 +10,9 @@ class InputFileError(GeosurgeError):
 
 
 def run_command(parser, argv, prog: str) -> int:
-    """Parse, dispatch to ``args.func`` and turn a GeosurgeError into one line on stderr with exit code 2
-    (shared by the ``geosurge`` and ``geosurge-run`` command lines)."""
+    """Parse, dispatch to ``args.func`` and turn a GeosurgeError into one line on stderr with exit code 2, Ctrl-C
+    into "interrupted" (130), and a closed output pipe into a quiet stop (141, as SIGPIPE) (shared by the
+    ``geosurge`` and ``geosurge-run`` command lines)."""
     import sys
 
     args = parser.parse_args(argv)
@@ -26,3 +27,11 @@ def run_command(parser, argv, prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as a Unix tool does
+        import os
+
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        except OSError:
+            pass
+        return 141

@@ -556,6 +556,13 @@ class CellScorer:
             out_val.append(score[best])
         return np.stack(out_idx), np.stack(out_val)
 
+    def cell_extent_km(self, cell: int) -> float:
+        """The farthest corner of finest cell ``cell`` from its representative point, km: how far a location in the
+        cell can be from the point a prediction reports (S2 cell corners, great-circle distance)."""
+        fin = self.hierarchy.level(-1)
+        corners = s2.xyz_to_latlng(s2.cell_vertices(fin.cell_id[cell:cell + 1])[0])
+        return float(np.max(haversine_km(self.rep_lat[cell], self.rep_lon[cell], corners[0], corners[1])))
+
     def uncertainty_km(self, probs: np.ndarray, lat: float, lon: float, cells: np.ndarray | None = None,
                        mass: float = 0.68) -> float:
         """Radius (km) around (lat, lon) holding ``mass`` of the finest-level probability ``probs`` over ``cells``

@@ -84,7 +84,7 @@ class Localizer:
         """One embedding -> prediction: the hierarchical product over the finest cells (or the beam's), the best
         cell's representative point, its probability (renormalised over the finest level, at the bundle's
         calibrated temperature when it has one: :attr:`temperature`) as confidence, the radius holding 68% of the
-        probability, the nearest place, and the top-k cells. For a pruned bundle also
+        probability (at least the best cell's own extent), the nearest place, and the top-k cells. For a pruned bundle also
         ``region_mass`` (the share of probability on the kept region) and ``outside_region``; the confidence is
         then scaled by the region mass."""
         return self._prediction(emb, self._search(emb, top_k))
@@ -127,7 +127,10 @@ class Localizer:
         return {
             "lat": round(lat, 6), "lon": round(lon, 6),
             "confidence": round(confidence, 6), **region,
-            "uncertainty_km": round(self.scorer.uncertainty_km(probs, lat, lon, radius_cells), 1),
+            # the 68% radius, at least the best cell's own extent (its probability is spread over the cell, not at
+            # its point: a radius of 0 km would read as certainty)
+            "uncertainty_km": round(max(self.scorer.uncertainty_km(probs, lat, lon, radius_cells),
+                                        self.scorer.cell_extent_km(best)), 1),
             "place": self.places.nearest(lat, lon) if self.places is not None else None,
             "top_k": [{"cell": self.scorer.tokens[cells[i]], "index": int(cells[i]),
                        "lat": round(float(self.scorer.rep_lat[cells[i]]), 6),

@@ -358,3 +358,19 @@ def test_a_graph_onnxruntime_cannot_load_is_one_clear_error(tmp_path):
         OnnxRuntimeRunner(path)
     with pytest.raises(GeosurgeError, match="does not export to a graph the runtime can run"):
         check_loads(path)
+
+
+def test_a_closed_output_pipe_stops_quietly(tiny_bundle, tmp_path):
+    """``geosurge-run locate ... --json | head -c 10``: the reader goes away; no traceback, exit 141 (SIGPIPE's)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    photos = [str(p) for p in sample_photo_paths()] * 20  # more output than a pipe buffer holds
+    exe = Path(sys.executable).parent / "geosurge-run"
+    p = subprocess.Popen([str(exe), "locate", str(tiny_bundle[0]), *photos, "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.read(10)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -84,6 +84,10 @@ def test_export_records_the_temperature_and_the_runtime_applies_it(tmp_path):
         want = np.exp(r.logit_sums[0] / u.temperature - (z.max() + np.log(np.exp(z - z.max()).sum())))
         np.testing.assert_allclose([x["prob"] for x in c["top_k"]], want, atol=2e-6)
         assert c["confidence"] == pytest.approx(want[0], abs=2e-6)
+        # the radius is never below the best cell's own extent (its corners from its point)
+        for pred, loc in ((p, lp), (c, lc)):
+            best = pred["top_k"][0]["index"]
+            assert pred["uncertainty_km"] >= round(loc.scorer.cell_extent_km(best), 1) > 0
 
 
 def test_uncertainty_images_need_ground_truth_and_enough_of_them(tmp_path):

@@ -8,7 +8,8 @@ def register(sub) -> None:
     from .reference import _footprint
 
     p = sub.add_parser("views", help="render views of a georeferenced raster into an eval/train manifest")
-    p.add_argument("-o", "--output", help="output folder (images + manifest.csv; replaced whole)")
+    p.add_argument("-o", "--output", help="output folder, required unless --list-sources (images + manifest.csv; an "
+                   "existing view set is replaced whole, a folder of anything else is refused)")
     p.add_argument("--source", action="append", help="named source (bmng, shadedrelief, ...) or a raster path; "
                                                      "repeat for the same views from several sources "
                                                      "(default bmng)")
