@@ -35,15 +35,19 @@ def bench_bundle(bundle_dir, backend: str | None = None, threads: int | None = N
     each (0: back-to-back; 100: paced as a camera at 10 fps), on the loop ``geosurge benchmark`` uses
     (:func:`geosurge.runtime.benchmark.time_scenarios`). Returns the report (per-stage p50 / p95 / mean in ms,
     ``total`` = the call's wall time; throughput in images/s = 1000 / mean total; peak RSS in MB; model and bundle
-    size in MB; ``images`` timed and ``refused``: ``{"input", "error"}`` of each image that cannot be decoded, left
-    out). Raises GeosurgeError when no image is readable."""
+    size in MB; ``images`` timed, ``refused``: ``{"input", "error"}`` of each image that cannot be decoded, left
+    out, and ``skipped``: a line per file of the folders that is not an image). Raises GeosurgeError when no image
+    is readable."""
     from .benchmark import Scenario, percentiles, runtime_contender, time_scenarios
 
     with Localizer(bundle_dir, backend=backend, threads=threads) as loc:
         refused: list[dict] = []
+        skipped: list[str] = []
         if images:
             sources = []
-            for p in list_images(images).paths:
+            listing = list_images(images)
+            skipped = listing.skip_lines()  # files in the folders that are not images, each named
+            for p in listing.paths:
                 try:  # each image is decoded once here: one that cannot be is named and left out, not timed
                     data = p.read_bytes()
                     load_image(data, loc.spec)
@@ -64,4 +68,5 @@ def bench_bundle(bundle_dir, backend: str | None = None, threads: int | None = N
     return {"bundle": str(bundle_dir), "backend": c.backend, "threads": threads, "iters": iters,
             "pause_ms": pause_ms, "stages": rows, "throughput_img_s": 1000.0 / rows[-1]["mean_ms"],
             "peak_rss_mb": peak_rss_mb(), "precision": m.model.precision.value, "model_mb": c.info["model_mb"],
-            "bundle_mb": c.info["bundle_mb"], "images": len(sources), "refused": refused}
+            "bundle_mb": c.info["bundle_mb"], "images": len(sources), "refused": refused,
+            "skipped": skipped}

@@ -28,7 +28,7 @@ def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     v = _number(text, float, None, "> 0")
     if not (0 < v < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, not {text}")
     return v
 
 
@@ -433,7 +433,9 @@ def cmd_bench(args) -> int:
     t0 = time.perf_counter()
     rep = bench_bundle(args.bundle, args.backend, args.threads, args.images, args.iters, args.warmup,
                        args.pause_ms)
-    for bad in rep["refused"]:  # every input accounted for: timed, or named here
+    for line in rep["skipped"]:  # every input accounted for: timed, or named here
+        print(f"geosurge-run: {line}", file=sys.stderr)
+    for bad in rep["refused"]:
         msg = bad["error"].removeprefix(f"{bad['input']}: ")
         print(f"geosurge-run: refused {bad['input']}: {msg}", file=sys.stderr)
     paced = f", {args.pause_ms:g} ms pause before each" if args.pause_ms else ", back-to-back"

@@ -231,13 +231,15 @@ def test_geosurge_run_bench_names_and_skips_unreadable_images(run, tmp_path):
     folder.mkdir()
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "text.jpg").write_text("not an image")
+    (folder / "notes.txt").write_text("not an image either")
     shutil.copyfile(sample_photo_paths()[0], folder / "photo.jpg")
     r = run_cli("geosurge-run", "bench", tiny.root, "--images", folder, "--iters", "2", "--warmup", "1",
                 "--json", tmp_path / "b.json")
     assert r.returncode == 0, r.stderr
     assert f"refused {folder / 'empty.jpg'}: empty file" in r.stderr and f"refused {folder / 'text.jpg'}" in r.stderr
     rep = json.loads((tmp_path / "b.json").read_text())
-    assert rep["images"] == 1 and len(rep["refused"]) == 2
+    assert rep["images"] == 1 and len(rep["refused"]) == 2 and len(rep["skipped"]) == 1
+    assert f"skipped {folder / 'notes.txt'}" in r.stderr
     (folder / "photo.jpg").unlink()
     r = run_cli("geosurge-run", "bench", tiny.root, "--images", folder, "--iters", "2")
     assert r.returncode == 2 and "no readable images" in r.stderr and "Traceback" not in r.stderr
