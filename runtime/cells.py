@@ -285,6 +285,7 @@ class CellScorer:
         self._mmap = None
         self._reader: RowReader | None = None
         self._index: PathIndex | None = None
+        self._extent_km: np.ndarray | None = None  # (n_finest,) float32, made on first use (cell_extent_km)
         # children lists (CSR) per level, for the beam search
         self._children = []
         for k in range(1, hierarchy.num_levels):
@@ -558,10 +559,14 @@ class CellScorer:
 
     def cell_extent_km(self, cell: int) -> float:
         """The farthest corner of finest cell ``cell`` from its representative point, km: how far a location in the
-        cell can be from the point a prediction reports (S2 cell corners, great-circle distance)."""
-        fin = self.hierarchy.level(-1)
-        corners = s2.xyz_to_latlng(s2.cell_vertices(fin.cell_id[cell:cell + 1])[0])
-        return float(np.max(haversine_km(self.rep_lat[cell], self.rep_lon[cell], corners[0], corners[1])))
+        cell can be from the point a prediction reports (S2 cell corners, great-circle distance). Every cell's is
+        computed once, on first use (vectorised: ~8 ms and 4 bytes a cell for 18,204 cells)."""
+        if self._extent_km is None:
+            ids = self.hierarchy.level(-1).cell_id
+            lat, lon = s2.xyz_to_latlng(s2.cell_vertices(ids).reshape(-1, 3))
+            d = haversine_km(np.repeat(self.rep_lat, 4), np.repeat(self.rep_lon, 4), lat, lon)
+            self._extent_km = np.asarray(d, np.float32).reshape(-1, 4).max(axis=1)
+        return float(self._extent_km[cell])
 
     def uncertainty_km(self, probs: np.ndarray, lat: float, lon: float, cells: np.ndarray | None = None,
                        mass: float = 0.68) -> float:

@@ -61,6 +61,7 @@ class Localizer:
         release_freed_heap()  # what reading the hierarchy, table and places freed (the runner trims its own) ...
         if beam is None:
             self.scorer.prepare_search()  # build the exact search's int8 scoring graph now, not on the first photo
+            self.scorer.cell_extent_km(0)  # and every cell's extent (the radius's floor)
             release_freed_heap()  # ... and building the search index: neither stacks on what comes next
 
     def close(self) -> None:

@@ -15,7 +15,11 @@ from . import BackendUnavailable, Runner
 #: whether the model session's idle worker threads busy-wait for the next parallel section (ORT's
 #: ``session.intra_op.allow_spinning``). Off: measured on 2 shared cores (benchmarks/cell_search.py), spinning
 #: workers burnt ~60 ms of a core after each inference and made both the model and the work after it slower, paced
-#: (10 fps) and back-to-back, p50 and p95. None keeps ONNX Runtime's default (on).
+#: (10 fps) and back-to-back, p50 and p95. Re-measured 2026-12-01 (onnxruntime 1.32, AVX-512 machine, 12 MP JPEG
+#: through ``locate``, paced 100 ms, interleaved): spinning makes inference x1.1-1.2 faster (5.74 vs 6.80 ms p50) and
+#: slows nothing after it, but doubles the CPU a paced call uses (59.5 vs 28 ms a call: a core kept busy ~30 ms after
+#: each inference): off stays the default for battery- and thermally-bound devices. None keeps ONNX Runtime's default
+#: (on).
 SPINNING: bool | None = False
 #: ONNX Runtime's memory pattern (``SessionOptions.enable_mem_pattern``: one pre-planned block for the activations
 #: of each input shape, kept between calls). Off: measured on the edge FP32 bundle (docs/benchmarks.md, "Runtime
