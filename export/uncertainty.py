@@ -36,8 +36,9 @@ T_RANGE = (1e-2, 1e3)
 def coverage(scores: np.ndarray, lat: np.ndarray, lon: np.ndarray, scorer, temperature: float,
              mass: float = MASS) -> tuple[float, np.ndarray, np.ndarray]:
     """(share of images whose true location lies within the radius, radii (N,) km, errors (N,) km) at
-    ``temperature``; the radius as ``Localizer`` reports it (at least the best cell's extent). ``scores`` (N, n_finest): each image's logit sums ``A`` (``CellScorer.search(...,
-    with_scores=True).scores``); ``lat``, ``lon`` (N,) degrees: the truth; the answer is each row's best cell."""
+    ``temperature``; the radius as ``Localizer`` reports it (at least the best cell's extent). ``scores`` (N,
+    n_finest): each image's logit sums ``A`` (``CellScorer.search(..., with_scores=True).scores``); ``lat``,
+    ``lon`` (N,) degrees: the truth; the answer is each row's best cell."""
     best = np.argmax(scores, axis=1)
     plat, plon = scorer.rep_lat[best], scorer.rep_lon[best]
     err = np.asarray(haversine_km(plat, plon, lat, lon), np.float64)

@@ -126,10 +126,10 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     QAT learned from, when recorded and present: its tuned FP32 weights are not that model).
     ``uncertainty_images``: a CSV manifest (path, lat, lon) of held-out images to fit the prediction's temperature
     on (``geosurge.export.uncertainty``: by likelihood; the record says how often ``uncertainty_km``, the 68%
-    radius, then covers the truth; up to :data:`UNCERTAINTY_IMAGES`, at least 50; ``bundle.manifest.uncertainty``). A non-FP32 model
-    records its held-out parity in ``bundle.manifest.check``; ``check.passed`` False means it fails the gates (the
-    bundle is written for inspection). Raises GeosurgeError, writing nothing, for a bad option, a reference of
-    another architecture or a failed precision search."""
+    radius, then covers the truth; up to :data:`UNCERTAINTY_IMAGES`, at least 50; ``bundle.manifest.uncertainty``).
+    A non-FP32 model records its held-out parity in ``bundle.manifest.check``; ``check.passed`` False means it fails
+    the gates (the bundle is written for inspection). Raises GeosurgeError, writing nothing, for a bad option, a
+    reference of another architecture or a failed precision search."""
     import torch
 
     from .fsutil import check_replaceable

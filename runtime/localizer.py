@@ -85,9 +85,9 @@ class Localizer:
         """One embedding -> prediction: the hierarchical product over the finest cells (or the beam's), the best
         cell's representative point, its probability (renormalised over the finest level, at the bundle's
         calibrated temperature when it has one: :attr:`temperature`) as confidence, the radius holding 68% of the
-        probability (at least the best cell's own extent), the nearest place, and the top-k cells. For a pruned bundle also
-        ``region_mass`` (the share of probability on the kept region) and ``outside_region``; the confidence is
-        then scaled by the region mass."""
+        probability (at least the best cell's own extent), the nearest place, and the top-k cells. For a pruned
+        bundle also ``region_mass`` (the share of probability on the kept region) and ``outside_region``; the
+        confidence is then scaled by the region mass."""
         return self._prediction(emb, self._search(emb, top_k))
 
     def _search(self, emb: np.ndarray, top_k: int) -> tuple:
