@@ -75,12 +75,13 @@ def fit_temperature(scores: np.ndarray, lat: np.ndarray, lon: np.ndarray, scorer
     cell = true_cells(scorer.hierarchy, lat, lon)
     inside = cell >= 0
     n = int(inside.sum())
-    a = scores[inside].astype(np.float64)
-    a_true = a[np.arange(n), cell[inside]]
-    top = a.max(axis=1)
+    a = scores[inside]  # as given (float32): float64 only a chunk of images at a time
+    a_true = a[np.arange(n), cell[inside]].astype(np.float64)
+    top = a.max(axis=1).astype(np.float64)
 
     def nll(beta: float) -> float:  # mean over images of logsumexp(beta A) - beta A_true
-        z = np.exp(beta * (a - top[:, None])).sum(axis=1)
+        z = np.concatenate([np.exp(beta * (a[i:i + 128] - top[i:i + 128, None])).sum(axis=1)
+                            for i in range(0, n, 128)])
         return float(np.mean(np.log(z) + beta * (top - a_true)))
 
     lo, hi = np.log(1 / T_RANGE[1]), np.log(1 / T_RANGE[0])
