@@ -125,11 +125,9 @@ def fit_uncertainty(ref, images, scorer, source: str | None, log) -> Uncertainty
     """The prediction's temperature fitted on ``images`` (a CalibrationSet with ground truth) from the FP32 model's
     logit sums over the bundle's table (``scorer``): the manifest's ``uncertainty``
     (``geosurge.export.uncertainty``)."""
-    from .uncertainty import fit_temperature
+    from .uncertainty import check_images, fit_temperature
 
-    truth = images.truth
-    if truth is None:
-        raise GeosurgeError("--uncertainty-images needs ground truth: a CSV manifest with path, lat, lon")
+    truth = check_images(images, scorer.hierarchy, source)
     scores = scorer.search(torch_embed(ref, images.inputs), 1, with_scores=True).scores
     rec = fit_temperature(scores, *truth, scorer, log=log)
     return UncertaintySection.from_dict({**rec, "source": source}, "uncertainty")

@@ -64,6 +64,16 @@ def true_cells(hierarchy, lat, lon) -> np.ndarray:
     return cell
 
 
+def check_images(images, hierarchy, source=None) -> tuple[np.ndarray, np.ndarray]:
+    """The truth (lat, lon) of ``images`` (a CalibrationSet), checked before any work: raises GeosurgeError when
+    they have no coordinates or too few lie inside ``hierarchy``'s cells (:func:`true_cells`)."""
+    if images.truth is None:
+        raise GeosurgeError(("" if source is None else f"{source}: ")
+                            + "--uncertainty-images needs ground truth: a CSV manifest with path, lat, lon")
+    true_cells(hierarchy, *images.truth)
+    return images.truth
+
+
 def fit_temperature(scores: np.ndarray, lat: np.ndarray, lon: np.ndarray, scorer, mass: float = MASS,
                     iters: int = 40, log=print) -> dict:
     """The temperature minimising the mean NLL of the true finest cell (see the module docstring) and the record

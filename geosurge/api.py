@@ -193,12 +193,9 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
     if uncertainty_images is not None:
         uncertainty = calibration_set(uncertainty_images, model.config.preprocess, UNCERTAINTY_IMAGES,
                                       model.hierarchy, calib_cache, log, what="uncertainty", recommended=0)
-        if uncertainty.truth is None:
-            raise GeosurgeError(f"{uncertainty_images}: --uncertainty-images needs ground truth (a CSV manifest "
-                                "with path, lat, lon)")
-        from .export.uncertainty import true_cells
+        from .export.uncertainty import check_images
 
-        true_cells(model.hierarchy, *uncertainty.truth)  # enough of them inside the cells, before any work
+        check_images(uncertainty, model.hierarchy, uncertainty_images)  # coordinates, enough of them inside the cells: before any work
     return write_bundle(output, model, record, photos, options, calibration=calib, check_set=check_set,
                         gates=gates, recommend_backend=recommend_backend, reference=ref_model, uncertainty=uncertainty,
                         uncertainty_source=None if uncertainty_images is None else str(uncertainty_images), log=log)
