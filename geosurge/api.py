@@ -195,7 +195,7 @@ def export(model, output: PathLike, *, format: str | None = None, target: str | 
                                       model.hierarchy, calib_cache, log, what="uncertainty", recommended=0)
         from .export.uncertainty import check_images
 
-        check_images(uncertainty, model.hierarchy, uncertainty_images)  # coordinates, enough of them inside the cells: before any work
+        check_images(uncertainty, model.hierarchy, uncertainty_images)  # before any work
     return write_bundle(output, model, record, photos, options, calibration=calib, check_set=check_set,
                         gates=gates, recommend_backend=recommend_backend, reference=ref_model, uncertainty=uncertainty,
                         uncertainty_source=None if uncertainty_images is None else str(uncertainty_images), log=log)
